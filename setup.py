@@ -1,0 +1,28 @@
+"""Packaging for torch_trt_module. TensorRT is an extra: the package imports and
+runs (on ONNX Runtime) without it."""
+
+from setuptools import find_packages, setup
+
+TEST = ["pytest>=7", "torchvision", "transformers>=4.40", "filelock>=3.12"]
+
+setup(
+    name="torch_trt_module",
+    version="0.1.0",
+    description="Compile PyTorch modules into TensorRT / TensorRT-RTX engines that drop into torch code",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["torch_trt_module", "torch_trt_module.*"]),
+    package_data={"torch_trt_module": ["py.typed"]},
+    # Never pin torch exactly: a local +cpu wheel wins an exact pin and breaks torchvision.
+    install_requires=["torch>=2.6", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "numpy",
+                      "filelock>=3.12", "tqdm"],
+    extras_require={
+        "rtx": ["tensorrt-rtx-cu13"],
+        "tensorrt": ["tensorrt>=10"],
+        "test": TEST,
+        "bench": ["matplotlib", "torchvision", "transformers>=4.40"],
+        "triton": ["tritonclient[grpc]"],
+    },
+    entry_points={"console_scripts": ["torch-trt-module=torch_trt_module.cli:main"]},
+)

@@ -1,0 +1,62 @@
+"""torch_trt_module: compile PyTorch modules into TensorRT engines that drop into torch code.
+
+``compile(model, example_inputs)`` exports to ONNX with dynamic axes, builds a
+TensorRT or TensorRT-RTX engine (or takes it from a content-keyed cache), and
+returns a :class:`TRTModule` called exactly like the original. Where no
+TensorRT runtime can run, the module runs on ONNX Runtime, so it works on any
+machine.
+
+Example:
+    >>> import torch, torchvision, torch_trt_module as ttm
+    >>> model = torchvision.models.resnet18().eval()
+    >>> fast = ttm.compile(model, torch.randn(4, 3, 224, 224))      # doctest: +SKIP
+    >>> ttm.verify(model, fast, torch.randn(8, 3, 224, 224)).passed  # doctest: +SKIP
+    True
+"""
+
+from ._build import Engine, build_engine
+from ._compare import OutputReport, ParityReport, assert_parity, verify
+from ._compile import compile
+from ._errors import (
+    BackendUnavailable,
+    BuildError,
+    CacheError,
+    EngineLoadError,
+    ExportError,
+    InputError,
+    RuntimeFailure,
+    TorchTRTError,
+    VerificationError,
+)
+from ._export import ExportedModel, export_onnx
+from ._module import TRTModule, load, save
+from ._settings import Settings
+from ._spec import TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "BuildError",
+    "CacheError",
+    "Engine",
+    "EngineLoadError",
+    "ExportError",
+    "ExportedModel",
+    "InputError",
+    "OutputReport",
+    "ParityReport",
+    "RuntimeFailure",
+    "Settings",
+    "TRTModule",
+    "TensorSpec",
+    "TorchTRTError",
+    "VerificationError",
+    "assert_parity",
+    "build_engine",
+    "compile",
+    "export_onnx",
+    "load",
+    "save",
+    "verify",
+]

@@ -1,0 +1,183 @@
+"""Stage 2: an :class:`ExportedModel` -> an :class:`Engine` (serialized bytes + JSON metadata)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ._errors import BuildError, EngineLoadError
+from ._export import ExportedModel
+from ._settings import Settings, normalize_targets
+from .backends import BackendChoice, backend_version, gpu_identity, select_backend
+
+__all__ = ["ENGINE_FORMAT", "Engine", "build_engine"]
+
+log = logging.getLogger(__name__)
+
+ENGINE_FORMAT = 1
+_MAGIC = b"TTMENG01"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A built engine: ``plan`` (TensorRT/RTX bytes, or None for ONNX Runtime), the ONNX
+    graph it came from (the runtime of last resort and the accuracy reference), and
+    JSON-able metadata (I/O specs, profiles, structure, backend and version, GPU or targets).
+
+    Example:
+        >>> engine = build_engine(export_onnx(model, x))      # doctest: +SKIP
+        >>> engine.save("resnet18.ttm"); Engine.load("resnet18.ttm").backend  # doctest: +SKIP
+        'tensorrt_rtx'
+    """
+
+    backend: str
+    plan: bytes | None
+    onnx: bytes
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def exported(self) -> ExportedModel:
+        return ExportedModel.from_meta(self.onnx, self.meta["model"])
+
+    @property
+    def size(self) -> int:
+        return len(self.plan or b"") + len(self.onnx)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        where = m.get("targets") or (m.get("gpu") or {}).get("name") or "cpu"
+        return (f"Engine(backend={self.backend} {m.get('backend_version', '?')}, precision="
+                f"{m['model']['precision']}, plan={len(self.plan or b'') / 1e6:.1f} MB, for={where})")
+
+    # A single-file container: magic, header length, JSON header (with sha256 of
+    # each blob), then the blobs. No pickle, so loading a file runs no code.
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the engine to one file (atomically)."""
+        blobs = {"plan": self.plan or b"", "onnx": self.onnx}
+        header = {"format": ENGINE_FORMAT, "backend": self.backend, "meta": self.meta,
+                  "blobs": {k: {"size": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in blobs.items()}}
+        hdr = json.dumps(header, sort_keys=True).encode()
+        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(_MAGIC + struct.pack("<Q", len(hdr)) + hdr + blobs["plan"] + blobs["onnx"])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Engine":
+        """Read a file written by :meth:`save`, checking its checksums before use."""
+        with open(path, "rb") as f:
+            data = f.read()
+        return cls.from_bytes(data, source=os.fspath(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, source: str = "bytes") -> "Engine":
+        if not data.startswith(_MAGIC) or len(data) < 16:
+            raise EngineLoadError(f"{source} is not a torch_trt_module engine file (bad magic)")
+        (n,) = struct.unpack("<Q", data[8:16])
+        try:
+            header = json.loads(data[16:16 + n])
+        except ValueError as e:
+            raise EngineLoadError(f"{source}: corrupt engine header") from e
+        if header.get("format") != ENGINE_FORMAT:
+            raise EngineLoadError(f"{source}: engine format {header.get('format')} != {ENGINE_FORMAT}")
+        off = 16 + n
+        blobs = {}
+        for name in ("plan", "onnx"):
+            info = header["blobs"][name]
+            blob = data[off:off + info["size"]]
+            off += info["size"]
+            if len(blob) != info["size"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
+                raise EngineLoadError(f"{source}: checksum mismatch in the {name!r} blob (corrupt file)")
+            blobs[name] = blob
+        return cls(header["backend"], blobs["plan"] or None, blobs["onnx"], header["meta"])
+
+
+def build_engine(
+    exported: ExportedModel,
+    *,
+    backend: str = "auto",
+    targets: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    workspace: int | None = None,
+    optimization_level: int | None = None,
+    tf32: bool = True,
+    progress: bool | None = None,
+) -> Engine:
+    """Build an engine from an exported model.
+
+    With TensorRT-RTX on a machine without a supported GPU this builds ahead of
+    time for ``targets`` (default: RTX's portable set).
+
+    Example:
+        >>> exported = export_onnx(model, torch.randn(4, 3, 224, 224))   # doctest: +SKIP
+        >>> build_engine(exported, backend="tensorrt_rtx", targets=["sm86", "sm89"])  # doctest: +SKIP
+        Engine(backend=tensorrt_rtx 1.7.1.116, precision=fp32, plan=46.9 MB, for=['sm86', 'sm89'])
+    """
+    settings = Settings.from_options(backend=backend, targets=targets, workspace=workspace,
+                                     optimization_level=optimization_level, tf32=tf32, progress=progress,
+                                     precision=exported.precision)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = select_backend(settings.backend, device, to_run=False)
+    return build_with_choice(exported, settings, choice, torch.device(device))
+
+
+def build_with_choice(exported: ExportedModel, settings: Settings, choice: BackendChoice,
+                      device: torch.device, timing_cache: bytes | None = None) -> Engine:
+    """Build with an already-made backend choice (what compile() calls)."""
+    meta: dict[str, Any] = {
+        "format": ENGINE_FORMAT,
+        "model": exported.to_meta(),
+        "backend": choice.build,
+        "backend_version": backend_version(choice.build),
+        "settings": settings.engine_fields(),
+        "export_time_s": round(exported.export_time_s, 4),
+        "created": time.time(),
+        "torch_version": torch.__version__,
+    }
+    if choice.build == "onnxruntime":
+        return Engine("onnxruntime", None, exported.onnx, meta)
+    from .backends._tensorrt import build_serialized
+
+    targets = engine_targets(choice, settings)
+    meta["targets"] = list(targets) if targets else None
+    meta["gpu"] = gpu_identity(device) if choice.build == "tensorrt" else None
+    t0 = time.perf_counter()
+    try:
+        plan, facts = build_serialized(
+            exported.onnx, exported.inputs, backend=choice.build, workspace=settings.workspace,
+            optimization_level=settings.optimization_level, tf32=settings.tf32, targets=targets,
+            timing_cache=timing_cache, progress=settings.progress)
+    except BuildError:
+        raise
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - anything the native builder throws
+        raise BuildError(f"{choice.build} build failed: {e}") from e
+    meta["build_time_s"] = round(time.perf_counter() - t0, 4)
+    meta["progress_events"] = facts.get("progress_events", 0)
+    log.info("built a %s engine in %.2f s (%.1f MB)", choice.build, meta["build_time_s"], len(plan) / 1e6)
+    engine = Engine(choice.build, plan, exported.onnx, meta)
+    if "timing_cache" in facts:
+        object.__setattr__(engine, "_timing_cache", facts["timing_cache"])
+    return engine
+
+
+def engine_targets(choice: BackendChoice, settings: Settings) -> tuple[str, ...] | None:
+    """RTX targets: the user's, else None (RTX's portable default) — or the current GPU's when
+    the engine runs here on a supported GPU."""
+    if choice.build != "tensorrt_rtx":
+        if settings.targets:
+            raise BuildError("targets= needs backend='tensorrt_rtx'; TensorRT builds for the GPU it runs on")
+        return None
+    return normalize_targets(settings.targets) if settings.targets else None

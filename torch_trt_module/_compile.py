@@ -1,0 +1,278 @@
+"""compile(): settings -> cache lookup -> export -> build -> store -> TRTModule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from ._build import Engine, build_with_choice
+from ._errors import EngineLoadError, InputError, TorchTRTError
+from ._export import default_tolerances, export_with_settings
+from ._fingerprint import module_fingerprint
+from ._module import TRTModule
+from ._settings import Settings
+from ._signature import bind_call, params_of, split_inputs
+from ._spec import flatten
+from .backends import BackendChoice, backend_version, gpu_identity, select_backend
+
+__all__ = ["STATS", "compile", "content_key"]
+
+log = logging.getLogger(__name__)
+
+#: Counters of the expensive steps in this process (tests assert a warm compile does none).
+STATS = {"exports": 0, "builds": 0, "cache_hits": 0}
+
+
+def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any = "batch",
+            precision: str = "fp32", backend: str = "auto", cache_dir: Any = None, verify: bool = True,
+            **options: Any) -> TRTModule:
+    """Compile ``model`` into a :class:`TRTModule` that runs on the best backend here.
+
+    Args:
+        model: an ``nn.Module`` in eval mode.
+        example_inputs: a tensor, a tuple of positional arguments, or ``(args, kwargs)``.
+            ``None`` returns a lazy module that builds at its first call.
+        dynamic: ``None`` (static shapes), ``"batch"`` (dim 0 of every input dynamic,
+            1..max(32, example)), or ``{input_name: {dim: (min, opt, max)}}``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (the graph itself is exported in it).
+        backend: ``"auto"``, ``"tensorrt"``, ``"tensorrt_rtx"`` or ``"onnxruntime"``.
+        cache_dir: engine cache directory (default: ``$TORCH_TRT_MODULE_CACHE``, then
+            ``$XDG_CACHE_HOME/torch_trt_module``, then ``~/.cache/torch_trt_module``).
+        verify: check ONNX Runtime against eager on the example inputs after a build.
+        **options: any other :class:`Settings` field (``max_batch``, ``targets``, ``workspace``,
+            ``optimization_level``, ``tf32``, ``cache``, ``cache_max_size``, ``max_rebuilds``,
+            ``cast_inputs``, ``device``, ``rtol``, ``atol``, ``exporter``, ``opset``, ...).
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18().eval()
+        >>> trt_model = compile(model, torch.randn(4, 3, 224, 224))   # doctest: +SKIP
+        >>> trt_model(torch.randn(8, 3, 224, 224)).shape               # doctest: +SKIP
+        torch.Size([8, 1000])
+    """
+    settings = Settings.from_options(dynamic=dynamic, precision=precision, backend=backend,
+                                     cache_dir=cache_dir, verify=verify, **options)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile() takes an nn.Module; got {type(model).__name__}")
+    if model.training:
+        raise InputError("the model is in training mode; compile() builds inference engines: call model.eval() "
+                         "first (dropout and batch-norm statistics differ between the modes)")
+    device = _device_for(model, settings)
+    choice = select_backend(settings.backend, device)
+    module = TRTModule(cast_inputs=settings.cast_inputs, allow_host_code=settings.allow_host_code)
+    module._lazy_device = device
+    module._max_rebuilds = settings.max_rebuilds
+    state = {"settings": settings}
+
+    def build(args: tuple[Any, ...], kwargs: dict[str, Any], mod: TRTModule) -> Engine:
+        if mod.engine is not None:  # a rebuild: widen the profile to cover the old one and this call
+            state["settings"] = state["settings"].replace(dynamic=_widened(mod, args, kwargs))
+        return compile_engine(model, args, kwargs, state["settings"], choice, device)
+
+    if example_inputs is None:
+        module._lazy = build
+        return module
+    args, kwargs = split_inputs(example_inputs)
+    engine = compile_engine(model, args, kwargs, settings, choice, device)
+    module._load(engine, device)
+    return module
+
+
+def _device_for(model: torch.nn.Module, settings: Settings) -> torch.device:
+    if settings.device is not None:
+        return torch.device(settings.device)
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
+                   choice: BackendChoice, device: torch.device) -> Engine:
+    """Find the engine in the cache, or export, build and store it."""
+    if not settings.cache:
+        return _export_and_build(model, args, kwargs, settings, choice, device)[0]
+    from ._cache import EngineCache
+
+    cache = EngineCache(settings.cache_dir, max_size=settings.cache_max_size)
+    fp = fingerprint(model, args, kwargs, settings, choice, device)
+    with cache.lock(fp):
+        key = cache.lookup(fp)
+        engine = _cached(cache, key, device) if key else None
+        if engine is not None:
+            STATS["cache_hits"] += 1
+            log.info("engine cache hit %s (no export, no build)", key[:16] if key else "")
+            return engine
+        log.info("engine cache miss for fingerprint %s: exporting and building", fp[:16])
+        exported = _export(model, args, kwargs, settings)
+        key = content_key(exported.onnx, exported.to_meta(), settings, choice, device)
+        with cache.lock(key):
+            engine = _cached(cache, key, device)
+            if engine is None:
+                aux_name = _timing_cache_name(choice, device)
+                timing = cache.read_aux(aux_name) if aux_name else None
+                engine = _build(exported, settings, choice, device, timing)
+                _check_compiled(engine, model, args, kwargs, settings, device)
+                blobs = {"onnx": engine.onnx}
+                if engine.plan is not None:
+                    blobs["engine"] = engine.plan
+                cache.put(key, blobs, {"engine_meta": engine.meta, "backend": engine.backend})
+                new_timing = getattr(engine, "_timing_cache", None)
+                if aux_name and new_timing:
+                    cache.write_aux(aux_name, new_timing)
+        cache.record(fp, key)
+        return engine
+
+
+def _cached(cache: Any, key: str | None, device: torch.device) -> Engine | None:
+    if key is None:
+        return None
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    try:
+        engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), entry.blobs["onnx"],
+                        entry.meta["engine_meta"])
+        engine.exported  # parses the metadata: a malformed entry fails here, not in forward
+        TRTModule(engine, device=device)  # deserializes: an engine that cannot load fails here
+    except (KeyError, TypeError, ValueError, EngineLoadError) as e:
+        log.warning("cache entry %s cannot be used (%s); evicting and rebuilding", key[:16], e)
+        cache.evict(key)
+        return None
+    return engine
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings) -> Any:
+    STATS["exports"] += 1
+    return export_with_settings(model, args, kwargs, settings)
+
+
+def _build(exported: Any, settings: Settings, choice: BackendChoice, device: torch.device,
+           timing: bytes | None = None) -> Engine:
+    STATS["builds"] += 1
+    return build_with_choice(exported, settings, choice, device, timing)
+
+
+def _export_and_build(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
+                      choice: BackendChoice, device: torch.device) -> tuple[Engine, Any]:
+    exported = _export(model, args, kwargs, settings)
+    engine = _build(exported, settings, choice, device)
+    _check_compiled(engine, model, args, kwargs, settings, device)
+    return engine, exported
+
+
+def _check_compiled(engine: Engine, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    settings: Settings, device: torch.device) -> None:
+    """verify=True: the compiled module against eager on the example inputs."""
+    if not settings.verify:
+        return
+    from ._compare import compare_outputs
+
+    module = TRTModule(engine, device=device)
+    with torch.inference_mode():
+        ref = model(*args, **kwargs)
+        got = module(*args, **kwargs)
+    rtol, atol = default_tolerances(settings)
+    report = compare_outputs(got, ref, rtol=rtol, atol=atol, what=f"compiled ({module.backend})",
+                             reference_name="eager")
+    if not report.passed:
+        from ._errors import VerificationError
+
+        raise VerificationError(f"the compiled module does not match eager on the example inputs:\n{report}\n"
+                                "Loosen rtol=/atol=, or pass verify=False to skip this check.", report)
+    log.info("%s", str(report).splitlines()[0])
+
+
+def _timing_cache_name(choice: BackendChoice, device: torch.device) -> str | None:
+    if choice.build != "tensorrt":
+        return None
+    from ._cache import stable_hash
+
+    return "timing-" + stable_hash({"gpu": gpu_identity(device), "trt": backend_version("tensorrt")})[:32]
+
+
+# --------------------------------------------------------------------------- keys
+
+def _target_part(choice: BackendChoice, settings: Settings, device: torch.device) -> dict[str, Any]:
+    from ._build import engine_targets
+
+    part: dict[str, Any] = {"backend": choice.build, "backend_version": backend_version(choice.build)}
+    if choice.build == "tensorrt":
+        part["gpu"] = gpu_identity(device)
+    elif choice.build == "tensorrt_rtx":
+        targets = engine_targets(choice, settings)
+        part["targets"] = list(targets) if targets else "rtx-default"
+    return part
+
+
+def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, choice: BackendChoice,
+                device: torch.device) -> str:
+    """The cache key: a sha256 over everything that changes the engine and nothing else."""
+    from ._cache import CACHE_FORMAT_VERSION, sha256_bytes, stable_hash
+
+    return stable_hash({
+        "cache_format": CACHE_FORMAT_VERSION,
+        "graph": sha256_bytes(onnx),  # weights are inside the graph
+        "inputs": model_meta["inputs"],
+        "outputs": model_meta["outputs"],
+        "structure": [model_meta["call_tree"], model_meta["output_tree"], model_meta["user_input_dtypes"],
+                      model_meta["user_output_dtypes"]],
+        "settings": settings.engine_fields(),
+        **_target_part(choice, settings, device),
+    })
+
+
+def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
+                choice: BackendChoice, device: torch.device) -> str:
+    """The warm-path index: module content + call structure + shapes + settings + backend."""
+    from ._cache import CACHE_FORMAT_VERSION, stable_hash
+
+    bound = bind_call(params_of(model.forward), args, kwargs)
+    leaves, tree = flatten(bound, what="input")
+    return stable_hash({
+        "cache_format": CACHE_FORMAT_VERSION,
+        "kind": "fingerprint",
+        "module": module_fingerprint(model),
+        "call": tree.to_json(),
+        "shapes": [[list(t.shape), str(t.dtype)] for t in leaves],
+        "settings": settings.engine_fields(),
+        "torch": torch.__version__,
+        **_target_part(choice, settings, device),
+    })
+
+
+def _widened(mod: TRTModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, dict[int, tuple[int, int, int]]]:
+    """A dynamic= dict covering the module's current profile and this call's shapes."""
+    ex = mod._exported
+    from ._module import _match
+
+    leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+    dynamic: dict[str, dict[int, tuple[int, int, int]]] = {}
+    for spec, t in zip(ex.inputs, leaves):
+        if spec.min is None or spec.max is None or spec.opt is None or t.dim() != spec.rank:
+            raise InputError(f"input {spec.name!r} has rank {t.dim()}; the module was compiled for rank {spec.rank}")
+        dims = {}
+        for d, s in enumerate(t.shape):
+            lo, opt, hi = spec.min[d], spec.opt[d], spec.max[d]
+            if lo == hi == s:
+                continue
+            new_hi = max(hi, _next_pow2(s)) if s > hi else hi
+            dims[d] = (min(lo, s), opt, new_hi)
+        if dims:
+            dynamic[spec.name] = dims
+    return dynamic
+
+
+def _next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+_ = (json, time, TorchTRTError)  # re-exported names kept stable for later stages

@@ -1,0 +1,134 @@
+"""A fast fingerprint of a module, for the warm path of compile().
+
+The content key (graph with weights, specs, settings, backend, GPU) can only be
+computed after an export. The fingerprint lets a warm compile() skip the export:
+it indexes into the content key and covers everything that can change what the
+model computes:
+
+- every parameter and buffer (names, dtypes, shapes and bytes);
+- the code: for classes from an installed distribution (torch, torchvision,
+  transformers, ...) the distribution's name and version; for any other class
+  the whole source file it is defined in, so a change to a helper function next
+  to the class also misses;
+- plain attributes of every submodule (``stride``, ``eps``, a ``scale`` float, ...)
+  and its hooks, which change the computation without being tensors.
+
+Any doubt is resolved towards a miss: a miss costs an export, a wrong hit
+serves a wrong engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+__all__ = ["module_fingerprint"]
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def module_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the module's tensors, code and attributes (see the module docstring).
+
+    Example:
+        >>> a = module_fingerprint(torch.nn.Linear(2, 2))
+        >>> len(a)
+        64
+    """
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        _hash_tensor(h, name, t)
+    seen_classes: set[type] = set()
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        cls = type(mod)
+        h.update(f"\0module {mod_name} {cls.__module__}:{cls.__qualname__} {mod.training}".encode())
+        for key in sorted(vars(mod)):
+            if key.startswith("_") and key not in ("_non_persistent_buffers_set",):
+                continue
+            value = vars(mod)[key]
+            h.update(f"\0attr {key}={_describe(value)}".encode())
+        for hooks in (mod._forward_hooks, mod._forward_pre_hooks):
+            for hook in hooks.values():
+                h.update(f"\0hook {_code_id(hook)}".encode())
+        for klass in cls.__mro__:
+            if klass not in seen_classes and klass is not object:
+                seen_classes.add(klass)
+                h.update(f"\0code {klass.__module__}:{klass.__qualname__} {_code_id(klass)}".encode())
+    return h.hexdigest()
+
+
+def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach()
+    h.update(f"\0tensor {name} {t.dtype} {tuple(t.shape)}".encode())
+    if t.numel() == 0:
+        return
+    data = t.contiguous().cpu()
+    h.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, _SIMPLE):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
+        return repr(value)
+    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer) is captured in the graph
+        h = hashlib.sha256()
+        _hash_tensor(h, "", value)
+        return "tensor:" + h.hexdigest()
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if callable(value):
+        return "callable:" + _code_id(value)
+    # Anything else changes the key by type only; its content is not inspectable safely.
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
+def _code_id(obj: Any) -> str:
+    """Identify code: installed distributions by version, anything else by its source file."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    top = (getattr(obj, "__module__", None) or "").split(".")[0]
+    version = _dist_version(top)
+    if version is not None:
+        return f"{top}=={version}:{getattr(obj, '__qualname__', '?')}"
+    try:
+        path = inspect.getsourcefile(obj) or (module and inspect.getsourcefile(module))
+    except TypeError:
+        path = None
+    if path and os.path.exists(path):
+        st = os.stat(path)
+        return f"file:{_file_sha(path, st.st_mtime_ns, st.st_size)}:{getattr(obj, '__qualname__', '?')}"
+    code = getattr(obj, "__code__", None) or getattr(getattr(obj, "forward", None), "__code__", None)
+    if code is not None:
+        return "bytecode:" + hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()
+    return f"unknown:{type(obj).__qualname__}"
+
+
+@lru_cache(maxsize=None)
+def _dist_version(top: str) -> str | None:
+    if not top or top == "__main__":
+        return None
+    mod = sys.modules.get(top)
+    path = getattr(mod, "__file__", None) or ""
+    if "site-packages" not in path and "dist-packages" not in path:
+        return None  # code under development: hash its source instead
+    try:
+        from importlib.metadata import packages_distributions, version
+
+        dists = packages_distributions().get(top) or [top]
+        return f"{dists[0]}-{version(dists[0])}"
+    except Exception:  # noqa: BLE001
+        v = getattr(mod, "__version__", None)
+        return str(v) if v else None
+
+
+@lru_cache(maxsize=256)
+def _file_sha(path: str, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()

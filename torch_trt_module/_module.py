@@ -1,0 +1,350 @@
+"""Stage 4: TRTModule, the nn.Module users call. Input checks, output allocation and
+output structure live here, shared by every runtime, so the ONNX Runtime path
+exercises for real all the logic the TensorRT path relies on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ._build import Engine
+from ._errors import EngineLoadError, InputError, TorchTRTError
+from ._export import ExportedModel
+from ._signature import bind_call
+from ._spec import TensorSpec, TreeSpec, dtype_from_name, unflatten
+from .backends import gpu_identity, rtx_runs_on
+
+__all__ = ["TRTModule", "load", "save"]
+
+log = logging.getLogger(__name__)
+_STATE_FORMAT = 1
+_announced: set[str] = set()
+
+
+class TRTModule(torch.nn.Module):
+    """A compiled module: call it like the original (same arguments, same output structure).
+
+    Build one with :func:`torch_trt_module.compile`, or wrap an :class:`Engine`.
+
+    Example:
+        >>> trt_model = TRTModule(engine)            # doctest: +SKIP
+        >>> trt_model(torch.randn(4, 3, 224, 224)).shape  # doctest: +SKIP
+        torch.Size([4, 1000])
+    """
+
+    def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
+                 cast_inputs: bool = False, allow_host_code: bool = False) -> None:
+        super().__init__()
+        self.cast_inputs = cast_inputs
+        self.allow_host_code = allow_host_code
+        self.engine: Engine | None = None
+        self._runner: Any = None
+        self._reference: Any = None
+        self._lazy: Callable[[tuple[Any, ...], dict[str, Any], "TRTModule"], Engine] | None = None
+        self._rebuilds = 0
+        self._max_rebuilds = 0
+        self._lazy_device: torch.device | None = None
+        self._lock = threading.Lock()
+        self.eval()
+        if engine is not None:
+            self._load(engine, device)
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, engine: Engine, device: str | torch.device | None) -> None:
+        exported = engine.exported
+        if device is None:
+            device = "cuda" if engine.backend in ("tensorrt", "tensorrt_rtx") and _can_run(engine, "cuda") else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        runner = None
+        if engine.plan is not None and _can_run(engine, dev):
+            from .backends._tensorrt import TensorRTRunner, deserialize, import_tensorrt
+
+            trt_engine = deserialize(engine.plan, backend=engine.backend, allow_host_code=self.allow_host_code)
+            runner = TensorRTRunner(trt_engine, exported.inputs, exported.outputs, dev,
+                                    trt=import_tensorrt(engine.backend)[1], backend=engine.backend)
+        if runner is None:
+            from .backends._onnxruntime import OnnxRuntimeRunner
+
+            if engine.plan is not None:
+                reason = f"the {engine.backend} engine cannot run on {dev}"
+                if reason not in _announced:
+                    _announced.add(reason)
+                    log.warning("%s; it is kept (cache, state_dict), and this module runs on ONNX Runtime", reason)
+            runner = OnnxRuntimeRunner(engine.onnx, exported.inputs, exported.outputs, dev)
+        self.engine = engine
+        self._exported = exported
+        self._runner = runner
+        self._reference = None
+        self._user_in = [dtype_from_name(d) for d in exported.user_input_dtypes]
+        self._user_out = [dtype_from_name(d) for d in exported.user_output_dtypes]
+        self._out_cast = [u != s.torch_dtype for u, s in zip(self._user_out, exported.outputs)]
+
+    # ------------------------------------------------------------------ public info
+
+    @property
+    def backend(self) -> str:
+        """What runs this module here: ``tensorrt``, ``tensorrt_rtx`` or ``onnxruntime``."""
+        return self._runner.backend if self._runner is not None else "unbuilt"
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._runner.device if self._runner is not None else None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._require().input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._require().output_names
+
+    def _require(self) -> ExportedModel:
+        if self.engine is None:
+            raise TorchTRTError("this module has no engine yet (a lazy module builds at its first call)")
+        return self._exported
+
+    def extra_repr(self) -> str:
+        if self.engine is None:
+            return "unbuilt (lazy: builds at the first call)"
+        ex = self._exported
+        ins = ", ".join(f"{s.name}: {s.dtype} {s.profile_str()}" for s in ex.inputs)
+        outs = ", ".join(f"{s.name}: {s.dtype}" for s in ex.outputs)
+        built = f"{self.engine.backend} {self.engine.meta.get('backend_version', '')}".strip()
+        return (f"backend={self.backend}, engine={built}, precision={ex.precision}, device={self.device},\n"
+                f"inputs=[{ins}],\noutputs=[{outs}]")
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training:
+            raise InputError("TRTModule is inference-only and is in training mode; call .eval() on it")
+        if self.engine is None:
+            if self._lazy is None:
+                raise TorchTRTError("this TRTModule has no engine; load a state_dict or wrap an Engine")
+            self._build_lazily(args, kwargs)
+        ex = self._exported
+        leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+        try:
+            prepared = self._prepare(leaves)
+        except _OutOfProfile as e:
+            if self._lazy is None:
+                raise InputError(str(e)) from None
+            self._widen(args, kwargs, e)
+            return self.forward(*args, **kwargs)
+        outs = self._runner.run(prepared)
+        del prepared  # the work is enqueued (see TensorRTRunner.run); copies may go now
+        for i, cast in enumerate(self._out_cast):
+            if cast:
+                outs[i] = outs[i].to(self._user_out[i])
+        return unflatten(ex.output_tree, outs)
+
+    def _prepare(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        ex = self._exported
+        device = self._runner.device
+        grad = torch.is_grad_enabled()
+        out = []
+        for spec, user_dtype, t in zip(ex.inputs, self._user_in, leaves):
+            if grad and t.requires_grad:
+                raise InputError(
+                    f"input {spec.name!r} requires grad, but compiled modules are inference-only and return "
+                    "no gradients; pass .detach() or call under torch.inference_mode()")
+            if t.dtype != user_dtype:
+                if not (self.cast_inputs and _safe_cast(t.dtype, user_dtype)):
+                    raise InputError(
+                        f"input {spec.name!r} has dtype {t.dtype} but the module was compiled for {user_dtype}; "
+                        f"pass .to({user_dtype})" + ("" if self.cast_inputs else " or compile with cast_inputs=True"))
+                t = t.to(user_dtype)
+            if t.device != device and not (device.type == "cuda" and t.device.type == "cuda"
+                                           and device.index == t.device.index):
+                raise InputError(
+                    f"input {spec.name!r} is on {t.device} but this module runs on {device}; move it with "
+                    f".to({str(device)!r}) or move the module with .to({str(t.device)!r})")
+            why = spec.check_shape(t.shape)
+            if why is not None:
+                raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. " + _widen_hint(spec, t.shape))
+            if spec.torch_dtype != t.dtype:  # fp16/bf16 engines: cast at the boundary
+                t = t.to(spec.torch_dtype)
+            out.append(t.contiguous())
+        return out
+
+    # ------------------------------------------------------------------ lazy mode
+
+    def _build_lazily(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        assert self._lazy is not None
+        with self._lock:
+            if self.engine is None:
+                engine = self._lazy(args, kwargs, self)
+                self._load(engine, self._lazy_device)
+
+    def _widen(self, args: tuple[Any, ...], kwargs: dict[str, Any], err: "_OutOfProfile") -> None:
+        with self._lock:
+            if self._rebuilds >= self._max_rebuilds:
+                raise InputError(f"{err} This lazy module already rebuilt {self._rebuilds} times "
+                                 f"(max_rebuilds={self._max_rebuilds}); compile with an explicit dynamic= range.")
+            self._rebuilds += 1
+            log.info("input %r shape %s is outside the profile %s: rebuilding with a wider profile (%d/%d)",
+                     err.spec.name, err.shape, err.spec.profile_str(), self._rebuilds, self._max_rebuilds)
+            engine = self._lazy(args, kwargs, self)  # type: ignore[misc]
+            self._load(engine, self._lazy_device)
+
+    # ------------------------------------------------------------------ reference and devices
+
+    def run_reference(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the exported ONNX graph on ONNX Runtime's CPU provider (the accuracy reference)."""
+        from .backends._onnxruntime import OnnxRuntimeRunner
+
+        ex = self._require()
+        if self._reference is None:
+            self._reference = OnnxRuntimeRunner(ex.onnx, ex.inputs, ex.outputs, "cpu")
+        leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+        inputs = [t.detach().cpu().to(s.torch_dtype).contiguous() for s, t in zip(ex.inputs, leaves)]
+        outs = self._reference.run(inputs)
+        outs = [o.to(u) for o, u in zip(outs, self._user_out)]
+        return unflatten(ex.output_tree, outs)
+
+    def to(self, *args: Any, **kwargs: Any) -> "TRTModule":  # type: ignore[override]
+        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and self.engine is not None and torch.device(device) != self.device:
+            self._load(self.engine, device)
+        if device is not None and self._lazy is not None:
+            self._lazy_device = torch.device(device)
+        return self
+
+    def cuda(self, device: int | torch.device | None = None) -> "TRTModule":  # type: ignore[override]
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> "TRTModule":  # type: ignore[override]
+        return self.to("cpu")
+
+    def train(self, mode: bool = True) -> "TRTModule":
+        # Allowed so nn.Module machinery works; forward refuses to run in training mode.
+        return super().train(mode)
+
+    # ------------------------------------------------------------------ state_dict
+
+    def get_extra_state(self) -> dict[str, Any]:
+        if self.engine is None:
+            raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
+        e = self.engine
+        return {"format": _STATE_FORMAT, "backend": e.backend, "meta": json.dumps(e.meta),
+                "plan": _to_u8(e.plan or b""), "onnx": _to_u8(e.onnx)}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise EngineLoadError(f"not a TRTModule state (format {state.get('format') if isinstance(state, dict) else '?'})")
+        plan = _from_u8(state["plan"])
+        engine = Engine(state["backend"], plan or None, _from_u8(state["onnx"]), json.loads(state["meta"]))
+        self._load(engine, None)
+
+
+class _OutOfProfile(Exception):
+    def __init__(self, spec: TensorSpec, shape: tuple[int, ...], message: str) -> None:
+        super().__init__(message)
+        self.spec, self.shape = spec, shape
+
+
+def _widen_hint(spec: TensorSpec, shape: Sequence[int]) -> str:
+    if spec.min is None or spec.max is None or len(shape) != spec.rank:
+        return "Pass a tensor of the compiled rank."
+    ranges = {d: (min(spec.min[d], s), spec.opt[d] if spec.opt else s, max(spec.max[d], s))
+              for d, s in enumerate(shape) if not spec.min[d] <= s <= spec.max[d] or spec.min[d] != spec.max[d]}
+    return f"Recompile with dynamic={{{spec.name!r}: {ranges}}} (or without example_inputs for lazy mode)."
+
+
+def _match(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:
+    """Collect the tensor leaves of ``obj`` checking it has the compiled structure."""
+    leaves: list[torch.Tensor] = []
+
+    def rec(s: TreeSpec, o: Any, p: str) -> None:
+        where = p or "the call"
+        if s.kind == "tensor":
+            if not isinstance(o, torch.Tensor):
+                got = "None" if o is None else type(o).__name__
+                raise InputError(f"input {where} is {got} but the module was compiled with a tensor there; "
+                                 "pass a tensor")
+            leaves.append(o)
+        elif s.kind == "none":
+            if o is not None:
+                raise InputError(f"input {where} was None when the module was compiled, so it is not an "
+                                 f"engine input; got {type(o).__name__}. Recompile with it in example_inputs.")
+        elif s.kind == "const":
+            if o != s.value or type(o) is not type(s.value):
+                raise InputError(f"input {where} was the constant {s.value!r} at compile time (it is baked into "
+                                 f"the engine); got {o!r}. Recompile with that value.")
+        elif s.kind == "dict":
+            if not isinstance(o, dict):
+                raise InputError(f"input {where} should be a dict with keys {s.keys}; got {type(o).__name__}")
+            missing = [k for k in s.keys if k not in o]
+            extra = [k for k in o if k not in s.keys]
+            if missing or extra:
+                what = "argument" if not p else "key"
+                parts = []
+                if missing:
+                    parts.append(f"missing {what}(s) {missing}")
+                if extra:
+                    parts.append(f"unexpected {what}(s) {extra} (not given at compile time, so not engine inputs)")
+                raise InputError(f"{where}: " + "; ".join(parts) + f"; the module was compiled with {s.keys}")
+            for k, c in zip(s.keys, s.children):
+                rec(c, o[k], f"{p}[{k!r}]" if p else repr(k))
+        else:
+            if not isinstance(o, (tuple, list)) or len(o) != len(s.children):
+                n = len(o) if isinstance(o, (tuple, list)) else type(o).__name__
+                raise InputError(f"input {where} should be a {s.kind} of {len(s.children)} items; got {n}")
+            for i, (c, v) in enumerate(zip(s.children, o)):
+                rec(c, v, f"{p}[{i}]")
+
+    rec(tree, obj, path)
+    return leaves
+
+
+def _safe_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    return torch.can_cast(src, dst) or (src.is_floating_point and dst.is_floating_point)
+
+
+def _can_run(engine: Engine, device: str | torch.device) -> bool:
+    dev = torch.device(device)
+    if engine.plan is None or dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from .backends._tensorrt import import_tensorrt
+
+        import_tensorrt(engine.backend)
+    except TorchTRTError:
+        return False
+    if engine.backend == "tensorrt_rtx":
+        return rtx_runs_on(dev)
+    return gpu_identity(dev) == engine.meta.get("gpu")
+
+
+def _to_u8(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+
+
+def _from_u8(t: torch.Tensor) -> bytes:
+    return t.cpu().contiguous().numpy().tobytes()
+
+
+def save(module: TRTModule, path: Any) -> None:
+    """Save a compiled module: its ``state_dict`` (engine bytes and JSON metadata, no pickled objects).
+
+    Example:
+        >>> save(trt_model, "model.pt"); m = load("model.pt")   # doctest: +SKIP
+    """
+    torch.save(module.state_dict(), path)
+
+
+def load(path: Any, *, device: str | torch.device | None = None) -> TRTModule:
+    """Load a module saved by :func:`save`, with ``torch.load(..., weights_only=True)``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module = TRTModule()
+    module.load_state_dict(state)
+    if device is not None:
+        module.to(device)
+    return module

@@ -1,0 +1,262 @@
+"""ONNX Runtime: the accuracy reference and the runtime of last resort.
+
+The runner binds torch tensors' memory to the session through IOBinding, so the
+inputs are not copied, and torch allocates the outputs whenever their shapes
+follow from the input shapes (known from the graph's symbolic dims). Outputs
+whose shape depends on the data (``x[x > 0]``) are allocated by ONNX Runtime
+and copied once, which is the analogue of TensorRT's ``IOutputAllocator``.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import operator
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .._errors import BackendUnavailable, RuntimeFailure
+from .._spec import TensorSpec
+
+__all__ = ["OnnxRuntimeRunner", "ort_version", "run_onnx_cpu", "shape_function"]
+
+log = logging.getLogger(__name__)
+
+_NP = {
+    torch.float32: np.float32, torch.float16: np.float16, torch.int8: np.int8, torch.uint8: np.uint8,
+    torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_,
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailable(
+            "backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime "
+            "(or onnxruntime-gpu for CUDA)"
+        ) from e
+    return onnxruntime
+
+
+def ort_version() -> str:
+    return str(_ort().__version__)
+
+
+def _np_dtype(t: torch.dtype) -> Any:
+    try:
+        return _NP[t]
+    except KeyError:
+        raise BackendUnavailable(
+            f"ONNX Runtime's Python binding cannot bind {t} tensors; use precision='fp16' or 'fp32', "
+            "or a TensorRT backend"
+        ) from None
+
+
+def _session_options(threads: int | None = None) -> Any:
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # ORT's own warnings go to stderr, outside logging; keep errors only
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def run_onnx_cpu(onnx: bytes, input_names: Sequence[str], output_names: Sequence[str],
+                 inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run a graph once on the CPU provider with numpy copies (the reference path)."""
+    ort = _ort()
+    sess = ort.InferenceSession(onnx, _session_options(), providers=["CPUExecutionProvider"])
+    feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)
+             if n in {i.name for i in sess.get_inputs()}}
+    outs = sess.run(list(output_names), feeds)
+    return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+
+# --------------------------------------------------------------------------- symbolic output shapes
+
+_BINOPS: dict[type, Callable[[int, int], int]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+}
+_FUNCS: dict[str, Callable[..., int]] = {"Max": max, "Min": min, "max": max, "min": min,
+                                         "floor": lambda v: int(v), "FloorDiv": operator.floordiv,
+                                         "CeilToInt": lambda v: int(-(-v // 1)), "ceiling": lambda v: int(-(-v // 1))}
+
+
+def _compile_dim(expr: str) -> Callable[[dict[str, int]], int] | None:
+    """A safe evaluator for exporter dim expressions like ``2*s0`` or ``(s1 - 1)//2 + 1``.
+
+    Metadata can come from disk, so this never calls ``eval``; anything outside
+    integer arithmetic on known names returns None (the shape is then data-dependent).
+    """
+    try:
+        tree = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return None
+
+    def ev(node: ast.AST, env: dict[str, int]) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return env[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left, env), ev(node.right, env))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand, env)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
+            return int(_FUNCS[node.func.id](*(ev(a, env) for a in node.args)))
+        raise KeyError(ast.dump(node))
+
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in _FUNCS}
+    for node in ast.walk(tree):
+        ok = isinstance(node, (ast.Constant, ast.Name, ast.BinOp, ast.UnaryOp, ast.Call, ast.Load,
+                               ast.USub, *_BINOPS))
+        if not ok or (isinstance(node, ast.Constant) and not isinstance(node.value, int)):
+            return None
+    del names
+    return lambda env: ev(tree, env)
+
+
+def shape_function(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+                   ) -> Callable[[Sequence[tuple[int, ...]]], list[tuple[int, ...] | None]]:
+    """Map input shapes to output shapes (None for an output whose shape depends on data)."""
+    symbols: dict[str, tuple[int, int]] = {}
+    for i, spec in enumerate(inputs):
+        for d, dim in enumerate(spec.dims):
+            if isinstance(dim, str):
+                symbols.setdefault(dim, (i, d))
+    plans: list[list[Callable[[dict[str, int]], int]] | None] = []
+    for spec in outputs:
+        plan: list[Callable[[dict[str, int]], int]] | None = []
+        for dim in spec.dims:
+            if isinstance(dim, int):
+                plan.append(lambda env, v=dim: v)  # type: ignore[misc]
+                continue
+            fn = _compile_dim(dim)
+            if fn is None or plan is None:
+                plan = None
+                break
+            plan.append(fn)
+        plans.append(plan)
+
+    def resolve(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...] | None]:
+        env = {name: shapes[i][d] for name, (i, d) in symbols.items()}
+        out: list[tuple[int, ...] | None] = []
+        for plan in plans:
+            try:
+                out.append(None if plan is None else tuple(f(env) for f in plan))
+            except (KeyError, ZeroDivisionError, TypeError):
+                out.append(None)
+        return out
+
+    return resolve
+
+
+# --------------------------------------------------------------------------- the runner
+
+class OnnxRuntimeRunner:
+    """Runs an ONNX graph through IOBinding over torch memory.
+
+    ``device`` is where inputs and outputs live. On a CUDA device without the
+    CUDA execution provider, inputs are staged through the CPU (logged once).
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, onnx: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 device: torch.device | str = "cpu", *, threads: int | None = None) -> None:
+        ort = _ort()
+        self.device = torch.device(device)
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        available = ort.get_available_providers()
+        use_cuda = self.device.type == "cuda" and "CUDAExecutionProvider" in available
+        if use_cuda:
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                                    "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+            if self.device.type == "cuda":
+                log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
+                            "CUDA inputs are copied to the CPU and back")
+        self.session = ort.InferenceSession(onnx, _session_options(threads), providers=providers)
+        self._ort_device = ("cuda", self.device.index or 0) if use_cuda else ("cpu", 0)
+        self._run_device = self.device if use_cuda else torch.device("cpu")
+        self._graph_inputs = {i.name for i in self.session.get_inputs()}
+        self._np_in = [_np_dtype(s.torch_dtype) for s in self.inputs]
+        self._np_out = [_np_dtype(s.torch_dtype) for s in self.outputs]
+        self._out_dtypes = [s.torch_dtype for s in self.outputs]
+        self._shapes = shape_function(self.inputs, self.outputs)
+        self._shape_memo: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...] | None]] = {}
+        self._distrusted: set[int] = set()
+        self._local = threading.local()
+        self._run_options = ort.RunOptions()
+
+    def _binding(self) -> Any:
+        # An IOBinding is not thread-safe; the session is, so each thread gets its own binding.
+        b = getattr(self._local, "binding", None)
+        if b is None:
+            b = self._local.binding = self.session.io_binding()
+        return b
+
+    def output_shapes(self, shapes: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...] | None]:
+        got = self._shape_memo.get(shapes)
+        if got is None:
+            got = self._shapes(shapes)
+            if len(self._shape_memo) < 256:
+                self._shape_memo[shapes] = got
+        return got
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on validated, contiguous inputs already on ``self.device``."""
+        staged = [t if t.device == self._run_device else t.to(self._run_device) for t in inputs]
+        binding = self._binding()
+        dev, dev_id = self._ort_device
+        keep: list[torch.Tensor] = []
+        for spec, np_t, t in zip(self.inputs, self._np_in, staged):
+            if spec.name not in self._graph_inputs:
+                continue
+            buf = t
+            if t.numel() == 0:
+                # Never hand a null pointer to the runtime: bind a one-element buffer.
+                buf = torch.empty(1, dtype=t.dtype, device=t.device)
+                keep.append(buf)
+            binding.bind_input(spec.name, dev, dev_id, np_t, tuple(t.shape), buf.data_ptr())
+        shapes = self.output_shapes(tuple(tuple(t.shape) for t in staged))
+        results: list[torch.Tensor | None] = []
+        for i, (spec, np_t, shape) in enumerate(zip(self.outputs, self._np_out, shapes)):
+            if shape is None or i in self._distrusted:
+                binding.bind_output(spec.name, dev, dev_id)
+                results.append(None)
+                continue
+            out = torch.empty(shape, dtype=self._out_dtypes[i], device=self._run_device)
+            buf = out if out.numel() else torch.empty(1, dtype=out.dtype, device=out.device)
+            binding.bind_output(spec.name, dev, dev_id, np_t, shape, buf.data_ptr())
+            results.append(out)
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except Exception as e:  # noqa: BLE001
+            if any(r is not None for r in results) and "shape" in str(e).lower():
+                # A symbolic output shape from the exporter was wrong for these inputs: let
+                # ORT allocate those outputs from now on, and run again.
+                self._distrusted.update(i for i, r in enumerate(results) if r is not None)
+                self._shape_memo.clear()
+                log.info("onnxruntime: output shapes not predictable from the graph; ORT allocates them")
+                return self.run(inputs)
+            raise RuntimeFailure(f"onnxruntime failed to run the graph: {e}") from e
+        finally:
+            binding.clear_binding_inputs()
+        ort_outs = binding.get_outputs() if any(r is None for r in results) else None
+        final: list[torch.Tensor] = []
+        for i, r in enumerate(results):
+            if r is None:
+                assert ort_outs is not None
+                arr = ort_outs[i].numpy()
+                r = torch.from_numpy(np.ascontiguousarray(arr)).to(self._run_device)
+            final.append(r if r.device == self.device else r.to(self.device))
+        binding.clear_binding_outputs()
+        return final
