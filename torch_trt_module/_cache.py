@@ -1,29 +1,25 @@
 """On-disk engine cache: content-keyed entries, verified on every read, written atomically.
 
-This is only the storage layer; :func:`torch_trt_module.compile` decides what the
-key is and what an entry holds. Layout under the root (:func:`resolve_cache_dir`)::
+Only the storage layer: compile() decides the key and what an entry holds. Layout under
+the root (:func:`resolve_cache_dir`)::
 
     entries/<key>.json                 metadata, written last: it is the commit marker
     entries/<key>+<blob>+<sha16>.blob  one file per blob, named by its content
     index/<fingerprint>.json           {"key": ...}: a fast fingerprint -> a content key
     aux/<name>.bin                     checksummed side files (TensorRT timing caches)
-    locks/<name>.lock                  inter-process locks (filelock), never deleted
+    locks/<name>.lock                  inter-process locks (filelock); never deleted
     <dir>/.<file>.<random>.tmp         a write in progress, or what a crash left
 
-Blobs are named by their content so that writers of one key that race (TensorRT
-builds are not bit-identical) never replace a blob that another writer's metadata
-points to: whichever metadata lands last is whole. Blobs that no metadata points
-to are crash leftovers, removed once older than ``ORPHAN_AGE_S``.
+Blobs are named by content so that writers of one key that race (TensorRT builds are not
+bit-identical) never replace a blob that another writer's metadata points to: whichever
+metadata lands last is whole. Files no metadata points to are removed once older than
+``ORPHAN_AGE_S``. The last-used time is the metadata file's mtime, so a hit costs one
+``os.utime``. Sizes count metadata and blobs, not index, aux or lock files.
 
-The last-used time is the mtime of the metadata file, so a hit records recency with
-one ``os.utime`` instead of rewriting JSON. Sizes count metadata and blobs only
-(not index, aux or lock files).
-
-Nothing here raises for a corrupt entry or an I/O error during get/put/lookup/record/
-read_aux/write_aux: a bad entry is evicted and reported as a miss with one WARNING,
-and a failed write returns False with one WARNING per :class:`EngineCache`.
-Invalid arguments (a key like ``"../x"``) raise ValueError; the management methods
-(evict, clear, prune, info) raise :class:`~torch_trt_module.CacheError` on I/O errors.
+get/put/lookup/record/read_aux/write_aux never raise for corrupt data or I/O errors: a bad
+entry is evicted and missed with one WARNING; a failed write returns False, with one WARNING
+per :class:`EngineCache`. Bad arguments (a key like ``"../x"``) raise ValueError or TypeError;
+evict/clear/prune/entries raise :class:`~torch_trt_module.CacheError` on I/O errors.
 """
 
 from __future__ import annotations
@@ -35,7 +31,9 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
@@ -44,24 +42,14 @@ import filelock
 
 from ._errors import CacheError
 
-__all__ = [
-    "CACHE_FORMAT_VERSION",
-    "CacheEntry",
-    "CacheLockTimeout",
-    "DEFAULT_MAX_SIZE",
-    "EngineCache",
-    "EntryInfo",
-    "parse_size",
-    "resolve_cache_dir",
-    "sha256_bytes",
-    "stable_hash",
-]
+__all__ = ["CACHE_FORMAT_VERSION", "CacheEntry", "CacheLockTimeout", "DEFAULT_MAX_SIZE", "EngineCache", "EntryInfo",
+           "parse_size", "resolve_cache_dir", "sha256_bytes", "stable_hash"]
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the layout or the metadata changes meaning; older entries are then misses.
+#: Bumped whenever the layout or the metadata changes meaning; entries of other versions are misses.
 CACHE_FORMAT_VERSION: int = 1
-#: Size cap when neither ``max_size=`` nor ``$TORCH_TRT_MODULE_CACHE_MAX_SIZE`` says otherwise: 4 GiB.
+#: Size cap unless ``max_size=`` or ``$TORCH_TRT_MODULE_CACHE_MAX_SIZE`` (e.g. "500M", "2G") says otherwise: 4 GiB.
 DEFAULT_MAX_SIZE: int = 4 * 1024**3
 CACHE_DIR_ENV = "TORCH_TRT_MODULE_CACHE"
 MAX_SIZE_ENV = "TORCH_TRT_MODULE_CACHE_MAX_SIZE"
@@ -73,7 +61,9 @@ _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _SIZE_RE = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
 _UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _AUX_MAGIC = b"TTMAUX1\n"
-_AUX_HEAD = len(_AUX_MAGIC) + 32 + 8  # magic, sha256 digest, length
+_AUX_HEAD = len(_AUX_MAGIC) + 32 + 8  # magic, sha256 digest, body length
+_LOCKS: weakref.WeakValueDictionary[tuple[int, str], filelock.FileLock] = weakref.WeakValueDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 class CacheLockTimeout(CacheError, TimeoutError):
@@ -82,7 +72,7 @@ class CacheLockTimeout(CacheError, TimeoutError):
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A verified hit: every blob matched the size and sha256 its metadata records."""
+    """A verified hit: every blob matched the size and sha256 that its metadata records."""
 
     key: str
     blobs: dict[str, bytes] = field(repr=False)
@@ -91,7 +81,7 @@ class CacheEntry:
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """One entry as listed by :meth:`EngineCache.entries` (blobs are not read or verified)."""
+    """An entry as listed by :meth:`EngineCache.entries`; its blobs are neither read nor verified."""
 
     key: str
     size_bytes: int
@@ -110,33 +100,23 @@ def _valid_name(name: object) -> bool:
 
 def _check_name(name: object, what: str) -> str:
     if not _valid_name(name):
-        raise ValueError(
-            f"cache {what} {name!r} is not valid; expected 1-100 characters from [0-9a-zA-Z_.-] "
-            "not starting with '.' (a hex digest, for example)"
-        )
+        raise ValueError(f"cache {what} {name!r} is not valid; expected 1-100 characters from [0-9a-zA-Z_.-], "
+                         "not starting with '.' (a hex digest, for example)")
     return name  # type: ignore[return-value]
 
 
 def parse_size(value: str | int) -> int:
-    """A size in bytes from an int or a string with a binary suffix.
-
-    Example:
-        >>> parse_size("500M"), parse_size("2G"), parse_size(1024)
-        (524288000, 2147483648, 1024)
-    """
+    """Bytes from an int or a string with an optional binary suffix: ``parse_size("500M") == 500 * 1024**2``."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"cache size {value!r} is a {type(value).__name__}; expected an int or a string like '2G'")
+    n = value
     if isinstance(value, str):
         m = _SIZE_RE.fullmatch(value.strip())
         if m is None:
-            raise ValueError(
-                f"cache size {value!r} is not understood; expected a number of bytes with an optional "
-                "K, M, G or T suffix (powers of 1024), e.g. '1073741824', '500M' or '2G'"
-            )
+            raise ValueError(f"cache size {value!r} is not understood; expected a number of bytes with an optional "
+                             "K, M, G or T suffix (powers of 1024), e.g. '1073741824', '500M' or '2G'")
         num, unit = m.group(1), _UNITS[m.group(2) and m.group(2).lower()]
         n = int(num) * unit if "." not in num else int(float(num) * unit)
-    else:
-        n = value
     if n < 0:
         raise ValueError(f"cache size {value!r} is negative; expected 0 or more bytes")
     return n
@@ -150,7 +130,7 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     if env := os.environ.get(CACHE_DIR_ENV):
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says relative values are to be ignored
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative values
         return Path(xdg) / "torch_trt_module"
     return Path(os.path.expanduser("~")) / ".cache" / "torch_trt_module"
 
@@ -166,15 +146,13 @@ def _canonical(obj: object, where: str) -> object:
         return {"__bytes_sha256__": sha256_bytes(bytes(obj))}
     if isinstance(obj, Mapping):
         for k in obj:
-            if not isinstance(k, str):  # json would turn 1 and "1" into the same key
-                raise TypeError(f"stable_hash: key {k!r} in {where} is a {type(k).__name__}; only str keys are allowed")
+            if not isinstance(k, str):  # json would make 1 and "1" the same key
+                raise TypeError(f"stable_hash: key {k!r} in {where} is a {type(k).__name__}; only str keys hash stably")
         return {k: _canonical(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(
-        f"stable_hash: {where} is a {type(obj).__name__}; expected JSON data "
-        "(dict with str keys, list, tuple, str, int, float, bool, None) or bytes"
-    )
+    raise TypeError(f"stable_hash: {where} is a {type(obj).__name__}; expected JSON data (dict with str keys, "
+                    "list, tuple, str, int, float, bool, None) or bytes")
 
 
 def _dumps(obj: object) -> bytes:
@@ -182,12 +160,12 @@ def _dumps(obj: object) -> bytes:
 
 
 def stable_hash(obj: object) -> str:
-    """sha256 hex of the canonical JSON of ``obj``: the same in every process and on every machine.
+    """sha256 hex of the canonical JSON of ``obj``, identical in every process and on every machine.
 
-    ``bytes`` are hashed separately and enter as ``{"__bytes_sha256__": hex}``.
+    ``bytes`` enter as ``{"__bytes_sha256__": <their sha256>}``.
 
     Example:
-        >>> stable_hash({"b": [1, 2.5], "a": b"weights"}) == stable_hash({"a": b"weights", "b": (1, 2.5)})
+        >>> stable_hash({"w": b"weights", "shape": [1, 3]}) == stable_hash({"shape": (1, 3), "w": b"weights"})
         True
     """
     try:
@@ -196,23 +174,13 @@ def stable_hash(obj: object) -> str:
         raise ValueError(f"stable_hash: {e}; NaN and infinity have no stable form") from e
 
 
-def _fsync_dir(d: Path) -> None:
-    # Makes the rename durable. Some filesystems cannot fsync a directory; that is not a failed write.
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never part of it; mkstemp makes it 0o600."""
+    """Readers see the old file or all of the new one, never part; mkstemp makes it 0o600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
+            view = view[os.write(fd, view):]
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -223,11 +191,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    with contextlib.suppress(OSError):  # makes the rename durable; some filesystems cannot fsync a directory
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 class EngineCache:
-    """A directory of verified, size-capped, LRU-evicted cache entries, safe across processes.
+    """A directory of verified, size-capped, LRU-evicted entries, safe across threads and processes.
 
     Example:
         >>> cache = EngineCache("/tmp/ttm-doc-cache", max_size="1G")
@@ -250,15 +223,13 @@ class EngineCache:
 
     @staticmethod
     def _default_max_size() -> int:
-        env = os.environ.get(MAX_SIZE_ENV)
-        if env:
+        if env := os.environ.get(MAX_SIZE_ENV):
             try:
                 return parse_size(env)
             except ValueError as e:  # a typo in the environment must not break the user's run
                 logger.warning("ignoring $%s: %s; using the default cap of %d bytes", MAX_SIZE_ENV, e, DEFAULT_MAX_SIZE)
         return DEFAULT_MAX_SIZE
 
-    # ----- paths and small helpers -----
     def _meta_path(self, key: str) -> Path:
         return self.root / "entries" / f"{key}.json"
 
@@ -270,24 +241,18 @@ class EngineCache:
         if not d.is_dir():
             self.root.parent.mkdir(parents=True, exist_ok=True)
             for p in (self.root, d):
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(p, 0o700)
-                except FileExistsError:
-                    continue
-                os.chmod(p, 0o700)  # mkdir's mode passes through the umask
+                    os.chmod(p, 0o700)  # the umask may have taken bits from mkdir's mode
         return d
 
     def _warn_unwritable(self, what: str, e: OSError) -> None:
         if self._warned_unwritable:
-            logger.debug("engine cache %s: %s failed: %s", self.root, what, e)
-            return
+            return logger.debug("engine cache %s: %s failed: %s", self.root, what, e)
         self._warned_unwritable = True
-        logger.warning(
-            "engine cache directory %s is not writable (%s, while %s); continuing without caching. "
-            "Fix its permissions or free space, or point cache_dir= or $%s elsewhere. "
-            "Further write failures of this cache are not reported.",
-            self.root, e, what, CACHE_DIR_ENV,
-        )
+        logger.warning("engine cache directory %s is not writable (%s, while %s); continuing without caching. Fix its "
+                       "permissions or free space, or point cache_dir= or $%s elsewhere. Further write failures of "
+                       "this cache are not reported.", self.root, e, what, CACHE_DIR_ENV)
 
     def _filelock(self, name: str) -> filelock.FileLock | None:
         try:
@@ -295,27 +260,35 @@ class EngineCache:
         except OSError as e:
             self._warn_unwritable(f"creating the lock directory for {name!r}", e)
             return None
-        # One instance per path in this process: reentrant in a thread, exclusive between threads and processes.
-        return filelock.FileLock(str(d / f"{name}.lock"), mode=0o600, is_singleton=True)
+        # One instance per path and process (filelock>=3.12 has no is_singleton): reentrant within a thread,
+        # exclusive between threads and processes, and visible to eviction's is_locked check.
+        ident = (os.getpid(), os.path.realpath(d / f"{name}.lock"))
+        with _LOCKS_GUARD:
+            lk = _LOCKS.get(ident)
+            if lk is None:
+                lk = _LOCKS[ident] = filelock.FileLock(ident[1], mode=0o600)
+        return lk
 
     # ----- reading -----
     def _parse_meta(self, key: str, raw: bytes) -> dict[str, Any]:
         try:
             meta = json.loads(raw.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError is a ValueError
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             raise _Corrupt("metadata is not valid JSON") from None
         if not isinstance(meta, dict):
             raise _Corrupt("metadata is not a JSON object")
         if "format_version" not in meta:
             raise _Corrupt("metadata lacks 'format_version'")
-        fv = meta["format_version"]
-        if fv != CACHE_FORMAT_VERSION or isinstance(fv, bool):
+        if (fv := meta["format_version"]) != CACHE_FORMAT_VERSION or isinstance(fv, bool):
             raise _Corrupt(f"format version {fv!r} != {CACHE_FORMAT_VERSION}")
-        missing = [f for f in ("key", "created", "last_used", "blobs", "meta_sha256") if f not in meta]
-        if missing:
+        if missing := [f for f in ("key", "created", "last_used", "blobs", "meta_sha256") if f not in meta]:
             raise _Corrupt(f"metadata lacks {', '.join(map(repr, missing))}")
         recorded = meta.pop("meta_sha256")
-        if recorded != sha256_bytes(_dumps(meta)):
+        try:
+            ok = recorded == sha256_bytes(_dumps(meta))
+        except ValueError:  # a flipped digit can turn 1e-05 into 1e905, which is infinity
+            ok = False
+        if not ok:
             raise _Corrupt("metadata checksum mismatch")
         if meta["key"] != key:
             raise _Corrupt(f"metadata is for key {meta['key']!r}")
@@ -340,105 +313,80 @@ class EngineCache:
         return data
 
     def get(self, key: str) -> CacheEntry | None:
-        """The verified entry for ``key``, or None on a miss; a bad entry is evicted with one WARNING."""
+        """The verified entry for ``key``, or None. A bad entry is evicted, with one WARNING that says why."""
         _check_name(key, "key")
-        path = self._meta_path(key)
+        path, meta = self._meta_path(key), None
         try:
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                raw = f.read()
-        except FileNotFoundError:
-            self._check_orphans(key)
-            return None
-        except OSError as e:
-            logger.warning("engine cache entry %s cannot be read (%s); treating it as a miss", key, e)
-            return None
-        meta: dict[str, Any] | None = None
-        try:
+                st, raw = os.fstat(f.fileno()), f.read()
             meta = self._parse_meta(key, raw)
             blobs = {name: self._read_blob(key, name, info) for name, info in meta["blobs"].items()}
+        except FileNotFoundError:
+            if leftovers := self._leftovers(key):  # too old to be a write in progress: a crash between the two
+                logger.warning("engine cache entry %s is unusable (metadata missing, %d file(s) left); removing "
+                               "them and rebuilding", key, len(leftovers))
+                for p in leftovers:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p)
+            return None
         except _Corrupt as e:
             logger.warning("engine cache entry %s is unusable (%s); evicting it and rebuilding", key, e)
             with contextlib.suppress(OSError):
-                now = os.stat(path)
-                # Evict only what we read: a writer may have committed a good entry since.
+                now = os.stat(path)  # evict only what we read: a writer may have committed a good entry since
                 if (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
                     self._remove_entry(key, meta)
             return None
         except OSError as e:
             logger.warning("engine cache entry %s cannot be read (%s); treating it as a miss", key, e)
             return None
-        now_s = time.time()
+        meta["last_used"] = time.time()
         with contextlib.suppress(OSError):  # a read-only cache still serves hits
-            os.utime(path, (now_s, now_s))
-        meta["last_used"] = now_s
+            os.utime(path, (meta["last_used"], meta["last_used"]))
         logger.debug("engine cache hit %s", key)
         return CacheEntry(key=key, blobs=blobs, meta=meta)
 
-    def _check_orphans(self, key: str) -> None:
-        # Blobs with no metadata that are too old to be a write in progress: a crash between the two.
-        old = self._orphans(key)
-        if old:
-            logger.warning(
-                "engine cache entry %s is unusable (metadata missing, %d blob file(s) left); removing them and rebuilding",
-                key, len(old),
-            )
-            for p in old:
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
-
-    def _orphans(self, key: str | None, referenced: Collection[str] = ()) -> list[Path]:
-        """Blob and temp files in entries/ (of ``key``, or of all keys) that are not in ``referenced``
-        and are older than ``ORPHAN_AGE_S``, so no write in progress owns them."""
-        cutoff = time.time() - ORPHAN_AGE_S
-        out = []
-        try:
-            scan = list(os.scandir(self.root / "entries"))
-        except FileNotFoundError:
-            return out
-        for e in scan:
-            name = e.name
-            if key is not None and not name.startswith((f"{key}+", f".{key}+", f".{key}.json.")):
-                continue
-            orphan = (name.startswith(".") and name.endswith(".tmp")) or (
-                name.endswith(".blob") and name not in referenced
-            )
-            with contextlib.suppress(FileNotFoundError):
-                if orphan and e.stat(follow_symlinks=False).st_mtime < cutoff:
-                    out.append(Path(e.path))
+    def _leftovers(self, key: str | None, referenced: Collection[str] = ()) -> list[Path]:
+        """Temp and blob files in entries/ (of ``key`` or of any key), not in ``referenced``, older than ORPHAN_AGE_S."""
+        cutoff, out = time.time() - ORPHAN_AGE_S, []
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(self.root / "entries"):
+                n = e.name
+                if key is not None and not n.startswith((f"{key}+", f".{key}+", f".{key}.json.")):
+                    continue
+                if (n.startswith(".") and n.endswith(".tmp")) or (n.endswith(".blob") and n not in referenced):
+                    with contextlib.suppress(FileNotFoundError):
+                        if e.stat(follow_symlinks=False).st_mtime < cutoff:
+                            out.append(Path(e.path))
         return out
 
     # ----- writing -----
     def put(self, key: str, blobs: Mapping[str, bytes], meta: Mapping[str, Any]) -> bool:
-        """Store an entry atomically, then evict LRU entries over the cap. False (and one WARNING) if it cannot write.
+        """Store an entry atomically, then evict LRU entries above the cap. False (one WARNING) if it cannot write.
 
-        The store adds ``format_version``, ``key``, ``created``, ``last_used``, ``blobs`` (sha256 and size of
-        each) and ``meta_sha256`` to ``meta``, replacing fields of the same names.
+        The store sets ``format_version``, ``key``, ``created``, ``last_used``, ``blobs`` ({name: {sha256, size}})
+        and ``meta_sha256`` in the metadata, replacing fields of those names.
         """
         _check_name(key, "key")
-        data: dict[str, bytes] = {}
-        for name, b in blobs.items():
-            _check_name(name, "blob name")
-            if not isinstance(b, (bytes, bytearray, memoryview)):
-                raise TypeError(f"cache blob {name!r} is a {type(b).__name__}; expected bytes")
-            data[name] = bytes(b)
-        try:  # round-trip so that what we checksum is exactly what a reader will parse
+        data = {_check_name(n, "blob name"): b for n, b in blobs.items()}
+        if bad := [n for n, b in data.items() if not isinstance(b, (bytes, bytearray, memoryview))]:
+            raise TypeError(f"cache blob {bad[0]!r} is a {type(data[bad[0]]).__name__}; expected bytes")
+        try:  # a round trip, so that what we checksum is exactly what a reader parses
             full = json.loads(_dumps(dict(meta)))
         except (TypeError, ValueError) as e:
-            raise TypeError(f"cache metadata for {key} is not JSON data ({e}); use dicts with str keys, lists, "
-                            "str, int, finite float, bool and None") from e
+            raise TypeError(f"cache metadata for {key} is not JSON data ({e}); use dicts with str keys, lists, str, "
+                            "int, finite float, bool and None") from e
         now = time.time()
         infos = {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in data.items()}
         full.update(format_version=CACHE_FORMAT_VERSION, key=key, created=now, last_used=now, blobs=infos)
         full["meta_sha256"] = sha256_bytes(_dumps(full))
-        new_files: list[Path] = []
+        paths = {n: self._blob_path(key, n, i["sha256"]) for n, i in infos.items()}
+        new_files = []
         try:
             self._ensure("entries")
-            for n, b in data.items():
-                p = self._blob_path(key, n, infos[n]["sha256"])
-                if not p.exists():  # an identical blob may be shared with the entry we replace; keep that one
+            for n, p in paths.items():
+                if not p.exists():  # an identical blob may be shared with the entry being replaced: keep that one
                     new_files.append(p)
-                _atomic_write(p, b)
+                _atomic_write(p, bytes(data[n]))
             _atomic_write(self._meta_path(key), _dumps(full))
         except OSError as e:
             for p in new_files:
@@ -446,19 +394,19 @@ class EngineCache:
                     os.unlink(p)
             self._warn_unwritable(f"storing entry {key}", e)
             return False
+        with contextlib.suppress(OSError):  # the kernel's coarse clock could order it before a recent hit
+            os.utime(self._meta_path(key), (now, now))
         try:
-            referenced = {self._blob_path(key, n, i["sha256"]).name for n, i in infos.items()}
-            for p in self._orphans(key, referenced):  # blobs of the version this put replaced
+            for p in self._leftovers(key, {p.name for p in paths.values()}):  # blobs of the entry this replaced
                 os.unlink(p)
             self._shrink(self.max_size, keep={key})
-        except (OSError, CacheError) as e:  # the entry is stored; eviction is best effort
+        except OSError as e:  # the entry is stored; eviction is best effort
             logger.warning("engine cache %s: eviction after storing %s failed: %s", self.root, key, e)
         return True
 
     def _remove_entry(self, key: str, meta: dict[str, Any] | None) -> bool:
-        # Metadata first: once it is gone no reader takes the blobs for an entry.
         try:
-            os.unlink(self._meta_path(key))
+            os.unlink(self._meta_path(key))  # first: without metadata no reader takes the blobs for an entry
             existed = True
         except FileNotFoundError:
             existed = False
@@ -477,14 +425,14 @@ class EngineCache:
             except filelock.Timeout:
                 return False
             except OSError:
-                lk = None  # nobody can take a lock we cannot create either
+                lk = None  # no one can take a lock that cannot be created
         try:
             return self._remove_entry(key, meta)
         finally:
             if lk is not None:
                 lk.release()
 
-    def _shrink(self, max_size: int, keep: set[str]) -> list[str]:
+    def _shrink(self, max_size: int, keep: Collection[str]) -> list[str]:
         infos, bad = self._scan()
         evicted = [k for k in bad if self._evict_unlocked(k, None)]
         total = sum(i.size_bytes for i in infos)
@@ -495,15 +443,16 @@ class EngineCache:
                 total -= info.size_bytes
                 evicted.append(info.key)
         if evicted:
-            logger.info("engine cache %s: evicted %d entries (cap %d bytes, now %d)", self.root, len(evicted), max_size, total)
+            logger.info("engine cache %s: evicted %d entries (cap %d bytes, %d used)", self.root, len(evicted),
+                        max_size, total)
         return evicted
 
     # ----- locks, index, aux -----
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float | None = None) -> Iterator[None]:
-        """Hold the inter-process lock ``name`` (one per name). Without a writable cache it is a no-op.
+        """Hold the inter-process lock ``name`` (None waits forever). A no-op if the cache is not writable.
 
-        Raises :class:`CacheLockTimeout` if ``timeout`` seconds pass first (None waits forever).
+        Raises :class:`CacheLockTimeout` when ``timeout`` seconds pass first.
         """
         _check_name(name, "lock name")
         lk = self._filelock(name)
@@ -511,10 +460,8 @@ class EngineCache:
             try:
                 lk.acquire(timeout=-1 if timeout is None else timeout)
             except filelock.Timeout:
-                raise CacheLockTimeout(
-                    f"could not take cache lock {name!r} under {self.root} within {timeout} s; another process "
-                    "or thread holds it (it is released when its holder exits)"
-                ) from None
+                raise CacheLockTimeout(f"could not take cache lock {name!r} under {self.root} within {timeout} s; "
+                                       "another process or thread holds it until it finishes or exits") from None
             except OSError as e:
                 self._warn_unwritable(f"locking {name!r}", e)
                 lk = None
@@ -525,13 +472,12 @@ class EngineCache:
                 lk.release()
 
     def lookup(self, fingerprint: str) -> str | None:
-        """The content key recorded for ``fingerprint``, or None."""
-        _check_name(fingerprint, "fingerprint")
-        path = self.root / "index" / f"{fingerprint}.json"
+        """The content key recorded for ``fingerprint``, or None (a corrupt record is removed with a WARNING)."""
+        path = self.root / "index" / f"{_check_name(fingerprint, 'fingerprint')}.json"
         try:
             rec = json.loads(path.read_bytes().decode("utf-8"))
-            ok = isinstance(rec, dict) and rec.get("format_version") == CACHE_FORMAT_VERSION
-            if ok and rec.get("fingerprint") == fingerprint and _valid_name(rec.get("key")):
+            if (isinstance(rec, dict) and rec.get("format_version") == CACHE_FORMAT_VERSION
+                    and rec.get("fingerprint") == fingerprint and _valid_name(rec.get("key"))):
                 return rec["key"]  # type: ignore[no-any-return]
             why = "malformed record"
         except FileNotFoundError:
@@ -546,22 +492,23 @@ class EngineCache:
             os.unlink(path)
         return None
 
+    def _write(self, sub: str, filename: str, data: bytes, what: str) -> bool:
+        try:
+            _atomic_write(self._ensure(sub) / filename, data)
+            return True
+        except OSError as e:
+            self._warn_unwritable(what, e)
+            return False
+
     def record(self, fingerprint: str, key: str) -> bool:
         """Remember that ``fingerprint`` leads to ``key``. False (one WARNING) if the cache is not writable."""
-        _check_name(fingerprint, "fingerprint")
-        _check_name(key, "key")
-        rec = {"format_version": CACHE_FORMAT_VERSION, "fingerprint": fingerprint, "key": key}
-        try:
-            _atomic_write(self._ensure("index") / f"{fingerprint}.json", _dumps(rec))
-        except OSError as e:
-            self._warn_unwritable(f"recording fingerprint {fingerprint}", e)
-            return False
-        return True
+        rec = {"format_version": CACHE_FORMAT_VERSION, "fingerprint": _check_name(fingerprint, "fingerprint"),
+               "key": _check_name(key, "key")}
+        return self._write("index", f"{fingerprint}.json", _dumps(rec), f"recording fingerprint {fingerprint}")
 
     def read_aux(self, name: str) -> bytes | None:
-        """A side file written by :meth:`write_aux`, or None if absent or corrupt (then removed, with a WARNING)."""
-        _check_name(name, "aux name")
-        path = self.root / "aux" / f"{name}.bin"
+        """A side file stored by :meth:`write_aux`, or None if absent or corrupt (then removed, with a WARNING)."""
+        path = self.root / "aux" / f"{_check_name(name, 'aux name')}.bin"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -569,12 +516,12 @@ class EngineCache:
         except OSError as e:
             logger.warning("engine cache aux file %s cannot be read (%s); ignoring it", name, e)
             return None
-        body = raw[_AUX_HEAD:]
+        body, length = raw[_AUX_HEAD:], int.from_bytes(raw[_AUX_HEAD - 8:_AUX_HEAD], "big")
         if len(raw) < _AUX_HEAD or not raw.startswith(_AUX_MAGIC):
             why = "bad header"
-        elif int.from_bytes(raw[_AUX_HEAD - 8 : _AUX_HEAD], "big") != len(body):
-            why = f"{len(body)} bytes, expected {int.from_bytes(raw[_AUX_HEAD - 8:_AUX_HEAD], 'big')} (truncated?)"
-        elif hashlib.sha256(body).digest() != raw[len(_AUX_MAGIC) : len(_AUX_MAGIC) + 32]:
+        elif length != len(body):
+            why = f"{len(body)} bytes, expected {length} (truncated?)"
+        elif hashlib.sha256(body).digest() != raw[len(_AUX_MAGIC):len(_AUX_MAGIC) + 32]:
             why = "checksum mismatch"
         else:
             return body
@@ -584,44 +531,33 @@ class EngineCache:
         return None
 
     def write_aux(self, name: str, data: bytes) -> bool:
-        """Store a side file atomically with a checksum header. False (one WARNING) if not writable."""
-        _check_name(name, "aux name")
+        """Store a side file atomically behind a checksum header. False (one WARNING) if the cache is not writable."""
         body = bytes(data)
         payload = _AUX_MAGIC + hashlib.sha256(body).digest() + len(body).to_bytes(8, "big") + body
-        try:
-            _atomic_write(self._ensure("aux") / f"{name}.bin", payload)
-        except OSError as e:
-            self._warn_unwritable(f"writing aux file {name}", e)
-            return False
-        return True
+        return self._write("aux", f"{_check_name(name, 'aux name')}.bin", payload, f"writing aux file {name}")
 
     # ----- management -----
     def _scan(self) -> tuple[list[EntryInfo], list[str]]:
-        """Committed entries in LRU order (oldest first), and keys whose metadata is unusable."""
+        """Committed entries, least recently used first, and the keys whose metadata is unusable."""
         infos: list[EntryInfo] = []
         bad: list[str] = []
-        try:
-            scan = list(os.scandir(self.root / "entries"))
-        except FileNotFoundError:
-            return infos, bad
-        for e in scan:
-            key = e.name[:-5]
-            if not e.name.endswith(".json") or not _valid_name(key):
-                continue
-            try:
-                with open(e.path, "rb") as f:
-                    st = os.fstat(f.fileno())
-                    meta = self._parse_meta(key, f.read())
-            except FileNotFoundError:  # evicted meanwhile
-                continue
-            except _Corrupt:
-                bad.append(key)
-                continue
-            meta["last_used"] = st.st_mtime
-            size = st.st_size + sum(b["size"] for b in meta["blobs"].values())
-            infos.append(EntryInfo(key, size, float(meta["created"]), st.st_mtime, meta))
-        infos.sort(key=lambda i: (i.last_used, i.created, i.key))
-        return infos, bad
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(self.root / "entries"):
+                key = e.name[:-5]
+                if not e.name.endswith(".json") or not _valid_name(key):
+                    continue
+                try:
+                    with open(e.path, "rb") as f:
+                        st, meta = os.fstat(f.fileno()), self._parse_meta(key, f.read())
+                except FileNotFoundError:  # evicted meanwhile
+                    continue
+                except _Corrupt:
+                    bad.append(key)
+                    continue
+                meta["last_used"] = st.st_mtime
+                size = st.st_size + sum(b["size"] for b in meta["blobs"].values())
+                infos.append(EntryInfo(key, size, float(meta["created"]), st.st_mtime, meta))
+        return sorted(infos, key=lambda i: (i.last_used, i.created, i.key)), bad
 
     @contextlib.contextmanager
     def _managing(self, what: str) -> Iterator[None]:
@@ -640,9 +576,8 @@ class EngineCache:
         return sum(i.size_bytes for i in self.entries())
 
     def evict(self, key: str) -> bool:
-        """Remove ``key`` even if it is locked (its holder may be evicting a bad hit). True if it existed."""
-        _check_name(key, "key")
-        with self._managing(f"evict {key} from"):
+        """Remove ``key`` even if locked (its holder may be evicting an entry it could not load). True if it existed."""
+        with self._managing(f"evict {_check_name(key, 'key')} from"):
             try:
                 meta: dict[str, Any] | None = self._parse_meta(key, self._meta_path(key).read_bytes())
             except (FileNotFoundError, _Corrupt):
@@ -650,7 +585,7 @@ class EngineCache:
             return self._remove_entry(key, meta)
 
     def clear(self) -> int:
-        """Remove every entry that no one holds locked, and the fingerprint index; returns the number removed."""
+        """Remove every entry that no one holds locked, and the fingerprint index. Returns the number removed."""
         with self._managing("clear"):
             infos, bad = self._scan()
             n = sum(self._evict_unlocked(k, None) for k in bad)
@@ -662,18 +597,17 @@ class EngineCache:
             return n
 
     def prune(self, max_size: int | str) -> list[str]:
-        """Evict least recently used, unlocked entries until at most ``max_size`` bytes remain, and
-        remove crash leftovers. Returns the evicted keys, oldest first."""
+        """Evict unlocked entries, least recently used first, until at most ``max_size`` bytes remain, and remove
+        what interrupted writes left. Returns the evicted keys."""
         cap = parse_size(max_size)
         with self._managing("prune"):
             self._sweep()
-            return self._shrink(cap, keep=set())
+            return self._shrink(cap, keep=())
 
     def _sweep(self) -> None:
-        infos, _ = self._scan()
-        referenced = {self._blob_path(i.key, n, b["sha256"]).name for i in infos for n, b in i.meta["blobs"].items()}
-        leftovers = self._orphans(None, referenced)
-        cutoff = time.time() - ORPHAN_AGE_S
+        referenced = {self._blob_path(i.key, n, b["sha256"]).name for i in self._scan()[0]
+                      for n, b in i.meta["blobs"].items()}
+        leftovers, cutoff = self._leftovers(None, referenced), time.time() - ORPHAN_AGE_S
         for sub in ("index", "aux"):
             with contextlib.suppress(FileNotFoundError):
                 leftovers += [Path(e.path) for e in os.scandir(self.root / sub)
@@ -682,19 +616,17 @@ class EngineCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         if leftovers:
-            logger.info("engine cache %s: removed %d leftover file(s) of interrupted writes", self.root, len(leftovers))
+            logger.info("engine cache %s: removed %d file(s) left by interrupted writes", self.root, len(leftovers))
 
     def info(self, key_prefix: str) -> EntryInfo:
-        """The entry whose key is ``key_prefix`` or starts with it; ValueError if none or several match."""
+        """The entry whose key is, or starts with, ``key_prefix``; ValueError if none or several match."""
         _check_name(key_prefix, "key prefix")
         infos = self.entries()
-        exact = [i for i in infos if i.key == key_prefix]
-        matches = exact or [i for i in infos if i.key.startswith(key_prefix)]
+        matches = [i for i in infos if i.key == key_prefix] or [i for i in infos if i.key.startswith(key_prefix)]
         if not matches:
             raise ValueError(f"no cache entry under {self.root} has a key starting with {key_prefix!r}; "
                              "`python -m torch_trt_module cache list` shows the keys")
         if len(matches) > 1:
-            shown = ", ".join(i.key[:16] for i in matches[:5])
-            raise ValueError(f"cache key prefix {key_prefix!r} matches {len(matches)} entries ({shown}, ...); "
-                             "give more characters")
+            raise ValueError(f"cache key prefix {key_prefix!r} matches {len(matches)} entries "
+                             f"({', '.join(i.key[:16] for i in matches[:5])}, ...); give more characters")
         return matches[0]

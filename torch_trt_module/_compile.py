@@ -13,8 +13,8 @@ from ._build import Engine, build_with_choice
 from ._errors import EngineLoadError, InputError, TorchTRTError
 from ._export import default_tolerances, export_with_settings
 from ._fingerprint import module_fingerprint
-from ._module import TRTModule
-from ._settings import Settings
+from ._module import TRTModule, _can_run
+from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, params_of, split_inputs
 from ._spec import flatten
 from .backends import BackendChoice, backend_version, gpu_identity, select_backend
@@ -70,7 +70,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
 
     def build(args: tuple[Any, ...], kwargs: dict[str, Any], mod: TRTModule) -> Engine:
         if mod.engine is not None:  # a rebuild: widen the profile to cover the old one and this call
-            state["settings"] = state["settings"].replace(dynamic=_widened(mod, args, kwargs))
+            state["settings"] = state["settings"].replace(dynamic=freeze_dynamic(_widened(mod, args, kwargs)))
         return compile_engine(model, args, kwargs, state["settings"], choice, device)
 
     if example_inputs is None:
@@ -139,7 +139,8 @@ def _cached(cache: Any, key: str | None, device: torch.device) -> Engine | None:
         engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), entry.blobs["onnx"],
                         entry.meta["engine_meta"])
         engine.exported  # parses the metadata: a malformed entry fails here, not in forward
-        TRTModule(engine, device=device)  # deserializes: an engine that cannot load fails here
+        if _can_run(engine, device):
+            TRTModule(engine, device=device)  # deserializes: an engine that cannot load fails here
     except (KeyError, TypeError, ValueError, EngineLoadError) as e:
         log.warning("cache entry %s cannot be used (%s); evicting and rebuilding", key[:16], e)
         cache.evict(key)

@@ -320,6 +320,13 @@ def _run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torc
                     f"Exporter said: {_summary(e)}. Fix: replace the branch with tensor ops "
                     "(torch.where, torch.cond) or move it outside the compiled module."
                 ) from e
+            if _is_specialization(e):
+                # Falling back to TorchScript would bake the size in silently; say it instead.
+                raise ExportError(
+                    f"a dynamic dimension was specialised by the model: {_summary(e)}. The model's code "
+                    "fixes that size (e.g. a view/reshape with a hard-coded size). Fix: make that dimension "
+                    "static (dynamic=None, or leave it out of dynamic=), or compute the size from x.shape."
+                ) from e
             log.info("%s exporter failed: %s", exporter, _summary(e))
             errors.append((exporter, e))
     detail = "; ".join(f"{name}: {_summary(e)}" for name, e in errors)
@@ -378,6 +385,11 @@ def _is_data_dependent(e: BaseException) -> bool:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
         seen += 1
     return False
+
+
+def _is_specialization(e: BaseException) -> bool:
+    text = f"{e} {e.__cause__}"
+    return "Constraints violated" in text or "specialized" in text or "specialised" in text
 
 
 def _summary(e: BaseException) -> str:

@@ -76,7 +76,8 @@ class TRTModule(torch.nn.Module):
                 reason = f"the {engine.backend} engine cannot run on {dev}"
                 if reason not in _announced:
                     _announced.add(reason)
-                    log.warning("%s; it is kept (cache, state_dict), and this module runs on ONNX Runtime", reason)
+                    # compile() has already warned once about the backend choice; this is the detail.
+                    log.info("%s; it is kept (cache, state_dict), and this module runs on ONNX Runtime", reason)
             runner = OnnxRuntimeRunner(engine.onnx, exported.inputs, exported.outputs, dev)
         self.engine = engine
         self._exported = exported

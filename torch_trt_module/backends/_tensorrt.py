@@ -110,7 +110,9 @@ class _Progress:
         if self._tqdm is not None and parent is None:
             self._bars[phase] = self._tqdm(total=steps, desc=phase, leave=False)
         else:
-            log.info("build phase %s started (%d steps)", phase, steps)
+            # Only top-level phases at INFO: nested ones would flood a log with ~100 lines a build.
+            log.log(logging.INFO if parent is None else logging.DEBUG, "build phase %s started (%d steps)",
+                    phase, steps)
 
     def step_complete(self, phase: str, step: int) -> bool:
         self.events += 1
@@ -125,7 +127,7 @@ class _Progress:
         if bar is not None:
             bar.close()
         else:
-            log.info("build phase %s finished", phase)
+            log.debug("build phase %s finished", phase)
 
 
 def _monitor(trt: Any, progress: _Progress) -> Any:
