@@ -346,7 +346,7 @@ class EngineCache:
         return CacheEntry(key=key, blobs=blobs, meta=meta)
 
     def _leftovers(self, key: str | None, referenced: Collection[str] = ()) -> list[Path]:
-        """Temp and blob files in entries/ (of ``key`` or of any key), not in ``referenced``, older than ORPHAN_AGE_S."""
+        """Temp files and unreferenced blobs in entries/ (of ``key``, or of all) older than ``ORPHAN_AGE_S``."""
         cutoff, out = time.time() - ORPHAN_AGE_S, []
         with contextlib.suppress(FileNotFoundError):
             for e in os.scandir(self.root / "entries"):

@@ -59,15 +59,17 @@ def parse_shapes(items: Sequence[str]) -> dict[str | None, Profile]:
     """
     groups: list[tuple[str | None, list[str], str]] = []
     for item in items:
+        current: list[str] | None = None  # each option value starts afresh
         for part in item.replace(";", ",").replace(" ", ",").split(","):
             if not part:
                 continue
             if ":" in part:
                 name, _, part = part.rpartition(":")
                 groups.append((name, [], item))
-            elif not groups or groups[-1][0] is not None and len(groups[-1][1]) == 3:
+            elif current is None or (groups[-1][0] is not None and len(current) == 3):
                 groups.append((None, [], item))
-            groups[-1][1].append(part)
+            current = groups[-1][1]
+            current.append(part)
     out: dict[str | None, Profile] = {}
     for name, shapes, item in groups:
         if len(shapes) not in (1, 3):
@@ -174,9 +176,11 @@ def input_plan(source: ModelSource, shapes: Mapping[str | None, Profile],
     """(name, dtype, profile) of each model input, from --shapes and --dtype."""
     names = source.input_names
     if source.onnx_path is not None:
+        if dtypes:
+            raise UsageError(f"{source.spec}: an ONNX file's input dtypes come from the graph; drop --dtype")
         graph = {n: (dt, dims) for n, dt, dims in onnx_io(source.onnx_path)[0]}
-        return [(n, dt, profile) for n, (dt, profile) in
-                zip(graph, _onnx_profiles(graph, _named(shapes, list(graph)), source.spec))]
+        profiles = _onnx_profiles(graph, _named(shapes, list(graph)), source.spec)
+        return [(n, graph[n][0], p) for n, p in zip(graph, profiles)]
     if not shapes:
         raise UsageError(f"{source.spec} needs --shapes for its inputs ({', '.join(names) or 'none'}), e.g. "
                          f"--shapes {names[0] if names else 'x'}:1x3x224x224,8x3x224x224,32x3x224x224")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ._errors import VerificationError
+from ._signature import split_inputs
 from ._spec import TreeSpec, flatten
 
 __all__ = ["OutputReport", "ParityReport", "assert_parity", "compare_outputs", "verify"]
@@ -302,29 +303,6 @@ def _cosine(a: np.ndarray, r: np.ndarray) -> float:
     if na == 0.0 or nr == 0.0:
         return 1.0 if na == nr else 0.0  # two zero vectors are identical; zero vs nonzero is not
     return float(np.clip(np.dot(a, r) / (na * nr), -1.0, 1.0))
-
-
-def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Normalise ``inputs`` to ``(args, kwargs)``.
-
-    A tuple is the positional arguments, except that a 2-tuple whose second item
-    is a dict is ``(args, kwargs)``; anything else is one positional argument.
-    To pass a dict as the last of two positional arguments, write ``((x, d), {})``.
-
-    Example:
-        >>> x = torch.ones(2)
-        >>> split_inputs(x) == ((x,), {}), split_inputs(((x,), {"mask": None}))[1]
-        (True, {'mask': None})
-    """
-    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
-        args, kwargs = inputs
-        bad = [k for k in kwargs if not isinstance(k, str)]
-        if bad:
-            raise TypeError(f"keyword argument names must be str; got {bad!r}")
-        return (tuple(args) if isinstance(args, (tuple, list)) else (args,)), dict(kwargs)
-    if isinstance(inputs, tuple):
-        return inputs, {}
-    return (inputs,), {}
 
 
 def verify(model: Callable[..., Any], compiled: Any, inputs: Any, *, rtol: Tolerance = None,

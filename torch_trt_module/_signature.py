@@ -102,20 +102,23 @@ def to_call(params: Sequence[Param], bound: dict[str, Any]) -> tuple[tuple[Any, 
 
 
 def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Normalise ``example_inputs`` into ``(args, kwargs)``.
+    """Normalise ``inputs`` to ``(args, kwargs)``.
 
-    Accepted forms: a tensor, a tuple/list of positional arguments, or
-    ``(args_tuple, kwargs_dict)``.
+    A tuple is the positional arguments, except that a 2-tuple whose second item
+    is a dict is ``(args, kwargs)``; anything else is one positional argument.
+    To pass a dict as the last of two positional arguments, write ``((x, d), {})``.
 
     Example:
-        >>> split_inputs(((1,), {"b": 2}))
-        ((1,), {'b': 2})
+        >>> x = torch.ones(2)
+        >>> split_inputs(x) == ((x,), {}), split_inputs(((x,), {"mask": None}))[1]
+        (True, {'mask': None})
     """
-    if isinstance(inputs, (tuple, list)) and len(inputs) == 2 and isinstance(inputs[1], dict) \
-            and isinstance(inputs[0], (tuple, list)):
-        return tuple(inputs[0]), dict(inputs[1])
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
+        args, kwargs = inputs
+        bad = [k for k in kwargs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"keyword argument names must be str; got {bad!r}")
+        return (tuple(args) if isinstance(args, (tuple, list)) else (args,)), dict(kwargs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
     return (inputs,), {}
