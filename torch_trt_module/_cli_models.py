@@ -326,6 +326,7 @@ class Timing:
     iters: int
     warmup: int
     timer: str
+    first_ms: float  # the first call alone (torch.compile compiles there)
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -338,7 +339,7 @@ def _pct(xs: Sequence[float], q: float) -> float:
 
 def measure(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50, max_seconds: float | None = None,
             min_iters: int = 5, cuda: torch.device | None = None) -> Timing:
-    """Call ``fn`` ``warmup`` times, then time up to ``iters`` calls (fewer once ``max_seconds``
+    """Call ``fn`` ``warmup`` times (at least once: the first call is timed alone), then time up to ``iters`` calls (fewer once ``max_seconds``
     have passed and ``min_iters`` are done). ``cuda``: time with CUDA events on that device's
     current stream (GPU time between the call's start and end); else ``time.perf_counter``.
 
@@ -346,7 +347,12 @@ def measure(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50, max_seco
         >>> measure(lambda: sum(range(100)), warmup=1, iters=10).iters
         10
     """
-    for _ in range(warmup):
+    t = time.perf_counter()
+    fn()
+    if cuda is not None:
+        torch.cuda.synchronize(cuda)
+    first_ms = (time.perf_counter() - t) * 1e3
+    for _ in range(warmup - 1):
         fn()
     if cuda is not None:
         torch.cuda.synchronize(cuda)
@@ -367,7 +373,7 @@ def measure(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50, max_seco
         if max_seconds is not None and len(times) >= min_iters and time.perf_counter() - start > max_seconds:
             break
     return Timing(_pct(times, 50), _pct(times, 90), _pct(times, 99), sum(times) / len(times), min(times),
-                  len(times), warmup, "cuda-events" if cuda is not None else "perf_counter")
+                  len(times), max(warmup, 1), "cuda-events" if cuda is not None else "perf_counter", first_ms)
 
 
 #: Every backend ``bench`` knows, in table order.
@@ -386,10 +392,14 @@ class Candidate:
 
 
 def make_candidates(backends: Sequence[str], *, model: torch.nn.Module | None, exported: Any,
-                    device: torch.device) -> list[Candidate]:
-    """Set up each backend for timing; one that cannot run gets a reason instead of a callable."""
+                    device: torch.device, export_error: str | None = None) -> list[Candidate]:
+    """Set up each backend for timing; one that cannot run gets a reason instead of a callable.
+    ``exported`` (the ONNX graph) may be None if the export failed (``export_error`` says why)."""
     out = []
     for name in backends:
+        if exported is None and name not in ("eager", "torch.compile"):
+            out.append(Candidate(name, device, reason=f"no ONNX graph: the export failed ({export_error})"))
+            continue
         try:
             out.append(_candidate(name, model, exported, device))
         except (BackendUnavailable, NotRunnable) as e:
@@ -410,7 +420,8 @@ def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: 
         if model is None:
             raise NotRunnable("the model is an ONNX file; there is no PyTorch module to run")
         m = model.to(device)
-        fn = torch.compile(m) if name == "torch.compile" else m
+        # One graph per batch size (dynamic=False): the fastest code, compiled at each size's first call.
+        fn = torch.compile(m, dynamic=False) if name == "torch.compile" else m
         return Candidate(name, device, lambda kw: fn(**kw))
     if name in ("onnxruntime", "onnxruntime-cuda"):
         return _ort_candidate(name, exported, torch.device("cuda" if name.endswith("cuda") else "cpu"))

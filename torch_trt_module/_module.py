@@ -86,6 +86,13 @@ class TRTModule(torch.nn.Module):
         self._user_in = [dtype_from_name(d) for d in exported.user_input_dtypes]
         self._user_out = [dtype_from_name(d) for d in exported.user_output_dtypes]
         self._out_cast = [u != s.torch_dtype for u, s in zip(self._user_out, exported.outputs)]
+        self._any_cast = any(self._out_cast)
+        self._ok_shapes: dict[str, set[torch.Size]] = {s.name: set() for s in exported.inputs}
+        tree, params = exported.call_tree, exported.params
+        simple = (tree.kind == "dict" and all(c.kind == "tensor" for c in tree.children)
+                  and [p.name for p in params[: len(tree.keys)]] == tree.keys
+                  and all(p.kind in ("positional_only", "positional_or_keyword") for p in params[: len(tree.keys)]))
+        self._n_positional = len(tree.keys) if simple else -1
 
     # ------------------------------------------------------------------ public info
 
@@ -131,7 +138,10 @@ class TRTModule(torch.nn.Module):
                 raise TorchTRTError("this TRTModule has no engine; load a state_dict or wrap an Engine")
             self._build_lazily(args, kwargs)
         ex = self._exported
-        leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+        if not kwargs and len(args) == self._n_positional and all(type(a) is torch.Tensor for a in args):
+            leaves = list(args)  # the common call: plain positional tensors, nothing to bind
+        else:
+            leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
         try:
             prepared = self._prepare(leaves)
         except _OutOfProfile as e:
@@ -141,9 +151,10 @@ class TRTModule(torch.nn.Module):
             return self.forward(*args, **kwargs)
         outs = self._runner.run(prepared)
         del prepared  # the work is enqueued (see TensorRTRunner.run); copies may go now
-        for i, cast in enumerate(self._out_cast):
-            if cast:
-                outs[i] = outs[i].to(self._user_out[i])
+        if self._any_cast:
+            for i, cast in enumerate(self._out_cast):
+                if cast:
+                    outs[i] = outs[i].to(self._user_out[i])
         return unflatten(ex.output_tree, outs)
 
     def _prepare(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -167,7 +178,9 @@ class TRTModule(torch.nn.Module):
                 raise InputError(
                     f"input {spec.name!r} is on {t.device} but this module runs on {device}; move it with "
                     f".to({str(device)!r}) or move the module with .to({str(t.device)!r})")
-            why = spec.check_shape(t.shape)
+            why = None if t.shape in self._ok_shapes[spec.name] else spec.check_shape(t.shape)
+            if why is None and len(self._ok_shapes[spec.name]) < 64:
+                self._ok_shapes[spec.name].add(t.shape)  # a set lookup instead of a per-dim loop
             if why is not None:
                 raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. " + _widen_hint(spec, t.shape))
             if spec.torch_dtype != t.dtype:  # fp16/bf16 engines: cast at the boundary
