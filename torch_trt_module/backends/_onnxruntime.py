@@ -24,6 +24,7 @@ from .._spec import TensorSpec
 __all__ = ["OnnxRuntimeRunner", "ort_version", "run_onnx_cpu", "shape_function"]
 
 log = logging.getLogger(__name__)
+_announced: set[str] = set()
 
 _NP = {
     torch.float32: np.float32, torch.float16: np.float16, torch.int8: np.int8, torch.uint8: np.uint8,
@@ -180,7 +181,8 @@ class OnnxRuntimeRunner:
                                     "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and "no-cuda-ep" not in _announced:
+                _announced.add("no-cuda-ep")
                 log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
                             "CUDA inputs are copied to the CPU and back")
         self.session = ort.InferenceSession(onnx, _session_options(threads), providers=providers)
