@@ -17,7 +17,7 @@ from ._module import TRTModule, _can_run
 from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, params_of, split_inputs
 from ._spec import flatten
-from .backends import BackendChoice, backend_version, gpu_identity, select_backend
+from .backends import BackendChoice, backend_version, gpu_identity, rtx_runs_on, select_backend
 
 __all__ = ["STATS", "compile", "content_key"]
 
@@ -139,6 +139,12 @@ def _cached(cache: Any, key: str | None, device: torch.device) -> Engine | None:
         engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), entry.blobs["onnx"],
                         entry.meta["engine_meta"])
         engine.exported  # parses the metadata: a malformed entry fails here, not in forward
+        if engine.backend == "tensorrt_rtx" and engine.plan is not None and rtx_runs_on(device):
+            from .backends._tensorrt import engine_validity
+
+            why = engine_validity(engine.plan, backend="tensorrt_rtx")
+            if why is not None:
+                raise EngineLoadError(f"TensorRT-RTX says the engine cannot load on this GPU: {why}")
         if _can_run(engine, device):
             TRTModule(engine, device=device)  # deserializes: an engine that cannot load fails here
     except (KeyError, TypeError, ValueError, EngineLoadError) as e:

@@ -22,7 +22,8 @@ import torch
 from .._errors import BackendUnavailable, BuildError, EngineLoadError, InputError, RuntimeFailure
 from .._spec import TensorSpec
 
-__all__ = ["TensorRTRunner", "build_serialized", "deserialize", "import_tensorrt", "trt_dtype_to_torch"]
+__all__ = ["TensorRTRunner", "build_serialized", "deserialize", "engine_validity", "import_tensorrt",
+           "trt_dtype_to_torch"]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,24 @@ def deserialize(plan: bytes, *, backend: str, allow_host_code: bool = False) -> 
         raise EngineLoadError(f"{backend} could not deserialize the engine (built for another version or GPU?)")
     engine._torch_trt_module_runtime = runtime  # the runtime must outlive the engine
     return engine
+
+
+def engine_validity(plan: bytes, *, backend: str) -> str | None:
+    """Why an RTX engine cannot load on this machine's GPU, or None if it can.
+
+    Only meaningful with a GPU: without one TensorRT-RTX logs a fatal message and says
+    INVALID for every engine, so callers check ``torch.cuda.is_available()`` first.
+    """
+    _, trt = import_tensorrt(backend)
+    runtime = trt.Runtime(_logger(trt))
+    if not hasattr(runtime, "get_engine_validity"):
+        return None
+    validity, diagnostics = runtime.get_engine_validity(plan)
+    if validity != trt.EngineValidity.INVALID:
+        if validity != trt.EngineValidity.VALID:  # SUBOPTIMAL loads and runs, only slower
+            log.info("TensorRT-RTX reports the cached engine as %s on this GPU", validity)
+        return None
+    return f"{validity} (diagnostics {int(diagnostics)})"
 
 
 class _Allocator:
