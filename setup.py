@@ -3,7 +3,7 @@ runs (on ONNX Runtime) without it."""
 
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "torchvision", "transformers>=4.40", "filelock>=3.12"]
+TEST = ["pytest>=7", "torchvision", "transformers>=4.40", "filelock>=3.12", "tritonclient[grpc]"]
 
 setup(
     name="torch_trt_module",

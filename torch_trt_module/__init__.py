@@ -32,6 +32,7 @@ from ._export import ExportedModel, export_onnx
 from ._module import TRTModule, load, save
 from ._settings import Settings
 from ._spec import TensorSpec
+from ._triton import export_triton
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "build_engine",
     "compile",
     "export_onnx",
+    "export_triton",
     "load",
     "save",
     "verify",

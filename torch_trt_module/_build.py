@@ -22,7 +22,7 @@ __all__ = ["ENGINE_FORMAT", "Engine", "build_engine"]
 
 log = logging.getLogger(__name__)
 
-ENGINE_FORMAT = 1
+ENGINE_FORMAT = 2  # 2: the header carries its own sha256
 _MAGIC = b"TTMENG01"
 
 
@@ -58,12 +58,15 @@ class Engine:
                 f"{m['model']['precision']}, plan={len(self.plan or b'') / 1e6:.1f} MB, for={where})")
 
     # A single-file container: magic, header length, JSON header (with sha256 of
-    # each blob), then the blobs. No pickle, so loading a file runs no code.
+    # each blob and of the header itself), then the blobs. No pickle, so loading a
+    # file runs no code.
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the engine to one file (atomically)."""
         blobs = {"plan": self.plan or b"", "onnx": self.onnx}
-        header = {"format": ENGINE_FORMAT, "backend": self.backend, "meta": self.meta,
-                  "blobs": {k: {"size": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in blobs.items()}}
+        header: dict[str, Any] = {
+            "format": ENGINE_FORMAT, "backend": self.backend, "meta": self.meta,
+            "blobs": {k: {"size": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in blobs.items()}}
+        header["header_sha256"] = _header_sha256(header)
         hdr = json.dumps(header, sort_keys=True).encode()
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -88,18 +91,28 @@ class Engine:
             header = json.loads(data[16:16 + n])
         except ValueError as e:
             raise EngineLoadError(f"{source}: corrupt engine header") from e
-        if header.get("format") != ENGINE_FORMAT:
-            raise EngineLoadError(f"{source}: engine format {header.get('format')} != {ENGINE_FORMAT}")
+        if not isinstance(header, dict) or header.get("format") != ENGINE_FORMAT:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise EngineLoadError(f"{source}: engine format {found} != {ENGINE_FORMAT}; build and save it again")
+        if header.pop("header_sha256", None) != _header_sha256(header):
+            raise EngineLoadError(f"{source}: checksum mismatch in the header (corrupt file)")
         off = 16 + n
         blobs = {}
-        for name in ("plan", "onnx"):
-            info = header["blobs"][name]
-            blob = data[off:off + info["size"]]
-            off += info["size"]
-            if len(blob) != info["size"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
-                raise EngineLoadError(f"{source}: checksum mismatch in the {name!r} blob (corrupt file)")
-            blobs[name] = blob
-        return cls(header["backend"], blobs["plan"] or None, blobs["onnx"], header["meta"])
+        try:
+            for name in ("plan", "onnx"):
+                info = header["blobs"][name]
+                blob = data[off:off + info["size"]]
+                off += info["size"]
+                if len(blob) != info["size"] or hashlib.sha256(blob).hexdigest() != info["sha256"]:
+                    raise EngineLoadError(f"{source}: checksum mismatch in the {name!r} blob (corrupt file)")
+                blobs[name] = blob
+            return cls(header["backend"], blobs["plan"] or None, blobs["onnx"], header["meta"])
+        except (KeyError, TypeError, ValueError) as e:  # a header that checks out but lacks a field
+            raise EngineLoadError(f"{source}: malformed engine header ({type(e).__name__}: {e})") from e
+
+
+def _header_sha256(header: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
 
 
 def build_engine(

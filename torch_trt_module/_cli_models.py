@@ -20,7 +20,7 @@ import torch
 from ._errors import BackendUnavailable, TorchTRTError
 
 __all__ = ["BACKENDS", "Candidate", "ModelSource", "Timing", "UsageError", "example_inputs", "exported_from_onnx",
-           "load_model", "make_candidates", "measure", "parse_dtypes", "parse_shapes"]
+           "load_model", "make_candidates", "measure", "parse_dtypes", "parse_shapes", "time_candidates"]
 
 Shape = tuple[int, ...]
 Profile = tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -232,6 +232,56 @@ def dynamic_of(plan: Sequence[tuple[str, torch.dtype, Profile]]) -> dict[str, di
     return dyn or None
 
 
+# --------------------------------------------------------------------------- steps shared by the commands
+
+def device_of(args: Any) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load(args: Any, batches: Sequence[int] = ()) -> tuple[ModelSource, list[tuple[str, torch.dtype, Profile]], Any]:
+    """(source, input plan, exported model): an ONNX file is "exported" here; a factory's is None
+    (it is exported later, by the command). ``batches`` widen dim 0 of every profile."""
+    torch.manual_seed(args.seed)
+    source = load_model(args.model)
+    plan = input_plan(source, parse_shapes(args.shapes), parse_dtypes(args.dtype))
+    plan = [(n, dt, with_batch(p, batches)) for n, dt, p in plan]
+    exported = None
+    if source.onnx_path is not None:
+        exported = exported_from_onnx(source.onnx_path, {n: p for n, _, p in plan})
+        if args.precision not in (None, exported.precision):
+            raise UsageError(f"{args.model} is a {exported.precision} graph; its precision comes from its dtypes, "
+                             f"so --precision {args.precision} cannot apply (export it in that precision)")
+    return source, plan, exported
+
+
+def export(source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], args: Any, verify: bool = True) -> Any:
+    from ._export import export_onnx
+
+    return export_onnx(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
+                       precision=args.precision or "fp32", verify=verify)
+
+
+def build(args: Any, source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], exported: Any) -> Any:
+    """The engine ``build`` and ``export-triton`` make: --backend, --target, --workspace, --opt-level."""
+    from ._build import build_engine
+    from ._cache import parse_size
+
+    backend, targets = args.backend, args.target
+    if targets and backend == "auto":
+        backend = "tensorrt_rtx"  # targets only mean something to RTX's ahead-of-time build
+    if targets and backend != "tensorrt_rtx":
+        raise UsageError(f"--target needs --backend tensorrt_rtx; {backend} builds for the GPU it runs on")
+    try:
+        workspace = parse_size(args.workspace) if args.workspace else None
+    except ValueError as e:
+        raise UsageError(f"--workspace: {e}") from None
+    if exported is None:
+        exported = export(source, plan, args, verify=not getattr(args, "no_verify", False))
+    return build_engine(exported, backend=backend, targets=targets.split(",") if targets else None,
+                        device=device_of(args), workspace=workspace, optimization_level=args.opt_level,
+                        progress=False if args.no_progress else None)
+
+
 # --------------------------------------------------------------------------- ONNX files
 
 def onnx_io(path: str | None, data: bytes | None = None) -> tuple[list[tuple[str, torch.dtype, tuple[Any, ...]]],
@@ -254,7 +304,7 @@ def onnx_io(path: str | None, data: bytes | None = None) -> tuple[list[tuple[str
                 continue
             elem = v.type.tensor_type.elem_type
             if elem not in ONNX_ELEM_TYPES:
-                raise UsageError(f"{path}: tensor {v.name!r} has ONNX element type {elem}, which engines do not support")
+                raise UsageError(f"{path}: tensor {v.name!r} has ONNX element type {elem}, which engines cannot take")
             dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
                          for d in v.type.tensor_type.shape.dim)
             rows.append((v.name, dtype_from_name(ONNX_ELEM_TYPES[elem]), dims))
@@ -272,8 +322,9 @@ def _onnx_profiles(graph: Mapping[str, tuple[torch.dtype, tuple[Any, ...]]], sha
     for name, (_, dims) in graph.items():
         if name not in shapes:
             if not all(isinstance(d, int) for d in dims):
+                like = "x".join(str(d) if isinstance(d, int) else "N" for d in dims)
                 raise UsageError(f"{spec}: input {name!r} has dynamic dims {dims}; give its range with --shapes "
-                                 f"{name}:MIN,OPT,MAX (each like {'x'.join(str(d) if isinstance(d, int) else 'N' for d in dims)})")
+                                 f"{name}:MIN,OPT,MAX (each like {like})")
             out.append((dims, dims, dims))
             continue
         profile = shapes[name]
@@ -312,6 +363,106 @@ def exported_from_onnx(path: str, shapes: Mapping[str | None, Profile]) -> Any:
         user_input_dtypes=tuple(s.dtype for s in inputs), user_output_dtypes=tuple(s.dtype for s in outputs))
 
 
+# --------------------------------------------------------------------------- engine files and reports
+
+def read_engine(path: str) -> tuple[Any, str]:
+    """An :class:`~torch_trt_module.Engine` from an engine file or a saved TRTModule, and which it was."""
+    import json
+
+    from ._build import Engine
+    from ._module import _from_u8
+
+    with open(path, "rb") as f:
+        if f.read(8) == b"TTMENG01":
+            return Engine.load(path), "engine file"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception:  # noqa: BLE001 - anything unreadable is answered below
+        state = None
+    for key, value in (state.items() if isinstance(state, dict) else ()):
+        if key.endswith("_extra_state") and isinstance(value, dict) and "plan" in value:
+            plan = _from_u8(value["plan"])
+            return Engine(value["backend"], plan or None, _from_u8(value["onnx"]), json.loads(value["meta"])), \
+                "saved TRTModule"
+    raise UsageError(f"{path} is not an engine file, a saved TRTModule or an .onnx file")
+
+
+def layer_info(engine: Any) -> tuple[list[str], str | None]:
+    """TensorRT's per-layer information (it needs a deserialized engine, so a GPU runtime), or why none."""
+    from ._module import _can_run
+    from .backends import select_backend
+
+    if engine.plan is None:
+        return [], "none: ONNX Runtime runs the graph's ops"
+    if not _can_run(engine, "cuda"):
+        try:
+            select_backend(engine.backend, "cuda")
+            why = "the engine was built for another GPU"
+        except TorchTRTError as e:
+            why = str(e).split(". ")[0]
+        return [], f"layer information needs a GPU runtime ({why})"
+    from .backends._tensorrt import deserialize, import_tensorrt
+
+    trt = import_tensorrt(engine.backend)[1]
+    inspector = deserialize(engine.plan, backend=engine.backend).create_engine_inspector()
+    info = inspector.get_engine_information(trt.LayerInformationFormat.ONELINE)
+    return [ln for ln in str(info).splitlines() if ln.strip()], None
+
+
+def op_summary(onnx_bytes: bytes) -> str:
+    import collections
+
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    count = collections.Counter(n.op_type for n in graph.node)
+    return f"{len(graph.node)} nodes: " + ", ".join(f"{op} {n}" for op, n in count.most_common())
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**17 else f"{n / 1024:.1f} KiB"
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
+    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def io_tables(model_meta: Mapping[str, Any]) -> list[str]:
+    def shape(v: Any) -> Any:
+        return "-" if v is None else tuple(v)
+
+    ins = [[s["name"], s["dtype"], tuple(s["dims"]), shape(s.get("min")), shape(s.get("opt")), shape(s.get("max"))]
+           for s in model_meta.get("inputs", [])]
+    outs = [[s["name"], s["dtype"], tuple(s["dims"])] for s in model_meta.get("outputs", [])]
+    return ["inputs", text_table(["name", "dtype", "dims", "min", "opt", "max"], ins),
+            "outputs", text_table(["name", "dtype", "dims"], outs)]
+
+
+def built_for(meta: Mapping[str, Any]) -> str:
+    if meta.get("targets"):
+        return "targets " + ", ".join(meta["targets"])
+    if meta.get("gpu"):
+        return f"GPU {meta['gpu']['name']} (compute capability {meta['gpu']['compute_capability']})"
+    return "RTX's default targets" if meta.get("backend") == "tensorrt_rtx" else "ONNX Runtime (any machine)"
+
+
+def describe(meta: Mapping[str, Any], plan_size: int, onnx_size: int) -> list[str]:
+    """Lines describing an engine's metadata (build, inspect and ``cache info`` print these)."""
+    import json
+
+    model = meta.get("model") or {}
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta["created"])) if "created" in meta else "?"
+    return [f"  backend    {meta.get('backend', '?')} {meta.get('backend_version', '')} for {built_for(meta)}",
+            f"  precision  {model.get('precision', '?')}, exporter {model.get('exporter', '?')}, "
+            f"torch {meta.get('torch_version', '?')}",
+            f"  size       engine {mib(plan_size)}, ONNX graph {mib(onnx_size)}",
+            f"  created    {created}; export {meta.get('export_time_s', 0):.2f} s, "
+            f"build {meta.get('build_time_s', 0):.2f} s",
+            f"  settings   {json.dumps(meta.get('settings', {}), sort_keys=True)}", *io_tables(model)]
+
+
 # --------------------------------------------------------------------------- latency
 
 @dataclass(frozen=True)
@@ -337,43 +488,68 @@ def _pct(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def measure(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50, max_seconds: float | None = None,
-            min_iters: int = 5, cuda: torch.device | None = None) -> Timing:
-    """Call ``fn`` ``warmup`` times (at least once: the first call is timed alone), then time up to ``iters`` calls (fewer once ``max_seconds``
-    have passed and ``min_iters`` are done). ``cuda``: time with CUDA events on that device's
-    current stream (GPU time between the call's start and end); else ``time.perf_counter``.
+def _timed(fn: Callable[[], Any], cuda: torch.device | None) -> float:
+    if cuda is None:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    fn()
+    t1.record()
+    t1.synchronize()
+    return float(t0.elapsed_time(t1))
+
+
+def measure(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 5, iters: int = 50,
+            max_seconds: float | None = None, min_iters: int = 5,
+            cuda: Mapping[str, torch.device | None] | None = None) -> dict[str, Timing | str]:
+    """Time several callables side by side, in rounds, so background load hits them alike.
+
+    Each callable: its first call timed alone (torch.compile compiles there), ``warmup - 1``
+    more calls, then up to 5 rounds in turn; a round is one untimed call (other backends'
+    thread pools settle) and a block of timed calls, until ``iters`` are timed, or until
+    ``max_seconds`` per callable have passed and ``min_iters`` are done. ``cuda[name]``:
+    time that callable with CUDA events on its device's current stream, else perf_counter.
+    A callable that raises gets its error message instead of a :class:`Timing`.
 
     Example:
-        >>> measure(lambda: sum(range(100)), warmup=1, iters=10).iters
+        >>> measure({"sum": lambda: sum(range(100))}, warmup=1, iters=10)["sum"].iters
         10
     """
-    t = time.perf_counter()
-    fn()
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)
-    first_ms = (time.perf_counter() - t) * 1e3
-    for _ in range(warmup - 1):
-        fn()
-    if cuda is not None:
-        torch.cuda.synchronize(cuda)
-    times: list[float] = []
+    cuda = cuda or {}
+    out: dict[str, Timing | str] = {}
+    times: dict[str, list[float]] = {}
+    first: dict[str, float] = {}
+    for name, fn in fns.items():
+        try:
+            first[name] = _timed(fn, cuda.get(name))
+            for _ in range(warmup - 1):
+                fn()
+            times[name] = []
+        except Exception as e:  # noqa: BLE001 - reported in its row
+            out[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    rounds = max(1, min(5, iters // 4))
+    per_round = -(-iters // rounds)
     start = time.perf_counter()
-    for _ in range(iters):
-        if cuda is not None:
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            fn()
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        if max_seconds is not None and len(times) >= min_iters and time.perf_counter() - start > max_seconds:
+    budget = None if max_seconds is None else max_seconds * max(len(times), 1)
+    while times and any(len(v) < iters for v in times.values()):
+        for name in list(times):
+            try:
+                fns[name]()
+                for _ in range(min(per_round, iters - len(times[name]))):
+                    times[name].append(_timed(fns[name], cuda.get(name)))
+            except Exception as e:  # noqa: BLE001
+                out[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                del times[name]
+        if budget is not None and time.perf_counter() - start > budget and \
+                all(len(v) >= min(min_iters, iters) for v in times.values()):
             break
-    return Timing(_pct(times, 50), _pct(times, 90), _pct(times, 99), sum(times) / len(times), min(times),
-                  len(times), max(warmup, 1), "cuda-events" if cuda is not None else "perf_counter", first_ms)
+    for name, ts in times.items():
+        out[name] = Timing(_pct(ts, 50), _pct(ts, 90), _pct(ts, 99), sum(ts) / len(ts), min(ts), len(ts),
+                           max(warmup, 1), "cuda-events" if cuda.get(name) is not None else "perf_counter",
+                           first[name])
+    return {name: out[name] for name in fns}
 
 
 #: Every backend ``bench`` knows, in table order.
@@ -392,16 +568,18 @@ class Candidate:
 
 
 def make_candidates(backends: Sequence[str], *, model: torch.nn.Module | None, exported: Any,
-                    device: torch.device, export_error: str | None = None) -> list[Candidate]:
+                    device: torch.device, export_error: str | None = None,
+                    ort_threads: int | None = None) -> list[Candidate]:
     """Set up each backend for timing; one that cannot run gets a reason instead of a callable.
-    ``exported`` (the ONNX graph) may be None if the export failed (``export_error`` says why)."""
+    ``exported`` (the ONNX graph) may be None if the export failed (``export_error`` says why).
+    ``ort_threads`` sets ONNX Runtime's intra-op threads (raw and TRTModule) instead of its default."""
     out = []
     for name in backends:
         if exported is None and name not in ("eager", "torch.compile"):
             out.append(Candidate(name, device, reason=f"no ONNX graph: the export failed ({export_error})"))
             continue
         try:
-            out.append(_candidate(name, model, exported, device))
+            out.append(_candidate(name, model, exported, device, ort_threads))
         except (BackendUnavailable, NotRunnable) as e:
             out.append(Candidate(name, device, reason=f"not runnable on this machine: {e}"))
         except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' rows
@@ -413,7 +591,8 @@ class NotRunnable(Exception):
     pass
 
 
-def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: torch.device) -> Candidate:
+def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: torch.device,
+               ort_threads: int | None) -> Candidate:
     from .backends import select_backend
 
     if name in ("eager", "torch.compile"):
@@ -424,7 +603,7 @@ def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: 
         fn = torch.compile(m, dynamic=False) if name == "torch.compile" else m
         return Candidate(name, device, lambda kw: fn(**kw))
     if name in ("onnxruntime", "onnxruntime-cuda"):
-        return _ort_candidate(name, exported, torch.device("cuda" if name.endswith("cuda") else "cpu"))
+        return _ort_candidate(name, exported, torch.device("cuda" if name.endswith("cuda") else "cpu"), ort_threads)
     if name.startswith("trtmodule-"):
         from ._build import build_engine
         from ._module import TRTModule
@@ -435,6 +614,11 @@ def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: 
         module = TRTModule(build_engine(exported, backend=backend, device=run_dev, progress=False), device=run_dev)
         if module.backend != backend:
             raise NotRunnable(f"the {backend} engine falls back to {module.backend} here")
+        if ort_threads and backend == "onnxruntime":  # TRTModule has no option for it: swap in a runner
+            from .backends._onnxruntime import OnnxRuntimeRunner
+
+            ex = module.engine.exported
+            module._runner = OnnxRuntimeRunner(module.engine.onnx, ex.inputs, ex.outputs, run_dev, threads=ort_threads)
         return Candidate(name, run_dev, lambda kw: module(**kw))
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
@@ -446,7 +630,7 @@ def _ort_device(device: torch.device) -> torch.device:
     return device if device.type == "cuda" and cuda_ep else torch.device("cpu")
 
 
-def _ort_candidate(name: str, exported: Any, device: torch.device) -> Candidate:
+def _ort_candidate(name: str, exported: Any, device: torch.device, threads: int | None) -> Candidate:
     import numpy as np
     import onnxruntime as ort
 
@@ -458,7 +642,7 @@ def _ort_candidate(name: str, exported: Any, device: torch.device) -> Candidate:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise NotRunnable("onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu)")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(exported.onnx, _session_options(), providers=providers)
+    sess = ort.InferenceSession(exported.onnx, _session_options(threads), providers=providers)
     ins = [i.name for i in sess.get_inputs()]
     outs = [o.name for o in sess.get_outputs()]
     np_types = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
@@ -476,6 +660,17 @@ def _ort_candidate(name: str, exported: Any, device: torch.device) -> Candidate:
         return binding.get_outputs()
 
     return Candidate(name, device, call)
+
+
+def time_candidates(cands: Sequence[Candidate], inputs: Mapping[str, torch.Tensor], **options: Any
+                    ) -> dict[str, Timing | str]:
+    """:func:`measure` every runnable candidate on ``inputs`` (moved to its device), under inference mode."""
+    runnable = [c for c in cands if c.call is not None]
+    kws = {c.name: {k: v.to(c.device) for k, v in inputs.items()} for c in runnable}
+    fns = {c.name: (lambda c=c: c.call(kws[c.name])) for c in runnable}  # type: ignore[misc]
+    with torch.inference_mode():
+        return measure(fns, cuda={c.name: c.device if c.device.type == "cuda" else None for c in runnable},
+                       **options)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

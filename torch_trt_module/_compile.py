@@ -63,7 +63,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
                          "first (dropout and batch-norm statistics differ between the modes)")
     device = _device_for(model, settings)
     choice = select_backend(settings.backend, device)
-    module = TRTModule(cast_inputs=settings.cast_inputs, allow_host_code=settings.allow_host_code)
+    module = TRTModule(cast_inputs=settings.cast_inputs, allow_host_code=settings.allow_host_code,
+                       cuda_graphs=settings.cuda_graphs)
     module._lazy_device = device
     module._max_rebuilds = settings.max_rebuilds
     state = {"settings": settings}

@@ -10,7 +10,6 @@ data-dependent values promoted to errors for the same reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import re
@@ -110,6 +109,7 @@ def export_onnx(
     opset: int | None = None,
     max_batch: int | None = None,
     verify: bool = True,
+    keep_fp32: bool = True,
 ) -> ExportedModel:
     """Export ``model`` to ONNX with dynamic axes and check it against eager.
 
@@ -119,7 +119,7 @@ def export_onnx(
         (['input'], '(1..32, 4)')
     """
     settings = Settings.from_options(dynamic=dynamic, precision=precision, exporter=exporter,
-                                     opset=opset, max_batch=max_batch, verify=verify)
+                                     opset=opset, max_batch=max_batch, verify=verify, keep_fp32=keep_fp32)
     args, kwargs = split_inputs(example_inputs)
     return export_with_settings(model, args, kwargs, settings)
 
@@ -236,7 +236,9 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     if target != torch.float32:
         # Strongly typed backends take precision from the graph itself, so the graph is
         # exported in that dtype; the user's model is left untouched.
-        work_model = copy.deepcopy(model).to(target)
+        from ._precision import convert_model
+
+        work_model = convert_model(model, settings.precision, keep_fp32=settings.keep_fp32)
         work_leaves = [t.to(target) if t.is_floating_point() else t for t in leaves]
 
     with torch.inference_mode():
@@ -469,7 +471,8 @@ def _verify_with_onnxruntime(exported: ExportedModel, leaves: list[torch.Tensor]
         with torch.inference_mode():
             eager_out, _ = flatten(cast_model(*args, **kwargs), what="output", allow_const=False)
     try:
-        got = run_onnx_cpu(exported.onnx, exported.input_names, exported.output_names, leaves)
+        got = run_onnx_cpu(exported.onnx, exported.input_names, exported.output_names, leaves,
+                           half=exported.precision != "fp32")
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"ONNX Runtime could not run the exported graph: {e}") from e
     rtol, atol = default_tolerances(settings)

@@ -9,7 +9,8 @@ model computes:
 - the code: for classes from an installed distribution (torch, torchvision,
   transformers, ...) the distribution's name and version; for any other class
   the whole source file it is defined in, so a change to a helper function next
-  to the class also misses;
+  to the class also misses, and the source files of the code under development
+  that file imports (transitively), so a helper in another file misses too;
 - plain attributes of every submodule (``stride``, ``eps``, a ``scale`` float, ...)
   and its hooks, which change the computation without being tensors.
 
@@ -23,8 +24,10 @@ import hashlib
 import inspect
 import os
 import sys
+import sysconfig
+import types
 from functools import lru_cache
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -103,11 +106,63 @@ def _code_id(obj: Any) -> str:
         path = None
     if path and os.path.exists(path):
         st = os.stat(path)
-        return f"file:{_file_sha(path, st.st_mtime_ns, st.st_size)}:{getattr(obj, '__qualname__', '?')}"
+        return (f"file:{_file_sha(path, st.st_mtime_ns, st.st_size)}:{_imports_id(module)}:"
+                f"{getattr(obj, '__qualname__', '?')}")
     code = getattr(obj, "__code__", None) or getattr(getattr(obj, "forward", None), "__code__", None)
     if code is not None:
         return "bytecode:" + hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()
     return f"unknown:{type(obj).__qualname__}"
+
+
+def _imports_id(module: Any) -> str:
+    """The code ``module`` reaches through its globals (``import helpers``, ``from helpers import act``),
+    transitively: source files of code under development by content, installed distributions by
+    version, the standard library not at all. A helper that forward calls can live in another file."""
+    if not isinstance(module, types.ModuleType):
+        return ""
+    h = hashlib.sha256()
+    seen = {module.__name__}
+    todo = [module]
+    while todo:
+        scanned = todo.pop()
+        # A package gains its submodules as attributes whenever anyone imports them, so they are
+        # skipped there (the result must not change with what was imported since); its functions
+        # and classes are followed like any module's.
+        is_package = hasattr(scanned, "__path__")
+        for value in list(vars(scanned).values()):
+            if isinstance(value, types.ModuleType):
+                if is_package:
+                    continue
+                target = value
+            else:
+                name = getattr(value, "__module__", None) if callable(value) else None
+                target = sys.modules.get(name) if isinstance(name, str) else None
+            if target is None or target.__name__ in seen:
+                continue
+            seen.add(target.__name__)
+            version = _dist_version(target.__name__.split(".")[0])
+            if version is not None:
+                h.update(f"\0dist {version}".encode())
+                continue
+            path = getattr(target, "__file__", None)
+            if not isinstance(path, str) or not path.endswith(".py") or _in_stdlib(path) or not os.path.exists(path):
+                continue
+            st = os.stat(path)
+            h.update(f"\0file {target.__name__} {_file_sha(path, st.st_mtime_ns, st.st_size)}".encode())
+            todo.append(target)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1024)
+def _in_stdlib(path: str) -> bool:
+    real = os.path.realpath(path)
+    return any(real.startswith(os.path.realpath(p) + os.sep) for p in _stdlib_dirs())
+
+
+@lru_cache(maxsize=None)
+def _stdlib_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    return tuple({paths["stdlib"], paths["platstdlib"]})
 
 
 @lru_cache(maxsize=None)
@@ -118,14 +173,27 @@ def _dist_version(top: str) -> str | None:
     path = getattr(mod, "__file__", None) or ""
     if "site-packages" not in path and "dist-packages" not in path:
         return None  # code under development: hash its source instead
-    try:
-        from importlib.metadata import packages_distributions, version
+    from importlib.metadata import version
 
-        dists = packages_distributions().get(top) or [top]
+    try:  # the usual case, the import name is the distribution's: one lookup on the path
+        return f"{top}-{version(top)}"
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or broken metadata
+        pass
+    try:
+        dists = _packages_distributions().get(top) or [top]
         return f"{dists[0]}-{version(dists[0])}"
     except Exception:  # noqa: BLE001
         v = getattr(mod, "__version__", None)
         return str(v) if v else None
+
+
+@lru_cache(maxsize=None)
+def _packages_distributions() -> Mapping[str, list[str]]:
+    # Reads the metadata of every installed distribution (0.1-1 s): once per process, and only
+    # for a module whose import name is not its distribution's (yaml -> PyYAML).
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
 
 
 @lru_cache(maxsize=256)

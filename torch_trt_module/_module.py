@@ -4,6 +4,7 @@ exercises for real all the logic the TensorRT path relies on."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -21,7 +22,7 @@ from .backends import gpu_identity, rtx_runs_on
 __all__ = ["TRTModule", "load", "save"]
 
 log = logging.getLogger(__name__)
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 2: the state carries a sha256 of its parts
 _announced: set[str] = set()
 
 
@@ -37,9 +38,10 @@ class TRTModule(torch.nn.Module):
     """
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
-                 cast_inputs: bool = False, allow_host_code: bool = False) -> None:
+                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False) -> None:
         super().__init__()
         self.cast_inputs = cast_inputs
+        self.cuda_graphs = cuda_graphs
         self.allow_host_code = allow_host_code
         self.engine: Engine | None = None
         self._runner: Any = None
@@ -69,6 +71,10 @@ class TRTModule(torch.nn.Module):
             trt_engine = deserialize(engine.plan, backend=engine.backend, allow_host_code=self.allow_host_code)
             runner = TensorRTRunner(trt_engine, exported.inputs, exported.outputs, dev,
                                     trt=import_tensorrt(engine.backend)[1], backend=engine.backend)
+            if self.cuda_graphs:
+                from .backends._cudagraphs import CudaGraphRunner
+
+                runner = CudaGraphRunner(runner, device=dev)
         if runner is None:
             from .backends._onnxruntime import OnnxRuntimeRunner
 
@@ -78,7 +84,11 @@ class TRTModule(torch.nn.Module):
                     _announced.add(reason)
                     # compile() has already warned once about the backend choice; this is the detail.
                     log.info("%s; it is kept (cache, state_dict), and this module runs on ONNX Runtime", reason)
-            runner = OnnxRuntimeRunner(engine.onnx, exported.inputs, exported.outputs, dev)
+            if self.cuda_graphs and "cuda-graphs" not in _announced:
+                _announced.add("cuda-graphs")
+                log.warning("cuda_graphs=True applies to TensorRT runtimes only; this module runs on ONNX Runtime")
+            runner = OnnxRuntimeRunner(engine.onnx, exported.inputs, exported.outputs, dev,
+                                       half=exported.precision != "fp32")
         self.engine = engine
         self._exported = exported
         self._runner = runner
@@ -216,7 +226,7 @@ class TRTModule(torch.nn.Module):
 
         ex = self._require()
         if self._reference is None:
-            self._reference = OnnxRuntimeRunner(ex.onnx, ex.inputs, ex.outputs, "cpu")
+            self._reference = OnnxRuntimeRunner(ex.onnx, ex.inputs, ex.outputs, "cpu", half=ex.precision != "fp32")
         leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
         inputs = [t.detach().cpu().to(s.torch_dtype).contiguous() for s, t in zip(ex.inputs, leaves)]
         outs = self._reference.run(inputs)
@@ -247,14 +257,24 @@ class TRTModule(torch.nn.Module):
         if self.engine is None:
             raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
         e = self.engine
-        return {"format": _STATE_FORMAT, "backend": e.backend, "meta": json.dumps(e.meta),
-                "plan": _to_u8(e.plan or b""), "onnx": _to_u8(e.onnx)}
+        meta = json.dumps(e.meta)
+        return {"format": _STATE_FORMAT, "backend": e.backend, "meta": meta, "plan": _to_u8(e.plan or b""),
+                "onnx": _to_u8(e.onnx), "sha256": _state_digest(e.backend, meta, e.plan or b"", e.onnx)}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
-            raise EngineLoadError(f"not a TRTModule state (format {state.get('format') if isinstance(state, dict) else '?'})")
-        plan = _from_u8(state["plan"])
-        engine = Engine(state["backend"], plan or None, _from_u8(state["onnx"]), json.loads(state["meta"]))
+            found = state.get("format") if isinstance(state, dict) else "?"
+            raise EngineLoadError(f"not a TRTModule state of format {_STATE_FORMAT} (format {found}); "
+                                  "save the module again with this version")
+        try:
+            plan, onnx, meta = _from_u8(state["plan"]), _from_u8(state["onnx"]), state["meta"]
+            if state["sha256"] != _state_digest(state["backend"], meta, plan, onnx):
+                raise EngineLoadError("the saved module's checksum does not match its contents (corrupt file); "
+                                      "save it again")
+            engine = Engine(state["backend"], plan or None, onnx, json.loads(meta))
+            engine.exported  # parses the metadata: a malformed state fails here, not in forward
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EngineLoadError(f"malformed TRTModule state ({type(e).__name__}: {e})") from e
         self._load(engine, None)
 
 
@@ -304,7 +324,8 @@ def _match(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:
                     parts.append(f"missing {what}(s) {missing}")
                 if extra:
                     parts.append(f"unexpected {what}(s) {extra} (not given at compile time, so not engine inputs)")
-                raise InputError(f"{where}: " + "; ".join(parts) + f"; the module was compiled with {s.keys}")
+                raise InputError(f"{where}: " + "; ".join(parts) + f"; the module was compiled with {s.keys}: "
+                                 f"pass exactly those {what}s")
             for k, c in zip(s.keys, s.children):
                 rec(c, o[k], f"{p}[{k!r}]" if p else repr(k))
         else:
@@ -337,6 +358,13 @@ def _can_run(engine: Engine, device: str | torch.device) -> bool:
     return gpu_identity(dev) == engine.meta.get("gpu")
 
 
+def _state_digest(backend: str, meta: str, plan: bytes, onnx: bytes) -> str:
+    h = hashlib.sha256()
+    for part in (backend.encode(), meta.encode(), plan, onnx):
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
 def _to_u8(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
 
@@ -356,9 +384,18 @@ def save(module: TRTModule, path: Any) -> None:
 
 def load(path: Any, *, device: str | torch.device | None = None) -> TRTModule:
     """Load a module saved by :func:`save`, with ``torch.load(..., weights_only=True)``."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # a corrupt archive, or a pickle holding more than tensors and plain data
+        raise EngineLoadError(f"{path} is not a module saved by torch_trt_module.save, or it is corrupt "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
     module = TRTModule()
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # other keys: not a saved TRTModule (EngineLoadError passes through)
+        raise EngineLoadError(f"{path} does not hold a saved TRTModule: {e}") from e
     if device is not None:
         module.to(device)
     return module

@@ -67,6 +67,7 @@ class Settings:
     workspace: int | None = _engine(None)
     optimization_level: int | None = _engine(None)
     tf32: bool = _engine(True)
+    keep_fp32: bool = _engine(True)  # fp16/bf16: norms, softmax, reductions stay fp32 (autocast style)
 
     # --- fields that only change how the engine is used ---
     backend: str = _runtime("auto")  # the resolved backend and its version enter the key instead

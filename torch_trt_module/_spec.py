@@ -165,7 +165,7 @@ class TreeSpec:
     def from_json(cls, d: dict[str, Any]) -> "TreeSpec":
         name = d.get("cls")
         return cls(d["kind"], [cls.from_json(c) for c in d.get("children", [])], d.get("keys", []),
-                   cls=_resolve_loaded_class(name), cls_name=name, value=d.get("value"))
+                   cls=_resolve_loaded_class(name, d["kind"]), cls_name=name, value=d.get("value"))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TreeSpec) and self.to_json() == other.to_json()
@@ -178,14 +178,21 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _resolve_loaded_class(name: str | None) -> type | None:
-    if not name:
+_CONTAINER_BASES: dict[str, type] = {"dict": dict, "tuple": tuple, "list": list}
+
+
+def _resolve_loaded_class(name: str | None, kind: str) -> type | None:
+    # Only a container class of the recorded kind (a namedtuple, an OrderedDict or ModelOutput
+    # subclass, ...): unflatten calls it with values from metadata, which may come from disk, so an
+    # arbitrary class (subprocess.Popen with args= and shell= keys) would run code.
+    base = _CONTAINER_BASES.get(kind)
+    if not name or base is None:
         return None
     mod_name, _, qual = name.partition(":")
     obj: Any = sys.modules.get(mod_name)  # never import: see TreeSpec's docstring
     for part in qual.split("."):
         obj = getattr(obj, part, None)
-    return obj if isinstance(obj, type) else None
+    return obj if isinstance(obj, type) and issubclass(obj, base) else None
 
 
 def _is_namedtuple(obj: Any) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -107,214 +108,53 @@ def _parser() -> _Parser:
     return p
 
 
-# --------------------------------------------------------------------------- shared steps
-
-def _device(args: argparse.Namespace) -> Any:
-    import torch
-
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _load(args: argparse.Namespace, batches: Sequence[int] = ()) -> tuple[Any, list[Any], Any]:
-    """(source, input plan, exported model or None): a factory is exported later, by compile()."""
-    import torch
-
-    from ._cli_models import input_plan, load_model, parse_dtypes, parse_shapes, with_batch
-
-    torch.manual_seed(args.seed)
-    source = load_model(args.model)
-    shapes = parse_shapes(args.shapes)
-    plan = input_plan(source, shapes, parse_dtypes(args.dtype))
-    plan = [(n, dt, with_batch(p, batches)) for n, dt, p in plan]
-    exported = None
-    if source.onnx_path is not None:
-        from ._cli_models import exported_from_onnx
-
-        exported = exported_from_onnx(source.onnx_path, {n: p for n, _, p in plan})
-        if args.precision not in (None, exported.precision):
-            raise _usage(f"{args.model} is a {exported.precision} graph; its precision comes from its dtypes, "
-                         f"so --precision {args.precision} cannot apply (export it in that precision)")
-    return source, plan, exported
-
-
 def _usage(msg: str) -> Exception:
     from ._cli_models import UsageError
 
     return UsageError(msg)
 
 
-def _export(source: Any, plan: list[Any], args: argparse.Namespace, verify: bool = True) -> Any:
-    from ._cli_models import dynamic_of, example_inputs
-    from ._export import export_onnx
-
-    return export_onnx(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
-                       precision=args.precision or "fp32", verify=verify)
-
-
-def _build(args: argparse.Namespace, source: Any, plan: list[Any], exported: Any) -> Any:
-    from ._build import build_engine
-    from ._cache import parse_size
-
-    backend, targets = args.backend, args.target
-    if targets and backend == "auto":
-        backend = "tensorrt_rtx"  # targets only mean something to RTX's ahead-of-time build
-    if targets and backend != "tensorrt_rtx":
-        raise _usage(f"--target needs --backend tensorrt_rtx; {backend} builds for the GPU it runs on")
-    try:
-        workspace = parse_size(args.workspace) if args.workspace else None
-    except ValueError as e:
-        raise _usage(f"--workspace: {e}") from None
-    if exported is None:
-        exported = _export(source, plan, args, verify=not getattr(args, "no_verify", False))
-    return build_engine(exported, backend=backend, targets=targets.split(",") if targets else None,
-                        device=_device(args), workspace=workspace, optimization_level=args.opt_level,
-                        progress=False if args.no_progress else None)
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**17 else f"{n / 1024:.1f} KiB"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> str:
-    cells = [list(map(str, headers))] + [list(map(str, r)) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def _io_rows(specs: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    shape = lambda v: "-" if v is None else tuple(v)  # noqa: E731
-    return [[s["name"], s["dtype"], tuple(s["dims"]), shape(s.get("min")), shape(s.get("opt")), shape(s.get("max"))]
-            for s in specs]
-
-
-def _where(meta: dict[str, Any]) -> str:
-    if meta.get("targets"):
-        return "targets " + ", ".join(meta["targets"])
-    if meta.get("gpu"):
-        return f"GPU {meta['gpu']['name']} (sm {meta['gpu']['compute_capability']})"
-    return "RTX's default targets" if meta.get("backend") == "tensorrt_rtx" else "ONNX Runtime (any machine)"
-
-
 # --------------------------------------------------------------------------- build / inspect
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from ._cli_models import build, describe, load, mib
+
     t0 = time.perf_counter()
-    source, plan, exported = _load(args)
-    engine = _build(args, source, plan, exported)
+    source, plan, exported = load(args)
+    engine = build(args, source, plan, exported)
     engine.save(args.output)
-    m = engine.meta
-    print(f"built {args.model} -> {args.output}")
-    print(f"  backend    {engine.backend} {m.get('backend_version', '')} for {_where(m)}")
-    print(f"  precision  {m['model']['precision']}, exporter {m['model']['exporter']}")
-    print(_table(["input", "dtype", "dims", "min", "opt", "max"], _io_rows(m["model"]["inputs"]), "    "))
-    print(f"  time       export {m.get('export_time_s', 0):.2f} s, build {m.get('build_time_s', 0):.2f} s, "
-          f"total {time.perf_counter() - t0:.2f} s")
-    print(f"  size       engine {_mib(len(engine.plan or b''))} + ONNX graph {_mib(len(engine.onnx))} = file "
-          f"{_mib(os.path.getsize(args.output))}")
+    print(f"built {args.model} -> {args.output} ({mib(os.path.getsize(args.output))}) in "
+          f"{time.perf_counter() - t0:.2f} s")
+    print("\n".join(describe(engine.meta, len(engine.plan or b""), len(engine.onnx))))
     return 0
 
 
-def _read_engine(path: str) -> Any:
-    from ._build import Engine
-    from ._errors import EngineLoadError
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head == b"TTMENG01":
-        return Engine.load(path), "engine file"
-    import torch
-
-    from ._module import _from_u8
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - anything unreadable is answered below
-        state = None
-    for key, value in (state.items() if isinstance(state, dict) else ()):
-        if key.endswith("_extra_state") and isinstance(value, dict) and "plan" in value:
-            plan = _from_u8(value["plan"])
-            return Engine(value["backend"], plan or None, _from_u8(value["onnx"]), json.loads(value["meta"])), \
-                "saved TRTModule"
-    raise EngineLoadError(f"{path} is not an engine file, a saved TRTModule or an .onnx file")
-
-
-def _layers(engine: Any) -> tuple[list[str], str | None]:
-    """TensorRT's per-layer information, or why there is none (it needs a deserialized engine)."""
-    from ._errors import TorchTRTError
-    from ._module import _can_run
-    from .backends import select_backend
-
-    if engine.plan is None:
-        return [], "none: ONNX Runtime runs the graph ops above"
-    if not _can_run(engine, "cuda"):
-        try:
-            select_backend(engine.backend, "cuda")
-            why = "the engine was built for another GPU"
-        except TorchTRTError as e:
-            why = str(e).split(". ")[0]
-        return [], f"layer information needs a GPU runtime ({why})"
-    from .backends._tensorrt import deserialize, import_tensorrt
-
-    trt = import_tensorrt(engine.backend)[1]
-    inspector = deserialize(engine.plan, backend=engine.backend).create_engine_inspector()
-    info = inspector.get_engine_information(trt.LayerInformationFormat.ONELINE)
-    return [ln for ln in str(info).splitlines() if ln.strip()], None
-
-
-def _ops(onnx_bytes: bytes) -> str:
-    import collections
-
-    import onnx
-
-    graph = onnx.load_from_string(onnx_bytes).graph
-    count = collections.Counter(n.op_type for n in graph.node)
-    return f"{len(graph.node)} nodes: " + ", ".join(f"{op} {n}" for op, n in count.most_common())
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from ._cli_models import describe, io_tables, layer_info, mib, onnx_io, op_summary, read_engine
+
     path = args.file
     if not os.path.isfile(path):
         raise _usage(f"{path} does not exist")
     if path.lower().endswith(".onnx"):
-        from ._cli_models import onnx_io
-
         with open(path, "rb") as f:
             data = f.read()
         ins, outs = onnx_io(path, data)
-        io = lambda rows: [{"name": n, "dtype": str(d).removeprefix("torch."), "dims": list(s)}  # noqa: E731
-                           for n, d, s in rows]
-        info = {"file": path, "kind": "onnx", "size": len(data), "inputs": io(ins), "outputs": io(outs),
-                "ops": _ops(data)}
+        io = {k: [{"name": n, "dtype": str(d).removeprefix("torch."), "dims": list(s)} for n, d, s in rows]
+              for k, rows in (("inputs", ins), ("outputs", outs))}
+        info: dict[str, Any] = {"file": path, "kind": "onnx", "size": len(data), "model": io, "ops": op_summary(data)}
+        lines, tail = [f"  size       {mib(len(data))}", *io_tables(io)], []
     else:
-        engine, kind = _read_engine(path)
-        m = engine.meta
-        layers, why = _layers(engine)
-        info = {"file": path, "kind": kind, "backend": engine.backend, "backend_version": m.get("backend_version"),
-                "built_for": _where(m), "precision": m["model"]["precision"], "exporter": m["model"]["exporter"],
-                "plan_size": len(engine.plan or b""), "onnx_size": len(engine.onnx),
-                "inputs": m["model"]["inputs"], "outputs": m["model"]["outputs"], "ops": _ops(engine.onnx),
-                "layers": layers, "layers_note": why,
-                "metadata": {k: v for k, v in m.items() if k not in ("model", "backend", "backend_version")}}
+        engine, kind = read_engine(path)
+        layers, note = layer_info(engine)
+        info = {"file": path, "kind": kind, "backend": engine.backend, "plan_size": len(engine.plan or b""),
+                "onnx_size": len(engine.onnx), "meta": engine.meta, "ops": op_summary(engine.onnx),
+                "layers": layers, "layers_note": note}
+        lines = describe(engine.meta, info["plan_size"], info["onnx_size"])
+        tail = [f"layers       {note or len(layers)}", *("  " + ln for ln in layers)]
     if args.json:
         print(json.dumps(info, indent=2, default=str))
-        return 0
-    print(f"{path}: {info['kind']}")
-    if info["kind"] == "onnx":
-        print(f"  size       {_mib(info['size'])}")
     else:
-        print(f"  backend    {info['backend']} {info['backend_version']} for {info['built_for']}")
-        print(f"  precision  {info['precision']}, exporter {info['exporter']}")
-        print(f"  size       engine {_mib(info['plan_size'])}, ONNX graph {_mib(info['onnx_size'])}")
-        for k, v in info["metadata"].items():
-            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v)) if k == "created" else v
-            print(f"  {k:<10} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
-    print("inputs\n" + _table(["name", "dtype", "dims", "min", "opt", "max"], _io_rows(info["inputs"])))
-    print("outputs\n" + _table(["name", "dtype", "dims"], [r[:3] for r in _io_rows(info["outputs"])]))
-    print(f"graph ops    {info['ops']}")
-    if info["kind"] != "onnx":
-        print(f"layers       {info['layers_note'] or len(info['layers'])}")
-        for line in info["layers"]:
-            print("  " + line)
+        print("\n".join([f"{path}: {info['kind']}", *lines, f"graph ops    {info['ops']}", *tail]))
     return 0
 
 
@@ -325,14 +165,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from . import compile as ttm_compile
     from ._build import build_engine
-    from ._cli_models import dynamic_of, example_inputs
+    from ._cli_models import device_of, dynamic_of, example_inputs, load
     from ._compare import compare_outputs
     from ._export import default_tolerances
     from ._module import TRTModule
     from ._settings import Settings
 
-    source, plan, exported = _load(args)
-    device = _device(args)
+    source, plan, exported = load(args)
+    device = device_of(args)
     if exported is None:
         compiled = ttm_compile(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
                                precision=args.precision or "fp32", backend=args.backend, cache_dir=args.cache_dir,
@@ -341,7 +181,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         from .backends import select_backend
 
-        backend = select_backend(args.backend, device, to_run=False).run
+        backend = select_backend(args.backend, device).run  # raises if a requested backend cannot run here
         compiled = TRTModule(build_engine(exported, backend=backend, device=device, progress=False), device=device)
         model = None
     precision = compiled.engine.meta["model"]["precision"]
@@ -383,43 +223,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from ._cli_models import BACKENDS, example_inputs, make_candidates, markdown_table, measure
+    from ._cli_models import (BACKENDS, Timing, device_of, example_inputs, export, load, make_candidates,
+                              markdown_table, time_candidates)
 
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
     except ValueError:
         raise _usage(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of ints") from None
-    source, plan, exported = _load(args, batches)
+    source, plan, exported = load(args, batches)
     if not batches:
         batches = sorted({p[i][0] for _, _, p in plan[:1] for i in range(3) if p[i]})
     names: list[str] = []
     for b in args.backends.split(","):
-        names += [n for n in BACKENDS if n.startswith("trtmodule-")] if b == "trtmodule" else [b]
+        names += [n for n in BACKENDS if n.startswith("trtmodule-") and n not in names] if b == "trtmodule" else [b]
     if unknown := [n for n in names if n not in BACKENDS]:
         raise _usage(f"--backends: unknown {unknown}; expected some of {', '.join(BACKENDS)} or trtmodule")
     if exported is None:
-        exported = _export(source, plan, args)
-    device = _device(args)
+        exported = export(source, plan, args)
+    device = device_of(args)
     cands = make_candidates(names, model=source.module, exported=exported, device=device)
-    rows, json_rows, eager_ms = [], [], {}
+    rows, json_rows = [], []
     for batch in batches:
-        inputs = example_inputs(plan, batch=batch)
-        for c in [c for c in cands if c.call is not None]:
-            kw = {k: v.to(c.device) for k, v in inputs.items()}
-            try:
-                with torch.inference_mode():
-                    t = measure(lambda: c.call(kw), warmup=args.warmup, iters=args.iters, max_seconds=args.max_seconds,
-                                cuda=c.device if c.device.type == "cuda" else None)
-            except Exception as e:  # noqa: BLE001 - a backend failing at one size keeps the table
-                rows.append([c.name, batch, f"failed: {type(e).__name__}: {e}".splitlines()[0], "", "", "", "", ""])
+        res = time_candidates(cands, example_inputs(plan, batch=batch), warmup=args.warmup, iters=args.iters,
+                              max_seconds=args.max_seconds)
+        eager = res.get("eager")
+        for name, t in res.items():
+            if isinstance(t, str):
+                rows.append([name, batch, f"failed: {t}", "", "", "", "", ""])
                 continue
-            eager_ms.setdefault(batch, t.median_ms if c.name == "eager" else None)
-            ratio = f"{eager_ms[batch] / t.median_ms:.2f}x" if eager_ms.get(batch) else "-"
-            rows.append([c.name, batch, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.p99_ms:.3f}",
+            ratio = f"{eager.median_ms / t.median_ms:.2f}x" if isinstance(eager, Timing) else "-"
+            rows.append([name, batch, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.p99_ms:.3f}",
                          f"{batch * 1e3 / t.median_ms:.1f}", ratio, t.iters])
-            json_rows.append({"backend": c.name, "batch": batch, "device": str(c.device), **t.__dict__})
+            json_rows.append({"backend": name, "batch": batch, **t.__dict__})
     print(markdown_table(["backend", "batch", "median ms", "p90 ms", "p99 ms", "samples/s", "vs eager", "iters"], rows))
     for c in cands:
         if c.reason:
@@ -433,50 +268,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- cache / export-triton
 
-def _entry_row(e: Any) -> list[Any]:
-    em = e.meta.get("engine_meta") or {}
-    model = em.get("model") or {}
-    ins = ", ".join(f"{s['name']} {s['dtype']} " + "x".join(
-        f"{a}..{b}" if a != b else str(a) for a, b in zip(s.get("min") or s["dims"], s.get("max") or s["dims"]))
-        for s in model.get("inputs", []))
-    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-    return [e.key[:16], _mib(e.size_bytes), used, f"{e.meta.get('backend', '?')} {em.get('backend_version', '')}",
-            model.get("precision", "?"), ins]
-
-
 def cmd_cache(args: argparse.Namespace) -> int:
     from ._cache import EngineCache, parse_size
+    from ._cli_models import describe, mib, text_table
 
     cache = EngineCache(args.cache_dir)
+    as_json = lambda e: {"key": e.key, "size": e.size_bytes, "created": e.created,  # noqa: E731
+                         "last_used": e.last_used, "meta": e.meta}
+    when = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
     if args.cache_command == "list":
         entries = cache.entries()
         if args.json:
-            print(json.dumps([{"key": e.key, "size": e.size_bytes, "created": e.created, "last_used": e.last_used,
-                               "meta": e.meta} for e in entries], indent=2, default=str))
+            print(json.dumps([as_json(e) for e in entries], indent=2, default=str))
             return 0
+        rows = []
+        for e in entries:
+            em = e.meta.get("engine_meta") or {}
+            ins = ", ".join(f"{s['name']}:" + "x".join(f"{a}..{b}" if a != b else str(a) for a, b in
+                                                      zip(s.get("min") or s["dims"], s.get("max") or s["dims"]))
+                            for s in (em.get("model") or {}).get("inputs", []))
+            rows.append([e.key[:16], mib(e.size_bytes), when(e.last_used), e.meta.get("backend", "?"),
+                         (em.get("model") or {}).get("precision", "?"), ins])
         total = sum(e.size_bytes for e in entries)
-        print(f"{cache.root}: {len(entries)} entries, {_mib(total)} of {_mib(cache.max_size)} (LRU first)")
-        if entries:
-            print(_table(["key", "size", "last used", "backend", "precision", "inputs"], [_entry_row(e) for e in entries]))
+        print(f"{cache.root}: {len(entries)} entries, {mib(total)} of {mib(cache.max_size)} "
+              "(least recently used first)")
+        if rows:
+            print(text_table(["key", "size", "last used", "backend", "precision", "inputs"], rows))
     elif args.cache_command == "info":
         try:
             e = cache.info(args.key)
         except ValueError as err:
             raise _usage(str(err)) from None
         if args.json:
-            print(json.dumps({"key": e.key, "size": e.size_bytes, "created": e.created, "last_used": e.last_used,
-                              "meta": e.meta}, indent=2, default=str))
+            print(json.dumps(as_json(e), indent=2, default=str))
             return 0
-        em = e.meta.get("engine_meta") or {}
-        row = _entry_row(e)
-        print(f"key        {e.key}\nsize       {row[1]}\nlast used  {row[2]}\nbackend    {row[3]} for {_where(em)}")
-        print(f"created    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.created))}\nprecision  {row[4]}")
-        model = em.get("model") or {}
-        print("inputs\n" + _table(["name", "dtype", "dims", "min", "opt", "max"], _io_rows(model.get("inputs", []))))
-        print("outputs\n" + _table(["name", "dtype", "dims"], [r[:3] for r in _io_rows(model.get("outputs", []))]))
-        print(f"settings   {json.dumps(em.get('settings', {}))}")
-        for name, b in e.meta.get("blobs", {}).items():
-            print(f"blob       {name}: {_mib(b['size'])}, sha256 {b['sha256'][:16]}...")
+        blobs = e.meta.get("blobs", {})
+        print(f"key        {e.key}\nsize       {mib(e.size_bytes)}, last used {when(e.last_used)}")
+        print("\n".join(describe(e.meta.get("engine_meta") or {}, blobs.get("engine", {}).get("size", 0),
+                                 blobs.get("onnx", {}).get("size", 0))))
+        for name, b in blobs.items():
+            print(f"  blob       {name}: {mib(b['size'])}, sha256 {b['sha256']}")
     elif args.cache_command == "clear":
         print(f"removed {cache.clear()} entries from {cache.root}")
     else:
@@ -485,9 +316,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise _usage(f"--max-size: {err}") from None
         evicted = cache.prune(cap)
-        print(f"evicted {len(evicted)} entries from {cache.root}; {_mib(cache.total_size())} left (cap {_mib(cap)})")
-        for key in evicted:
-            print(f"  {key[:16]}")
+        print(f"evicted {len(evicted)} entries from {cache.root}; {mib(cache.total_size())} left (cap {mib(cap)})")
+        print("".join(f"  {key}\n" for key in evicted), end="")
     return 0
 
 
@@ -502,11 +332,13 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
         print(f"{PROG} export-triton: error: this installation has no torch_trt_module.export_triton "
               f"(torch_trt_module/_triton.py missing or broken: {e})", file=sys.stderr)
         return 2
+    from ._cli_models import build, load, read_engine
+
     if os.path.isfile(args.model) and not args.model.lower().endswith(".onnx"):
-        obj = _read_engine(args.model)[0]
+        obj = read_engine(args.model)[0]
     else:
-        source, plan, exported = _load(args)
-        obj = _build(args, source, plan, exported)
+        source, plan, exported = load(args)
+        obj = build(args, source, plan, exported)
     name = args.name or os.path.splitext(os.path.basename(args.model.rpartition(":")[2]))[0]
     options: dict[str, Any] = {"dynamic_batching": not args.no_dynamic_batching, "instance_count": args.instance_count}
     if args.max_batch_size is not None:
@@ -523,7 +355,7 @@ def _logging(verbose: bool, quiet: bool) -> Iterator[None]:
     """Our loggers to stderr for the length of one command; everything is restored afterwards."""
     logger = logging.getLogger("torch_trt_module")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(levelname)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(levelname)s{' %(name)s' if verbose else ''}: %(message)s"))
     saved = (logger.level, logger.propagate, os.environ.get(VERBOSE_ENV))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
@@ -567,6 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout's reader went away (`| head`): stop quietly
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
         except Exception as e:  # noqa: BLE001 - every error becomes one line and an exit code
             from ._errors import TorchTRTError
 

@@ -57,20 +57,24 @@ def _np_dtype(t: torch.dtype) -> Any:
         ) from None
 
 
-def _session_options(threads: int | None = None) -> Any:
+def _session_options(threads: int | None = None, half: bool = False) -> Any:
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's own warnings go to stderr, outside logging; keep errors only
+    if half:
+        # ORT 1.32's CPU layout optimizer segfaults (kills the process) on some fp16 graphs,
+        # e.g. Transpose -> MatMul with a constant weight; EXTENDED skips that pass.
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         so.intra_op_num_threads = threads
     return so
 
 
 def run_onnx_cpu(onnx: bytes, input_names: Sequence[str], output_names: Sequence[str],
-                 inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                 inputs: Sequence[torch.Tensor], *, half: bool = False) -> list[torch.Tensor]:
     """Run a graph once on the CPU provider with numpy copies (the reference path)."""
     ort = _ort()
-    sess = ort.InferenceSession(onnx, _session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(onnx, _session_options(half=half), providers=["CPUExecutionProvider"])
     feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)
              if n in {i.name for i in sess.get_inputs()}}
     outs = sess.run(list(output_names), feeds)
@@ -169,7 +173,7 @@ class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
     def __init__(self, onnx: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 device: torch.device | str = "cpu", *, threads: int | None = None) -> None:
+                 device: torch.device | str = "cpu", *, threads: int | None = None, half: bool = False) -> None:
         ort = _ort()
         self.device = torch.device(device)
         self.inputs = list(inputs)
@@ -185,7 +189,7 @@ class OnnxRuntimeRunner:
                 _announced.add("no-cuda-ep")
                 log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
                             "CUDA inputs are copied to the CPU and back")
-        self.session = ort.InferenceSession(onnx, _session_options(threads), providers=providers)
+        self.session = ort.InferenceSession(onnx, _session_options(threads, half), providers=providers)
         self._ort_device = ("cuda", self.device.index or 0) if use_cuda else ("cpu", 0)
         self._run_device = self.device if use_cuda else torch.device("cpu")
         graph_inputs = {i.name for i in self.session.get_inputs()}

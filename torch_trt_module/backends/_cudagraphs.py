@@ -1,0 +1,290 @@
+"""CUDA graphs over a TensorRT runner: capture one graph per input-shape signature, replay it.
+
+A CUDA graph replays the kernels TensorRT enqueued at capture time, with the same
+arguments: the same shapes, the same tensor addresses, the same execution context.
+So :class:`CudaGraphRunner`
+
+- keys graphs by the inputs' shapes and dtypes and keeps the few most recently used
+  (an LRU); a new shape captures a new graph, and the least recently used one is
+  dropped once there are more than ``max_graphs``;
+- gives each graph its own static input buffers (the caller's inputs are copied in
+  before each replay), its own static outputs (allocated during capture, from the
+  graph's private memory pool) and its own execution context, which nothing else
+  uses, so no later ``set_input_shape`` can change what a captured graph reads;
+- enqueues once after setting the shapes and waits, before capturing (TensorRT
+  does deferred, shape-dependent work at the first enqueue after a shape change);
+- returns fresh tensors (clones of the static outputs), never the static buffers,
+  which the next replay overwrites;
+- replays on the caller's current stream (copy-in, replay, copy-out: three
+  launches), under a lock; when a call comes from another stream than the last
+  one (another thread), that stream first waits for the last one's work, since
+  the static buffers are shared. Warm-up and capture use a side stream, as CUDA
+  graph capture requires.
+
+Engines with data-dependent output shapes cannot be captured (their output size is
+only known after running); nor can a TensorRT-RTX engine built without
+``BuilderFlag.REQUIRE_USER_ALLOCATION`` (its context allocates while it runs). Both
+fail with a clear :class:`RuntimeFailure` at the first call of that shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from .._errors import BackendUnavailable, RuntimeFailure
+from .._spec import TensorSpec
+
+__all__ = ["CudaGraphRunner", "GraphDriver", "TorchCudaGraphs"]
+
+log = logging.getLogger(__name__)
+
+ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+class Runner(Protocol):
+    """What CudaGraphRunner wraps: TensorRTRunner, or anything with the same surface."""
+
+    backend: str
+    device: torch.device
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphDriver(Protocol):
+    """How graphs are captured and where their work runs. :class:`TorchCudaGraphs` is the real
+    one; tests pass a CPU double that stands in for capture and replay."""
+
+    def order(self) -> None:
+        """Order the caller's stream after the previous call's work (made on any stream)."""
+
+    def capture_stream(self) -> contextlib.AbstractContextManager[None]:
+        """Run the block (warm-up and capture) on the capture stream, after the caller's
+        pending work and before its next."""
+
+    def synchronize(self) -> None:
+        """Wait for all work that may use a graph's buffers (before freeing them)."""
+
+    def stream_handle(self) -> int: ...
+
+    def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Graph, list[torch.Tensor]]:
+        """Capture ``fn`` (which enqueues work and returns its output tensors) into a graph."""
+
+
+class TorchCudaGraphs:
+    """CUDA graphs through ``torch.cuda.CUDAGraph``: captured on a side stream of ``device``,
+    replayed on the caller's stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._last: torch.cuda.Stream | None = None
+
+    def order(self) -> None:
+        current = torch.cuda.current_stream(self.device)
+        if self._last is not None and self._last != current:
+            # The static buffers are shared: another stream's replay (another thread's) must
+            # be done with them before this stream copies new inputs in.
+            current.wait_stream(self._last)
+        self._last = current
+
+    @contextlib.contextmanager
+    def capture_stream(self) -> Iterator[None]:
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        # The caller's next work (and the reuse of its inputs' memory, which the caching
+        # allocator gives only to work on the caller's stream) comes after the warm-up.
+        caller.wait_stream(self.stream)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def stream_handle(self) -> int:
+        return int(self.stream.cuda_stream)
+
+    def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Graph, list[torch.Tensor]]:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA calls other threads make meanwhile (their own inference) must
+        # not invalidate this capture, nor fail because of it.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            outputs = fn()
+        return graph, outputs
+
+
+class _OneContext:
+    """An engine whose ``create_execution_context`` always returns the same, dedicated context.
+
+    TensorRTRunner keeps one context per thread (in thread-local storage, gone when the
+    thread ends); a captured graph needs one context that lives as long as the graph and
+    that nothing else changes. Everything else is the real engine's.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self.context: Any = None
+
+    def create_execution_context(self) -> Any:
+        if self.context is None:
+            self.context = self._engine.create_execution_context()
+        return self.context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def _dedicated(inner: Runner) -> tuple[Runner, _OneContext | None]:
+    """A runner for one graph with its own execution context (TensorRTRunner), or ``inner``."""
+    from ._tensorrt import TensorRTRunner
+
+    if isinstance(inner, TensorRTRunner):
+        engine = _OneContext(inner.engine)
+        runner = TensorRTRunner(engine, inner.inputs, inner.outputs, inner.device, trt=inner._trt,
+                                backend=inner.backend, stream=inner._stream)
+        return runner, engine
+    return inner, None
+
+
+@dataclass
+class _Captured:
+    graph: Graph
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    keep: list[Any] = field(default_factory=list)  # the runner and context the graph's kernels use
+
+
+class CudaGraphRunner:
+    """Wraps a TensorRT runner: one CUDA graph per input-shape signature, replayed over
+    static buffers (this module's docstring says how and why).
+
+    Args:
+        inner: the runner to capture (``TensorRTRunner``, or one with the same surface).
+        device: the CUDA device it runs on.
+        max_graphs: how many shape signatures keep a graph (least recently used dropped).
+        driver: how graphs are captured; None is :class:`TorchCudaGraphs`, the real one.
+
+    Example:
+        >>> runner = TensorRTRunner(engine, inputs, outputs, "cuda:0", trt=trt)   # doctest: +SKIP
+        >>> graphs = CudaGraphRunner(runner, device="cuda:0")                      # doctest: +SKIP
+        >>> out = graphs.run([x])   # captures at the first call of a shape, replays after  # doctest: +SKIP
+    """
+
+    def __init__(self, inner: Runner, *, device: str | torch.device, max_graphs: int = 4,
+                 driver: GraphDriver | None = None) -> None:
+        self.inner = inner
+        self.device = torch.device(device)
+        if not isinstance(max_graphs, int) or isinstance(max_graphs, bool) or max_graphs < 1:
+            raise ValueError(f"max_graphs got {max_graphs!r}; expected an int >= 1")
+        if driver is None:
+            if self.device.type != "cuda" or not torch.cuda.is_available():
+                where = "no CUDA device is available" if not torch.cuda.is_available() else \
+                    f"the module runs on {self.device}"
+                raise BackendUnavailable(
+                    f"cuda_graphs=True needs a CUDA device to capture graphs on, but {where}. "
+                    "Fix: pass cuda_graphs=False, or run the module on a GPU (device='cuda').")
+            driver = TorchCudaGraphs(self.device)
+        inner_device = getattr(inner, "device", self.device)
+        if torch.device(inner_device) != self.device:
+            raise ValueError(f"the wrapped runner is on {inner_device} but device={self.device}; pass the same device")
+        self.backend: str = inner.backend
+        self.inputs = list(inner.inputs)
+        self.outputs = list(inner.outputs)
+        self.max_graphs = max_graphs
+        self._driver = driver
+        self._graphs: OrderedDict[ShapeKey, _Captured] = OrderedDict()
+        self._lock = threading.Lock()
+        #: Counters for tests and benchmarks: graphs captured, replays, graphs dropped.
+        self.stats = {"captures": 0, "replays": 0, "evictions": 0}
+
+    @property
+    def shapes(self) -> list[ShapeKey]:
+        """The shape signatures that have a graph, least recently used first."""
+        with self._lock:
+            return list(self._graphs)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
+        key: ShapeKey = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(key, inputs)
+            else:
+                self._graphs.move_to_end(key)
+            self._driver.order()
+            for static, t in zip(entry.inputs, inputs):
+                static.copy_(t, non_blocking=True)
+            entry.graph.replay()
+            # Fresh tensors: the static outputs are overwritten by the next replay.
+            outs = [o.clone() for o in entry.outputs]
+            self.stats["replays"] += 1
+            return outs
+
+    def reset(self) -> None:
+        """Drop every graph (and its buffers and context)."""
+        with self._lock:
+            if self._graphs:
+                self._driver.synchronize()  # no replay may still be using what is freed
+            self._graphs.clear()
+
+    def _capture(self, key: ShapeKey, inputs: Sequence[torch.Tensor]) -> _Captured:
+        while len(self._graphs) >= self.max_graphs:
+            self._driver.synchronize()
+            old, _ = self._graphs.popitem(last=False)
+            self.stats["evictions"] += 1
+            log.info("CUDA graphs: dropped the graph for input shapes %s (least recently used; max_graphs=%d)",
+                     [s for s, _ in old], self.max_graphs)
+        runner, engine = _dedicated(self.inner)
+        shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(self.inputs, inputs))
+        with self._driver.capture_stream():
+            static = [torch.empty_like(t) for t in inputs]
+            for s, t in zip(static, inputs):
+                s.copy_(t)
+            # TensorRT defers shape-dependent work to the first enqueue after set_input_shape;
+            # that work must not land in the graph, so enqueue once and wait first.
+            runner.run(static)
+            self._driver.synchronize()
+            self._check_capturable(engine, shapes)
+            try:
+                graph, outputs = self._driver.capture(lambda: runner.run(static))
+            except RuntimeFailure:
+                raise
+            except Exception as e:  # noqa: BLE001 - CUDA and TensorRT report capture failures many ways
+                raise RuntimeFailure(
+                    f"could not capture a CUDA graph of the engine for input shapes {shapes}: {e}. "
+                    "Engines with data-dependent output shapes, or TensorRT-RTX engines built without "
+                    "REQUIRE_USER_ALLOCATION, cannot be captured. Fix: pass cuda_graphs=False.") from e
+        entry = _Captured(graph, static, list(outputs), keep=[runner, engine])
+        self._graphs[key] = entry
+        self.stats["captures"] += 1
+        log.info("CUDA graphs: captured a graph for input shapes %s (%d kept)", shapes, len(self._graphs))
+        return entry
+
+    def _check_capturable(self, engine: _OneContext | None, shapes: str) -> None:
+        ctx = engine.context if engine is not None else None
+        if ctx is None:
+            return
+        for spec in self.outputs:
+            if any(d < 0 for d in tuple(ctx.get_tensor_shape(spec.name))):
+                raise RuntimeFailure(
+                    f"output {spec.name!r} has a data-dependent shape, which a CUDA graph cannot capture "
+                    f"(input shapes {shapes}). Fix: pass cuda_graphs=False for this model.")
+        capturable = getattr(ctx, "is_stream_capturable", None)
+        if capturable is not None and not capturable(self._driver.stream_handle()):
+            raise RuntimeFailure(
+                f"TensorRT says this execution context cannot be captured into a CUDA graph (input shapes "
+                f"{shapes}); a TensorRT-RTX engine must be built with BuilderFlag.REQUIRE_USER_ALLOCATION. "
+                "Fix: pass cuda_graphs=False, or rebuild the engine with that flag.")
