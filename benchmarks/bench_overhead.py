@@ -1,0 +1,236 @@
+"""Per-call overhead of ``TRTModule.forward`` over calling the runtime directly.
+
+Model: one ``nn.Linear(16, 16)``, batch 1, compiled with ``torch_trt_module.compile``.
+The direct call is the runtime with buffers bound once, ahead of time:
+``session.run_with_iobinding`` on ONNX Runtime (CPU), or ``context.execute_async_v3``
+on a TensorRT/TensorRT-RTX runtime where one can run (GPU). Target: median overhead
+<= 5 us on the 2-core CPU machine.
+
+Method: every variant is timed call by call with ``perf_counter_ns``, in interleaved
+rounds (``--rounds`` x ``--calls`` calls each, variants in turn, so background load hits
+them alike), under ``torch.inference_mode()`` unless the variant says otherwise. The
+timer's own cost (an empty call) is reported; it cancels in the differences.
+``--profile`` adds cProfile's top functions and a stage-by-stage breakdown of forward.
+
+    python benchmarks/bench_overhead.py --results
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import re
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+from _common import OUT_DIR, machine, machine_label, machine_line, section_intro, write_section
+
+import torch
+
+
+def per_call_ns(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, list[int]]:
+    samples: dict[str, list[int]] = {k: [] for k in fns}
+    clock = time.perf_counter_ns
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()  # one untimed call after switching variants
+            out = samples[name]
+            for _ in range(calls):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+    return samples
+
+
+def pct(xs: list[int], q: float) -> float:
+    s = sorted(xs)
+    return float(s[min(len(s) - 1, int(round((len(s) - 1) * q / 100)))])
+
+
+def setup(device: torch.device) -> tuple[Any, torch.Tensor, dict[str, Callable[[], Any]], str]:
+    """The module, its input, the variants to time, and what the direct call is."""
+    import torch_trt_module as ttm
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16).eval().to(device)
+    x = torch.randn(1, 16, device=device)
+    module = ttm.compile(model, x, cache=False, backend="auto" if device.type == "cuda" else "onnxruntime")
+    runner = module._runner
+    variants: dict[str, Callable[[], Any]] = {"timer only (empty call)": lambda: None}
+    if module.backend == "onnxruntime":
+        import numpy as np
+
+        sess = runner.session
+        binding = sess.io_binding()
+        out = torch.empty(1, 16, device=runner._run_device)
+        xin = x.to(runner._run_device)
+        where = "cuda" if runner._run_device.type == "cuda" else "cpu"
+        binding.bind_input(module.input_names[0], where, 0, np.float32, (1, 16), xin.data_ptr())
+        binding.bind_output(module.output_names[0], where, 0, np.float32, (1, 16), out.data_ptr())
+        # The buffers must outlive the binding: the lambda holds them (ORT writes into `out`).
+        variants["direct: ORT run_with_iobinding (pre-bound)"] = \
+            lambda bufs=(xin, out): sess.run_with_iobinding(binding)
+        direct = "ONNX Runtime session.run_with_iobinding with input and output bound once"
+    else:  # a TensorRT runtime runs here: the context with addresses set once
+        keep = runner.run([x])  # sets shapes and addresses; keep the outputs they point to alive
+        ctx = runner._state().ctx
+        stream = torch.cuda.current_stream(device)
+
+        def direct_trt(bufs: Any = keep) -> None:  # holds the bound outputs alive
+            ctx.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
+
+        variants["direct: TensorRT execute_async_v3 (pre-bound) + sync"] = direct_trt
+        direct = f"{module.backend} execution context execute_async_v3 with addresses set once (kept: {len(keep)})"
+    sync = (lambda: torch.cuda.current_stream(device).synchronize()) if device.type == "cuda" else (lambda: None)
+    variants["runner.run([x]) (backend adapter only)"] = lambda: (runner.run([x]), sync())
+    variants["TRTModule.forward(x)"] = lambda: (module.forward(x), sync())
+    variants["TRTModule(x) (nn.Module __call__)"] = lambda: (module(x), sync())
+    variants["eager nn.Linear(x) (for scale)"] = lambda: (model(x), sync())
+    return module, x, variants, direct
+
+
+def breakdown(module: Any, x: torch.Tensor, n: int) -> list[tuple[str, float | None]]:
+    """Median ns of the layers of one forward, by difference between entry points, and of the
+    helpers and ONNX Runtime calls inside them, each replayed alone. Only names that exist
+    are timed: a step whose internals changed reads "n/a" instead of breaking the run."""
+    import numpy as np
+
+    runner, ex = module._runner, getattr(module, "_exported", None)
+    sess = runner.session
+    prepared = [x]
+    out = torch.empty(1, 16)
+    name_in, name_out = module.input_names[0], module.output_names[0]
+    pub = sess.io_binding()
+    pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
+    pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
+
+    def helper(modname: str, attr: str) -> Any:
+        return getattr(__import__(f"torch_trt_module.{modname}", fromlist=[attr]), attr)
+
+    def bind_call() -> Any:
+        return helper("_signature", "bind_call")(ex.params, (x,), {})
+
+    def match() -> Any:
+        return helper("_module", "_match")(ex.call_tree, bind_call(), "")
+
+    def unflatten() -> Any:
+        return helper("_spec", "unflatten")(ex.output_tree, [out])
+
+    entry = {"call": lambda: module(x), "forward": lambda: module.forward(x), "runner": lambda: runner.run(prepared),
+             "direct": lambda: sess.run_with_iobinding(pub)}
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("  _signature.bind_call(params, args, kwargs)", bind_call),
+        ("  _module._match(call_tree, bound) (includes a bind_call)", match),
+        ("  TRTModule._prepare(leaves) (grad, dtype, device, profile checks, contiguous)",
+         lambda: module._prepare([x])),
+        ("  _spec.unflatten(output_tree, outs)", unflatten),
+        ("  torch.empty(shape, dtype, device) (the output)", lambda: torch.empty((1, 16), dtype=torch.float32)),
+        ("  ORT public IOBinding.bind_input(...)", lambda: pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16),
+                                                                           x.data_ptr())),
+        ("  ORT public IOBinding.bind_output(...)", lambda: pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16),
+                                                                             out.data_ptr())),
+        ("  tuple(t.shape) + t.data_ptr()", lambda: (tuple(x.shape), x.data_ptr())),
+        ("  t.device == torch.device('cpu')", lambda: x.device == runner.device),
+    ]
+    result: list[tuple[str, float | None]] = []
+    with torch.inference_mode():
+        med = {k: pct(v, 50) for k, v in per_call_ns(entry, 5, n // 5).items()}
+        result += [("nn.Module.__call__ dispatch = TRTModule(x) - forward(x)", med["call"] - med["forward"]),
+                   ("TRTModule.forward above the runner = forward(x) - runner.run([x])",
+                    med["forward"] - med["runner"]),
+                   ("runner.run above the direct call = runner.run([x]) - direct", med["runner"] - med["direct"]),
+                   ("the direct call: session.run_with_iobinding (pre-bound)", med["direct"]),
+                   ("pieces, each replayed alone:", None)]
+        for label, fn in steps:
+            try:
+                fn()
+                result.append((label, pct(per_call_ns({"s": fn}, 5, n // 5)["s"], 50)))
+            except Exception as e:  # noqa: BLE001 - the internals moved on
+                result.append((f"{label}: n/a ({type(e).__name__})", None))
+            pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
+            pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
+    return result
+
+
+def profile(module: Any, x: torch.Tensor, n: int, top: int = 18) -> str:
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        prof.enable()
+        for _ in range(n):
+            module(x)
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    text = buf.getvalue()
+    body = text[text.index("ncalls"):] if "ncalls" in text else text
+    return re.sub(r"/\S*/site-packages/|/\S*/torch_trt_module/", "", body).rstrip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the TensorRT context where one can run)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--calls", type=int, default=1000, help="timed calls per variant per round")
+    p.add_argument("--no-profile", action="store_true", help="skip cProfile and the stage breakdown")
+    p.add_argument("--out", default=str(OUT_DIR))
+    p.add_argument("--results", action="store_true", help="write RESULTS.md's 'Per-call overhead' section")
+    p.add_argument("--note", action="append", default=[], help="a note for the section (repeatable)")
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    info = machine()
+    module, x, variants, direct_desc = setup(device)
+    with torch.inference_mode():
+        samples = per_call_ns(variants, args.rounds, args.calls)
+    grad = per_call_ns({"TRTModule(x) outside inference_mode (grad mode on)": lambda: module(x)},
+                       max(1, args.rounds // 4), args.calls)
+    samples.update(grad)
+    direct_name = next(k for k in samples if k.startswith("direct"))
+    base = pct(samples[direct_name], 50)
+    rows = []
+    for name, s in samples.items():
+        med = pct(s, 50)
+        over = "-" if name.startswith(("timer", "direct", "eager")) else f"{(med - base) / 1e3:+.2f}"
+        rows.append([name, f"{med / 1e3:.2f}", f"{pct(s, 90) / 1e3:.2f}", f"{pct(s, 99) / 1e3:.2f}", over, len(s)])
+    from torch_trt_module._cli_models import markdown_table
+
+    table = markdown_table(["variant", "median us", "p90 us", "p99 us", "overhead over direct (median) us",
+                            "calls"], rows)
+    fwd = pct(samples["TRTModule(x) (nn.Module __call__)"], 50) - base
+    verdict = (f"**TRTModule(x) costs {fwd / 1e3:.1f} us more than the direct call per call (median); target <= 5 us: "
+               f"{'met' if fwd <= 5000 else 'NOT met'}.** Runtime here: {module.backend}; direct call: {direct_desc}.")
+    command = "python benchmarks/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = f"Machine: {machine_line(info)}.\n\nCommand: `{command.strip()}`\n\n{verdict}\n\n{table}\n"
+    extra = {}
+    if not args.no_profile and module.backend == "onnxruntime":
+        stages = breakdown(module, x, 20000)
+        body += "\nWhere the time goes (median ns per call; layers by difference, then pieces replayed alone):\n\n" \
+            + markdown_table(["stage", "median ns"], [[k, "" if v is None else f"{v:.0f}"] for k, v in stages])
+        body += "\n"
+        prof = profile(module, x, 20000)
+        extra = {"stages_ns": stages, "cprofile": prof}
+        print(f"\ncProfile, 20000 calls of TRTModule(x), by own time:\n{prof}\n", file=sys.stderr)
+    body += "".join(f"\nNote: {n}\n" for n in args.note)
+    label = machine_label(info)
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    out = __import__("pathlib").Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {k: {"median_ns": pct(v, 50), "p90_ns": pct(v, 90), "p99_ns": pct(v, 99), "n": len(v)}
+             for k, v in samples.items()}
+    (out / f"overhead-{slug}.json").write_text(json.dumps({"machine": info, "command": command, "variants": stats,
+                                                          **extra}, indent=2))
+    print(body)
+    if args.results:
+        section_intro("Per-call overhead", __doc__.split("\n\n", 1)[1].split("    python")[0].strip())
+        write_section("Per-call overhead", label, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Hardening tests (issue 6): bad inputs, concurrency, cache faults and safe loading."""

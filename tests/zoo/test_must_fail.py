@@ -1,0 +1,129 @@
+"""Cases #18 and #19 of ../shared/zoo/cases.md: models that cannot become a static
+engine must fail clearly (or run correctly on a fallback), never give a wrong result."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+from torch_trt_module._compare import compare_outputs
+
+
+class ItemBranch(torch.nn.Module):
+    """#19: ``.item()`` turns a tensor value into a Python number that picks a branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 0:
+            return x * 2
+        return x - 1
+
+
+class TensorBranch(torch.nn.Module):
+    """#19: a Python ``if`` on a tensor (an implicit ``bool(tensor)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return x * 2
+        return x - 1
+
+
+class MaskedSelect(torch.nn.Module):
+    """#18: the output's length depends on the input's values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0]
+
+
+# --------------------------------------------------------------------------- #19
+
+@pytest.mark.parametrize("module", [ItemBranch, TensorBranch], ids=["item", "python-branch"])
+@pytest.mark.parametrize("entry", ["compile", "export_onnx"])
+def test_data_dependent_control_flow_is_a_clear_export_error(module: type[torch.nn.Module], entry: str) -> None:
+    x = torch.randn(2, 8)
+    with pytest.raises(ttm.ExportError) as info:
+        if entry == "compile":
+            ttm.compile(module().eval(), x, cache=False)
+        else:
+            ttm.export_onnx(module().eval(), x)
+    message = str(info.value)
+    assert "data-dependent control flow" in message
+    # ...and it tells the user what to do about it.
+    assert "Fix:" in message and ("torch.where" in message or "torch.cond" in message)
+
+
+# --------------------------------------------------------------------------- #18
+
+# Different numbers of positives per input, including none and all of them.
+_MASKED_INPUTS = {
+    "random-3x8": lambda: torch.randn(3, 8, generator=torch.Generator().manual_seed(1)),
+    "no-positives": lambda: -torch.ones(2, 8),
+    "all-positive": lambda: torch.ones(4, 8),
+    "one-row": lambda: torch.randn(1, 8, generator=torch.Generator().manual_seed(2)),
+    "max-batch-mostly-zero": lambda: torch.zeros(32, 8).index_fill_(1, torch.tensor([3]), 1.5),
+}
+
+
+@pytest.fixture(scope="module")
+def masked_onnxruntime(tmp_path_factory: pytest.TempPathFactory) -> ttm.TRTModule:
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    return ttm.compile(MaskedSelect().eval(), x, backend="onnxruntime",
+                       cache_dir=tmp_path_factory.mktemp("masked"))
+
+
+@pytest.mark.parametrize("which", list(_MASKED_INPUTS))
+def test_data_dependent_output_shape_is_right_on_onnxruntime(masked_onnxruntime: ttm.TRTModule,
+                                                              which: str) -> None:
+    x = _MASKED_INPUTS[which]()
+    got = masked_onnxruntime(x)
+    expected = x[x > 0]
+    assert got.shape == expected.shape  # never a buffer sized for another input
+    report = compare_outputs(got, expected, rtol=0.0, atol=0.0)  # a selection must be exact
+    assert report.passed, str(report)
+
+
+def test_data_dependent_output_has_no_static_size_in_metadata(masked_onnxruntime: ttm.TRTModule) -> None:
+    (out,) = masked_onnxruntime._exported.outputs
+    # The length is a data-dependent symbol, so no runtime may preallocate it from the profile.
+    assert len(out.dims) == 1 and isinstance(out.dims[0], str)
+
+
+def test_data_dependent_output_tensorrt_rtx_build() -> None:
+    """What TensorRT-RTX 1.7.1 does with NonZero, asserted as it is.
+
+    Its ONNX parser imports NonZero through a plugin that the RTX build does not ship,
+    so the build fails. That is allowed by cases.md only as a clear BuildError that names
+    the op; should a later RTX parse it, the build must yield an engine (the runtime
+    adapter then binds the output through IOutputAllocator).
+    """
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx is not installed")
+    exported = ttm.export_onnx(MaskedSelect().eval(), torch.randn(2, 8))
+    try:
+        engine = ttm.build_engine(exported, backend="tensorrt_rtx")
+    except ttm.BuildError as e:
+        assert "NonZero" in str(e), f"the build error does not name the op:\n{e}"
+        assert "Fix:" in str(e)
+    else:
+        assert engine.plan, "the build returned an empty engine"
+
+
+def test_data_dependent_output_with_auto_backend_is_never_silent() -> None:
+    """backend="auto" here builds with TensorRT-RTX ahead of time, which cannot parse NonZero.
+
+    compile() then raises (naming the op) instead of returning a module; either way no
+    wrong result can come out of it. A module, if one is returned, must be right.
+    """
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx is not installed")
+    x = torch.randn(2, 8)
+    try:
+        module = ttm.compile(MaskedSelect().eval(), x, backend="auto", cache=False)
+    except ttm.BuildError as e:
+        assert "NonZero" in str(e)
+    else:
+        for make in _MASKED_INPUTS.values():
+            t = make()
+            assert torch.equal(module(t), t[t > 0])
