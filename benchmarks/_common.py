@@ -75,6 +75,19 @@ def machine_line(info: dict[str, Any]) -> str:
             f"Python {info['python']}; {libs}{load}")
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command as it would be typed again, without the ``--note`` texts (they are in the section)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return " ".join([f"python benchmarks/{script}", *out])
+
+
 def write_section(heading: str, sub: str | None, body: str, path: Path = RESULTS_MD) -> None:
     """Replace ``## heading`` (or only its ``### sub`` subsection) in RESULTS.md with ``body``,
     appending it where missing; every other section is left as it is."""

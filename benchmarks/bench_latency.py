@@ -13,10 +13,17 @@ timed calls (CUDA events on a GPU, perf_counter on the CPU), stopping early once
 throughput = batch / median. Default call counts (warm-up / timed): batch 1: 10/100,
 batch 8: 5/30, batch 32: 3/10; ``--iters`` and ``--warmup`` override them.
 
+Threads: by default each runtime uses its own default (torch: all cores; ONNX Runtime:
+the physical cores). ``--threads N`` pins torch and every ONNX Runtime session to N
+threads: on a shared machine whose other jobs take cores, multi-threaded kernels stall
+at every barrier, and one thread per runtime keeps the comparison fair.
+
 Writes results/latency-<machine>.json, .md and .png (the plot needs matplotlib) and,
-with ``--results``, the "## Latency" section of RESULTS.md.
+with ``--results``, its subsection of the "## Latency" section of RESULTS.md.
+``--render`` re-renders (and merges) JSON files from earlier runs without measuring.
 
     python benchmarks/bench_latency.py --results                      # the full run
+    python benchmarks/bench_latency.py --threads 1 --results          # on a busy machine
     python benchmarks/bench_latency.py --models resnet18 --batch-sizes 1 --iters 10   # a quick look
 
 Runs without TensorRT and without torch_trt_module's optional dependencies: what is
@@ -36,7 +43,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from _common import OUT_DIR, RESULTS_MD, machine, machine_label, machine_line, section_intro, write_section
+from _common import (OUT_DIR, RESULTS_MD, command_line, machine, machine_label, machine_line, section_intro,
+                     write_section)
 
 import torch
 
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         info = machine()
         info["threads"] = args.threads or "default (torch: cores; ONNX Runtime: physical cores)"
-        commands = ["python benchmarks/bench_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])]
+        commands = [command_line("bench_latency.py", argv if argv is not None else sys.argv[1:])]
         rows = []
         for m in models:
             rows += bench_model(m, args.backends.split(","), batches, device, args)

@@ -9,8 +9,9 @@ on a TensorRT/TensorRT-RTX runtime where one can run (GPU). Target: median overh
 Method: every variant is timed call by call with ``perf_counter_ns``, in interleaved
 rounds (``--rounds`` x ``--calls`` calls each, variants in turn, so background load hits
 them alike), under ``torch.inference_mode()`` unless the variant says otherwise. The
-timer's own cost (an empty call) is reported; it cancels in the differences.
-``--profile`` adds cProfile's top functions and a stage-by-stage breakdown of forward.
+timer's own cost (an empty call) is reported; it cancels in the differences. Unless
+``--no-profile``: a breakdown of forward (layers by difference between entry points,
+then pieces replayed alone, all interleaved) and cProfile's top functions (stderr, JSON).
 
     python benchmarks/bench_overhead.py --results
 """
@@ -28,7 +29,7 @@ import time
 import warnings
 from typing import Any, Callable
 
-from _common import OUT_DIR, machine, machine_label, machine_line, section_intro, write_section
+from _common import OUT_DIR, command_line, machine, machine_label, machine_line, section_intro, write_section
 
 import torch
 
@@ -110,51 +111,70 @@ def breakdown(module: Any, x: torch.Tensor, n: int) -> list[tuple[str, float | N
     pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
     pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
 
-    def helper(modname: str, attr: str) -> Any:
-        return getattr(__import__(f"torch_trt_module.{modname}", fromlist=[attr]), attr)
+    def helper(modname: str, attr: str) -> Any:  # looked up once: only the call is timed
+        try:
+            return getattr(__import__(f"torch_trt_module.{modname}", fromlist=[attr]), attr)
+        except (ImportError, AttributeError):
+            return None
+
+    bind_call_fn, match_fn, unflatten_fn = (helper("_signature", "bind_call"), helper("_module", "_match"),
+                                            helper("_spec", "unflatten"))
+    bound = bind_call_fn(ex.params, (x,), {}) if bind_call_fn else None
 
     def bind_call() -> Any:
-        return helper("_signature", "bind_call")(ex.params, (x,), {})
+        return bind_call_fn(ex.params, (x,), {})  # type: ignore[misc]
 
     def match() -> Any:
-        return helper("_module", "_match")(ex.call_tree, bind_call(), "")
+        return match_fn(ex.call_tree, bound, "")  # type: ignore[misc]
 
     def unflatten() -> Any:
-        return helper("_spec", "unflatten")(ex.output_tree, [out])
+        return unflatten_fn(ex.output_tree, [out])  # type: ignore[misc]
 
+    def bind_output_c() -> Any:
+        st = runner._state()
+        return st.bind_c.bind_output(name_out, st.device, np.float32, (1, 16), out.data_ptr())
+
+    shapes_seen = {x.shape}
     entry = {"call": lambda: module(x), "forward": lambda: module.forward(x), "runner": lambda: runner.run(prepared),
              "direct": lambda: sess.run_with_iobinding(pub)}
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("  _signature.bind_call(params, args, kwargs)", bind_call),
-        ("  _module._match(call_tree, bound) (includes a bind_call)", match),
+        ("  _signature.bind_call(params, args, kwargs) (kwargs or nested inputs only)", bind_call),
+        ("  _module._match(call_tree, bound) (kwargs or nested inputs only)", match),
         ("  TRTModule._prepare(leaves) (grad, dtype, device, profile checks, contiguous)",
          lambda: module._prepare([x])),
         ("  _spec.unflatten(output_tree, outs)", unflatten),
         ("  torch.empty(shape, dtype, device) (the output)", lambda: torch.empty((1, 16), dtype=torch.float32)),
+        ("  ORT C-level IOBinding bind_output(...) (what the runner calls)", bind_output_c),
         ("  ORT public IOBinding.bind_input(...)", lambda: pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16),
                                                                            x.data_ptr())),
         ("  ORT public IOBinding.bind_output(...)", lambda: pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16),
                                                                              out.data_ptr())),
+        ("  all(type(a) is torch.Tensor for a in args)", lambda: all(type(a) is torch.Tensor for a in (x,))),
+        ("  tuple(tuple(t.shape) for t in inputs)", lambda: tuple(tuple(t.shape) for t in prepared)),
+        ("  any(r is None for r in outputs)", lambda: any(r is None for r in (out,))),
+        ("  known_shapes.add(t.shape) (already in the set)", lambda: shapes_seen.add(x.shape)),
         ("  tuple(t.shape) + t.data_ptr()", lambda: (tuple(x.shape), x.data_ptr())),
         ("  t.device == torch.device('cpu')", lambda: x.device == runner.device),
     ]
     result: list[tuple[str, float | None]] = []
-    with torch.inference_mode():
-        med = {k: pct(v, 50) for k, v in per_call_ns(entry, 5, n // 5).items()}
-        result += [("nn.Module.__call__ dispatch = TRTModule(x) - forward(x)", med["call"] - med["forward"]),
-                   ("TRTModule.forward above the runner = forward(x) - runner.run([x])",
-                    med["forward"] - med["runner"]),
-                   ("runner.run above the direct call = runner.run([x]) - direct", med["runner"] - med["direct"]),
-                   ("the direct call: session.run_with_iobinding (pre-bound)", med["direct"]),
-                   ("pieces, each replayed alone:", None)]
-        for label, fn in steps:
-            try:
-                fn()
-                result.append((label, pct(per_call_ns({"s": fn}, 5, n // 5)["s"], 50)))
-            except Exception as e:  # noqa: BLE001 - the internals moved on
-                result.append((f"{label}: n/a ({type(e).__name__})", None))
-            pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
-            pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
+    usable: dict[str, Callable[[], Any]] = {}
+    for label, fn in steps:
+        try:
+            fn()
+            usable[label] = fn
+        except Exception as e:  # noqa: BLE001 - the internals moved on
+            usable[f"{label}: n/a ({type(e).__name__})"] = None  # type: ignore[assignment]
+        pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
+        pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
+    with torch.inference_mode():  # everything interleaved in the same rounds, so load hits all alike
+        timed = {k: f for k, f in usable.items() if f is not None}
+        med = {k: pct(v, 50) for k, v in per_call_ns({**entry, **timed}, 20, n // 20).items()}
+    result += [("nn.Module.__call__ dispatch = TRTModule(x) - forward(x)", med["call"] - med["forward"]),
+               ("TRTModule.forward above the runner = forward(x) - runner.run([x])", med["forward"] - med["runner"]),
+               ("runner.run above the direct call = runner.run([x]) - direct", med["runner"] - med["direct"]),
+               ("the direct call: session.run_with_iobinding (pre-bound)", med["direct"]),
+               ("pieces, each replayed alone (the timer and a lambda call add about 110 ns to each):", None)]
+    result += [(k, med.get(k)) for k in usable]
     return result
 
 
@@ -205,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = pct(samples["TRTModule(x) (nn.Module __call__)"], 50) - base
     verdict = (f"**TRTModule(x) costs {fwd / 1e3:.1f} us more than the direct call per call (median); target <= 5 us: "
                f"{'met' if fwd <= 5000 else 'NOT met'}.** Runtime here: {module.backend}; direct call: {direct_desc}.")
-    command = "python benchmarks/bench_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("bench_overhead.py", argv if argv is not None else sys.argv[1:])
     body = f"Machine: {machine_line(info)}.\n\nCommand: `{command.strip()}`\n\n{verdict}\n\n{table}\n"
     extra = {}
     if not args.no_profile and module.backend == "onnxruntime":

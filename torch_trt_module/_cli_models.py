@@ -64,8 +64,8 @@ def parse_shapes(items: Sequence[str]) -> dict[str | None, Profile]:
             if not part:
                 continue
             if ":" in part:
-                name, _, part = part.rpartition(":")
-                groups.append((name, [], item))
+                label, _, part = part.rpartition(":")
+                groups.append((label, [], item))
             elif current is None or (groups[-1][0] is not None and len(current) == 3):
                 groups.append((None, [], item))
             current = groups[-1][1]
@@ -257,6 +257,7 @@ def load(args: Any, batches: Sequence[int] = ()) -> tuple[ModelSource, list[tupl
 def export(source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], args: Any, verify: bool = True) -> Any:
     from ._export import export_onnx
 
+    assert source.module is not None, "an ONNX file needs no export"
     return export_onnx(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
                        precision=args.precision or "fp32", verify=verify)
 
@@ -292,7 +293,7 @@ def onnx_io(path: str | None, data: bytes | None = None) -> tuple[list[tuple[str
     from ._spec import ONNX_ELEM_TYPES, dtype_from_name
 
     try:
-        proto = onnx.load_from_string(data) if data is not None else onnx.load(path, load_external_data=False)
+        proto = onnx.load_from_string(data) if data is not None else onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf decode errors have no common base
         raise UsageError(f"{path or 'the data'} is not a readable ONNX model: {e}") from e
     inits = {i.name for i in proto.graph.initializer}
@@ -617,8 +618,10 @@ def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: 
         if ort_threads and backend == "onnxruntime":  # TRTModule has no option for it: swap in a runner
             from .backends._onnxruntime import OnnxRuntimeRunner
 
-            ex = module.engine.exported
-            module._runner = OnnxRuntimeRunner(module.engine.onnx, ex.inputs, ex.outputs, run_dev, threads=ort_threads)
+            engine = module.engine
+            assert engine is not None
+            module._runner = OnnxRuntimeRunner(engine.onnx, engine.exported.inputs, engine.exported.outputs, run_dev,
+                                               threads=ort_threads)
         return Candidate(name, run_dev, lambda kw: module(**kw))
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 

@@ -38,13 +38,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
-    common = argparse.ArgumentParser(add_help=False)  # accepted before and after the subcommand
+    common = _Parser(add_help=False)  # accepted before and after the subcommand
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logs, TensorRT's verbose log, tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
     common.add_argument("--cache-dir", default=argparse.SUPPRESS,
                         help="engine cache (default: $TORCH_TRT_MODULE_CACHE, else ~/.cache/torch_trt_module)")
-    model = argparse.ArgumentParser(add_help=False)
+    model = _Parser(add_help=False)
     model.add_argument("model", metavar="MODEL", help="an .onnx file or package.module:factory")
     model.add_argument("--shapes", action="append", default=[], metavar="NAME:MIN,OPT,MAX",
                        help="trtexec style, e.g. x:1x3x224x224,8x3x224x224,32x3x224x224 (repeat per input)")
@@ -54,7 +54,7 @@ def _parser() -> _Parser:
     model.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "tensorrt_rtx", "onnxruntime"))
     model.add_argument("--device", help="cpu or cuda[:N] (default: cuda if available)")
     model.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
-    build = argparse.ArgumentParser(add_help=False)
+    build = _Parser(add_help=False)
     build.add_argument("--target", help="TensorRT-RTX compute capabilities to build for, e.g. sm86,sm89")
     build.add_argument("--workspace", help="builder workspace limit, e.g. 1G")
     build.add_argument("--opt-level", type=int, choices=range(6), help="builder optimization level 0..5")
@@ -174,6 +174,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     source, plan, exported = load(args)
     device = device_of(args)
     if exported is None:
+        assert source.module is not None
         compiled = ttm_compile(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
                                precision=args.precision or "fp32", backend=args.backend, cache_dir=args.cache_dir,
                                cache=not args.no_cache, verify=False, device=str(device))
@@ -184,12 +185,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         backend = select_backend(args.backend, device).run  # raises if a requested backend cannot run here
         compiled = TRTModule(build_engine(exported, backend=backend, device=device, progress=False), device=device)
         model = None
-    precision = compiled.engine.meta["model"]["precision"]
+    engine = compiled.engine
+    assert engine is not None
+    precision = engine.meta["model"]["precision"]
     rtol, atol = default_tolerances(Settings.from_options(precision=precision, rtol=args.rtol, atol=args.atol))
-    if compiled.backend != compiled.engine.backend:
-        print(f"note: the {compiled.engine.backend} engine cannot run on {device}; the compiled module runs on "
+    if compiled.backend != engine.backend:
+        print(f"note: the {engine.backend} engine cannot run on {device}; the compiled module runs on "
               f"{compiled.backend}, so that is what is compared")
-    results, seen = [], set()
+    results: list[dict[str, Any]] = []
+    seen = set()
     for which in (0, 1, 2):
         shapes = tuple(p[which] for _, _, p in plan)
         if shapes in seen:
@@ -322,13 +326,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    try:
-        import torch_trt_module as ttm
+    import importlib
 
-        export_triton = getattr(ttm, "export_triton", None)
-        if export_triton is None:
-            from ._triton import export_triton  # type: ignore[no-redef]
-    except ImportError as e:
+    try:  # written by another part of the project; it may be absent from this installation
+        export_triton: Any = getattr(importlib.import_module("torch_trt_module"), "export_triton", None) \
+            or importlib.import_module("torch_trt_module._triton").export_triton
+    except (ImportError, AttributeError) as e:
         print(f"{PROG} export-triton: error: this installation has no torch_trt_module.export_triton "
               f"(torch_trt_module/_triton.py missing or broken: {e})", file=sys.stderr)
         return 2
