@@ -296,11 +296,16 @@ def render(data: dict[str, Any]) -> str:
         f"profile 1/2/4, input 224x224 or the architecture's documented minimum if larger, parity class M at "
         f"batch 1, 3 and 4. **{s['sweep_pass']} of {s['sweep_attempted']} attempted pass ({rate})**; "
         f"{s['sweep_skipped']} skipped (over the parameter limit). Some random-weight classifiers output "
-        "tiny logits (see *output rms*), which makes the absolute bar loose; the cosine bound still applies.",
+        "tiny logits (see *output rms*), which makes the absolute bar loose; the cosine bound still applies. "
+        "*Input spread* is how much the eager logits of different random images differ, relative to the "
+        "largest logit (the smallest over batches 3 and 4): a model whose spread is below 1e-3 fails, because "
+        "a graph that ignored its input would match it. To keep every check able to fail, all-zero weight "
+        "matrices get random values, and where the random-weight logits still ignore the input the Linear "
+        "biases are zeroed (*conditioning*).",
         "",
-        "| model | params | input | export | max abs err | min cosine | output rms | TensorRT-RTX build | "
-        "result |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | params | input | export | max abs err | min cosine | output rms | input spread | "
+        "conditioning | TensorRT-RTX build | result |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(data.get("sweep", []), key=lambda r: r["model"]):
         par = r.get("parity") or {}
@@ -317,8 +322,12 @@ def render(data: dict[str, Any]) -> str:
             result = f"FAIL: {r.get('failure') or r.get('error')}"
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
         size = f"{r['input_size']}" if r.get("input_size") else "-"
+        spreads = [p["input_spread"] for p in (par.get("points") or {}).values() if p.get("input_spread") is not None]
+        cond = (["zero weights randomized"] if r.get("randomized") else []) + (
+            ["Linear biases zeroed"] if r.get("zeroed_bias") else [])
         lines.append(f"| {r['model']} | {params} | {size} | {export} | {_e(par.get('max_abs'))} | "
-                     f"{_cos(par.get('min_cosine'))} | {_e(par.get('ref_rms'))} | {_cell(build)} | {_cell(result)} |")
+                     f"{_cos(par.get('min_cosine'))} | {_e(par.get('ref_rms'))} | {_e(min(spreads, default=None))} | "
+                     f"{', '.join(cond) or '-'} | {_cell(build)} | {_cell(result)} |")
     return "\n".join(lines)
 
 

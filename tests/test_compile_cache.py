@@ -24,7 +24,7 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import _compile
-from torch_trt_module._cache import EngineCache
+from torch_trt_module._cache import DeferredBlob, EngineCache
 from torch_trt_module._settings import Settings
 from torch_trt_module.backends import BackendChoice
 
@@ -392,7 +392,12 @@ def test_damaged_entry_is_rebuilt_with_a_warning(tmp_path: Path, damage: Callabl
     damage(tr)
     with counting() as n, faults.capture_warnings() as warned:
         module = compile_tiny(0, tr.root)
+        # Without a GPU the RTX plan cannot run, so the cache reads and checks it only when it
+        # is used (state_dict, save): a damaged plan is rebuilt at that point.
+        plan = module.engine.plan
     assert n["builds"] == 1 and outputs_ok(module, 0)
+    stored = tr.find(module.engine.onnx)  # read back through the checksums
+    assert plan and stored is not None and stored.plan == plan  # what was served is the verified rebuild
     (msg,) = warned
     assert why in msg and tr.entries[0].key in msg
     with counting() as n:
@@ -465,3 +470,46 @@ def test_cache_false_writes_nothing(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     module = compile_tiny(0, root, cache=False)
     assert outputs_ok(module, 0) and not root.exists()
+
+
+# --------------------------------------------------------------------------- the deferred plan
+
+def test_a_warm_hit_that_cannot_run_the_plan_reads_it_only_when_used(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = faults.Tracker(tmp_path / "cache")
+    tr.add(0, 1)
+    stored = tr.entries[0]
+    read: list[str] = []
+    real_read, real_deferred = EngineCache._read_blob, DeferredBlob.read
+    monkeypatch.setattr(EngineCache, "_read_blob", lambda self, key, name, info: (read.append(name),
+                                                                                  real_read(self, key, name, info))[1])
+    monkeypatch.setattr(DeferredBlob, "read", lambda self: (read.append(self._name), real_deferred(self))[1])
+    with counting() as n:
+        module = compile_tiny(0, tr.root)
+    assert n == {"exports": 0, "builds": 0, "cache_hits": 1} and module.backend == "onnxruntime"
+    assert read == ["onnx"] and module.engine.has_plan  # no GPU here: the RTX plan was not read
+    EngineCache(tr.root).clear()  # evicted after the hit: the open file still holds the bytes
+    state = module.state_dict()  # the first use of the plan reads and checks it
+    assert read == ["onnx", "engine"] and module.engine.plan == stored.plan
+    again = ttm.TRTModule()
+    again.load_state_dict(state)
+    assert again.engine is not None and again.engine.plan == stored.plan and outputs_ok(again, 0)
+
+
+def test_a_warm_hit_uses_the_session_made_while_checking_the_onnx(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch_trt_module.backends import _onnxruntime
+
+    tr = faults.Tracker(tmp_path / "cache")
+    tr.add(0)
+    made: list[int] = []
+    real = _onnxruntime.OnnxRuntimeRunner.__init__
+    monkeypatch.setattr(_onnxruntime.OnnxRuntimeRunner, "__init__",
+                        lambda self, *a, **k: (made.append(1), real(self, *a, **k))[1])
+    module = compile_tiny(0, tr.root)
+    assert len(made) == 1 and outputs_ok(module, 0)  # made once, during the check, and adopted
+    faults.flip_byte(tr.blob(0, "onnx"), random.Random(5))
+    with counting() as n, faults.capture_warnings() as warned:
+        module = compile_tiny(0, tr.root)
+    assert n["builds"] == 1 and outputs_ok(module, 0)  # the session over unchecked bytes was dropped
+    assert any("checksum mismatch for blob 'onnx'" in w for w in warned), warned

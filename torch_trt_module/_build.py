@@ -8,8 +8,8 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,11 +26,13 @@ ENGINE_FORMAT = 2  # 2: the header carries its own sha256
 _MAGIC = b"TTMENG01"
 
 
-@dataclass(frozen=True)
 class Engine:
     """A built engine: ``plan`` (TensorRT/RTX bytes, or None for ONNX Runtime), the ONNX
     graph it came from (the runtime of last resort and the accuracy reference), and
     JSON-able metadata (I/O specs, profiles, structure, backend and version, GPU or targets).
+
+    Immutable. A plan served by the cache to a machine that cannot run it is read, and
+    checked against its checksum, at the first access of :attr:`plan` (``plan_loader``).
 
     Example:
         >>> engine = build_engine(export_onnx(model, x))      # doctest: +SKIP
@@ -38,10 +40,51 @@ class Engine:
         'tensorrt_rtx'
     """
 
+    __slots__ = ("backend", "onnx", "meta", "_plan", "_plan_loader", "_plan_size", "_timing_cache", "_lock",
+                 "_runner")
     backend: str
-    plan: bytes | None
     onnx: bytes
-    meta: dict[str, Any] = field(repr=False)
+    meta: dict[str, Any]
+
+    def __init__(self, backend: str, plan: bytes | None, onnx: bytes, meta: dict[str, Any], *,
+                 plan_loader: Callable[[], bytes | None] | None = None, plan_size: int = 0) -> None:
+        if plan is not None and plan_loader is not None:
+            raise ValueError("Engine takes plan or plan_loader, not both")
+        for name, value in (("backend", backend), ("onnx", onnx), ("meta", meta), ("_plan", plan),
+                            ("_plan_loader", plan_loader), ("_plan_size", len(plan) if plan else plan_size),
+                            ("_timing_cache", None), ("_lock", threading.Lock()), ("_runner", None)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Engine is immutable; cannot set {name!r}")
+
+    @property
+    def plan(self) -> bytes | None:
+        """The serialized TensorRT/TensorRT-RTX engine, or None for an ONNX Runtime engine."""
+        if self._plan_loader is not None:
+            with self._lock:
+                if self._plan_loader is not None:
+                    object.__setattr__(self, "_plan", self._plan_loader())
+                    object.__setattr__(self, "_plan_loader", None)
+        return self._plan
+
+    def _offer_runner(self, runner: Any) -> None:
+        """A runtime already made over this engine (by the cache, while it checked the entry)
+        that the next TRTModule on the same device may adopt instead of making its own."""
+        object.__setattr__(self, "_runner", runner)
+
+    def _take_runner(self, device: torch.device, kind: type) -> Any:
+        with self._lock:
+            runner = self._runner
+            if isinstance(runner, kind) and runner.device == device:
+                object.__setattr__(self, "_runner", None)
+                return runner
+        return None
+
+    @property
+    def has_plan(self) -> bool:
+        """Whether there is a TensorRT/RTX plan (without reading one that is deferred)."""
+        return self._plan is not None or self._plan_loader is not None
 
     @property
     def exported(self) -> ExportedModel:
@@ -49,13 +92,13 @@ class Engine:
 
     @property
     def size(self) -> int:
-        return len(self.plan or b"") + len(self.onnx)
+        return self._plan_size + len(self.onnx)
 
     def __repr__(self) -> str:
         m = self.meta
         where = m.get("targets") or (m.get("gpu") or {}).get("name") or "cpu"
         return (f"Engine(backend={self.backend} {m.get('backend_version', '?')}, precision="
-                f"{m['model']['precision']}, plan={len(self.plan or b'') / 1e6:.1f} MB, for={where})")
+                f"{m['model']['precision']}, plan={self._plan_size / 1e6:.1f} MB, for={where})")
 
     # A single-file container: magic, header length, JSON header (with sha256 of
     # each blob and of the header itself), then the blobs. No pickle, so loading a
@@ -182,7 +225,7 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
     log.info("built a %s engine in %.2f s (%.1f MB)", choice.build, meta["build_time_s"], len(plan) / 1e6)
     engine = Engine(choice.build, plan, exported.onnx, meta)
     if "timing_cache" in facts:
-        object.__setattr__(engine, "_timing_cache", facts["timing_cache"])
+        object.__setattr__(engine, "_timing_cache", facts["timing_cache"])  # compile() stores it in the cache
     return engine
 
 

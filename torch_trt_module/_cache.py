@@ -42,7 +42,8 @@ import filelock
 
 from ._errors import CacheError
 
-__all__ = ["CACHE_FORMAT_VERSION", "CacheEntry", "CacheLockTimeout", "DEFAULT_MAX_SIZE", "EngineCache", "EntryInfo",
+__all__ = ["CACHE_FORMAT_VERSION", "CacheEntry", "CacheLockTimeout", "DEFAULT_MAX_SIZE", "DeferredBlob", "EngineCache",
+           "EntryInfo",
            "parse_size", "resolve_cache_dir", "sha256_bytes", "stable_hash"]
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,54 @@ class CacheLockTimeout(CacheError, TimeoutError):
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A verified hit: every blob matched the size and sha256 that its metadata records."""
+    """A verified hit: every blob in ``blobs`` matched the size and sha256 that its metadata
+    records. Blobs asked for with ``get(key, defer=...)`` are in ``deferred`` instead."""
 
     key: str
     blobs: dict[str, bytes] = field(repr=False)
     meta: dict[str, Any]
+    deferred: dict[str, "DeferredBlob"] = field(default_factory=dict, repr=False)
+
+
+class DeferredBlob:
+    """A blob opened at the hit and read, and checked against its sha256, only when called.
+
+    The file is held open, so a later eviction or prune (which unlinks it) cannot take the
+    bytes away. A mismatch raises :class:`CacheError` and evicts the entry.
+    """
+
+    def __init__(self, cache: "EngineCache", key: str, name: str, info: dict[str, Any], f: Any) -> None:
+        self._cache, self._key, self._name, self._info, self._f = cache, key, name, info, f
+        self.size: int = info["size"]
+
+    def __call__(self) -> bytes:
+        """The blob's bytes, checked."""
+        data = self.read()
+        self.check(data)
+        return data
+
+    def read(self) -> bytes:
+        """The bytes, not yet checked: use them only once :meth:`check` has passed."""
+        if self._f.closed:
+            raise CacheError(f"engine cache entry {self._key[:16]}: blob {self._name!r} was already read")
+        with self._f as f:
+            f.seek(0)
+            return f.read()  # type: ignore[no-any-return]
+
+    def check(self, data: bytes) -> None:
+        """Raise :class:`CacheError` (and evict the entry) unless ``data`` matches the recorded sha256."""
+        if len(data) != self.size or sha256_bytes(data) != self._info["sha256"]:
+            with contextlib.suppress(CacheError):
+                self._cache.evict(self._key)
+            raise CacheError(f"engine cache entry {self._key} is unusable (checksum mismatch for blob "
+                             f"{self._name!r}, read after the hit); it was evicted")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __del__(self) -> None:  # never read: close quietly (no ResourceWarning)
+        with contextlib.suppress(Exception):
+            self._f.close()
 
 
 @dataclass(frozen=True)
@@ -312,15 +356,24 @@ class EngineCache:
             raise _Corrupt(f"checksum mismatch for blob {name!r}")
         return data
 
-    def get(self, key: str) -> CacheEntry | None:
-        """The verified entry for ``key``, or None. A bad entry is evicted, with one WARNING that says why."""
+    def get(self, key: str, *, defer: Collection[str] = ()) -> CacheEntry | None:
+        """The verified entry for ``key``, or None. A bad entry is evicted, with one WARNING that says why.
+
+        Blobs named in ``defer`` are only opened and size-checked here; reading and the
+        checksum wait until :class:`DeferredBlob` is called (for bytes this process may never
+        use, such as an engine that cannot run on this machine).
+        """
         _check_name(key, "key")
         path, meta = self._meta_path(key), None
+        deferred: dict[str, DeferredBlob] = {}
         try:
             with open(path, "rb") as f:
                 st, raw = os.fstat(f.fileno()), f.read()
             meta = self._parse_meta(key, raw)
-            blobs = {name: self._read_blob(key, name, info) for name, info in meta["blobs"].items()}
+            blobs = {name: self._read_blob(key, name, info) for name, info in meta["blobs"].items()
+                     if name not in defer}
+            for name in set(defer) & set(meta["blobs"]):
+                deferred[name] = self._open_blob(key, name, meta["blobs"][name])
         except FileNotFoundError:
             if leftovers := self._leftovers(key):  # too old to be a write in progress: a crash between the two
                 logger.warning("engine cache entry %s is unusable (metadata missing, %d file(s) left); removing "
@@ -330,6 +383,8 @@ class EngineCache:
                         os.unlink(p)
             return None
         except _Corrupt as e:
+            for d in deferred.values():
+                d.close()
             logger.warning("engine cache entry %s is unusable (%s); evicting it and rebuilding", key, e)
             with contextlib.suppress(OSError):
                 now = os.stat(path)  # evict only what we read: a writer may have committed a good entry since
@@ -343,7 +398,17 @@ class EngineCache:
         with contextlib.suppress(OSError):  # a read-only cache still serves hits
             os.utime(path, (meta["last_used"], meta["last_used"]))
         logger.debug("engine cache hit %s", key)
-        return CacheEntry(key=key, blobs=blobs, meta=meta)
+        return CacheEntry(key=key, blobs=blobs, meta=meta, deferred=deferred)
+
+    def _open_blob(self, key: str, name: str, info: dict[str, Any]) -> DeferredBlob:
+        try:
+            f = open(self._blob_path(key, name, info["sha256"]), "rb")  # noqa: SIM115 - DeferredBlob closes it
+        except FileNotFoundError:
+            raise _Corrupt(f"blob {name!r} is missing") from None
+        if (size := os.fstat(f.fileno()).st_size) != info["size"]:
+            f.close()
+            raise _Corrupt(f"blob {name!r} is {size} bytes, expected {info['size']} (truncated?)")
+        return DeferredBlob(self, key, name, info, f)
 
     def _leftovers(self, key: str | None, referenced: Collection[str] = ()) -> list[Path]:
         """Temp files and unreferenced blobs in entries/ (of ``key``, or of all) older than ``ORPHAN_AGE_S``."""

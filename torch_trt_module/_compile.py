@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ._build import Engine, build_with_choice
-from ._errors import EngineLoadError, InputError, TorchTRTError
+from ._errors import CacheError, EngineLoadError, InputError, TorchTRTError
 from ._export import default_tolerances, export_with_settings
 from ._fingerprint import module_fingerprint
 from ._module import TRTModule, _can_run
@@ -104,7 +105,7 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     fp = fingerprint(model, args, kwargs, settings, choice, device)
     with cache.lock(fp):
         key = cache.lookup(fp)
-        engine = _cached(cache, key, device) if key else None
+        engine = _cached(cache, key, device, settings, choice) if key else None
         if engine is not None:
             STATS["cache_hits"] += 1
             log.info("engine cache hit %s (no export, no build)", key[:16] if key else "")
@@ -113,7 +114,7 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         exported = _export(model, args, kwargs, settings)
         key = content_key(exported.onnx, exported.to_meta(), settings, choice, device)
         with cache.lock(key):
-            engine = _cached(cache, key, device)
+            engine = _cached(cache, key, device, settings, choice)
             if engine is None:
                 aux_name = _timing_cache_name(choice, device)
                 timing = cache.read_aux(aux_name) if aux_name else None
@@ -130,17 +131,33 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
         return engine
 
 
-def _cached(cache: Any, key: str | None, device: torch.device) -> Engine | None:
+def _cached(cache: Any, key: str | None, device: torch.device, settings: Settings,
+            choice: BackendChoice) -> Engine | None:
     if key is None:
         return None
-    entry = cache.get(key)
+    # An engine that will not run here (an RTX plan on a machine without a supported GPU) is
+    # only needed for state_dict()/save(): read and checksum it then, not on every warm start.
+    defer = () if choice.run == choice.build else ("engine",)
+    if choice.run == "onnxruntime":
+        defer += ("onnx",)  # read here, and checked while ONNX Runtime loads it (_onnx_and_session)
+    entry = cache.get(key, defer=defer)
     if entry is None:
         return None
     try:
-        engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), entry.blobs["onnx"],
-                        entry.meta["engine_meta"])
+        meta = entry.meta["engine_meta"]
+        onnx, runner = entry.blobs.get("onnx"), None
+        if "onnx" in entry.deferred:
+            onnx, runner = _onnx_and_session(entry.deferred["onnx"], meta, device)
+        if "engine" in entry.deferred:
+            blob = entry.deferred["engine"]
+            engine = Engine(entry.meta["backend"], None, onnx, meta, plan_size=blob.size,
+                            plan_loader=_plan_loader(blob, cache, key, onnx, meta, settings, choice, device))
+        else:
+            engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), onnx, meta)
+        if runner is not None:
+            engine._offer_runner(runner)
         engine.exported  # parses the metadata: a malformed entry fails here, not in forward
-        if engine.backend == "tensorrt_rtx" and engine.plan is not None and rtx_runs_on(device):
+        if engine.backend == "tensorrt_rtx" and rtx_runs_on(device) and engine.plan is not None:
             from .backends._tensorrt import engine_validity
 
             why = engine_validity(engine.plan, backend="tensorrt_rtx")
@@ -148,11 +165,60 @@ def _cached(cache: Any, key: str | None, device: torch.device) -> Engine | None:
                 raise EngineLoadError(f"TensorRT-RTX says the engine cannot load on this GPU: {why}")
         if _can_run(engine, device):
             TRTModule(engine, device=device)  # deserializes: an engine that cannot load fails here
+    except CacheError as e:  # a deferred blob failed its checksum; it evicted the entry
+        log.warning("%s; rebuilding", e)
+        return None
     except (KeyError, TypeError, ValueError, EngineLoadError) as e:
         log.warning("cache entry %s cannot be used (%s); evicting and rebuilding", key[:16], e)
         cache.evict(key)
         return None
     return engine
+
+
+def _onnx_and_session(blob: Any, meta: dict[str, Any], device: torch.device) -> tuple[bytes, Any]:
+    """Read the ONNX blob, then make its ONNX Runtime session from those bytes while their
+    sha256 is computed (both release the GIL). Only checked bytes are used: a mismatch raises
+    CacheError and the session is dropped. The session is the bulk of a warm compile()."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._export import ExportedModel
+    from ._module import normalize_device
+    from .backends._onnxruntime import OnnxRuntimeRunner
+
+    data = blob.read()
+    ex = ExportedModel.from_meta(data, meta["model"])
+    dev = normalize_device(device)
+    with ThreadPoolExecutor(1, thread_name_prefix="torch_trt_module-ort") as pool:
+        made = pool.submit(OnnxRuntimeRunner, data, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32")
+        try:
+            blob.check(data)
+        finally:
+            if not made.done():
+                made.add_done_callback(lambda f: f.exception())  # a dropped session's error is not news
+        try:
+            runner = made.result()
+        except Exception:  # noqa: BLE001 - TRTModule makes it again and reports the error there
+            runner = None
+    return data, runner
+
+
+def _plan_loader(blob: Any, cache: Any, key: str, onnx: bytes, meta: dict[str, Any], settings: Settings,
+                 choice: BackendChoice, device: torch.device) -> Callable[[], bytes | None]:
+    """Read the deferred plan. If it fails its checksum then, build it again rather than fail
+    the caller's save() or state_dict(): the entry was evicted, and the rebuild is stored anew."""
+
+    def load() -> bytes | None:
+        try:
+            return blob()  # type: ignore[no-any-return]
+        except TorchTRTError as e:
+            log.warning("%s; building the engine again", e)  # the one WARNING for this fault
+        engine = _build(Engine(choice.build, None, onnx, meta).exported, settings, choice, device)
+        with contextlib.suppress(TorchTRTError, OSError), cache.lock(key):
+            cache.put(key, {"onnx": engine.onnx, "engine": engine.plan},
+                      {"engine_meta": engine.meta, "backend": engine.backend})
+        return engine.plan
+
+    return load
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings) -> Any:

@@ -255,6 +255,7 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     wrapper = _Flat(work_model, params, call_tree).eval()
 
     onnx_bytes, exporter = _run_exporters(wrapper, names, export_leaves, out_names, profiles, settings)
+    onnx_bytes = _normalize_einsum(onnx_bytes)
     model_proto = _check_graph(onnx_bytes, names, profiles, exporter)
 
     inputs = tuple(
@@ -414,6 +415,50 @@ def _hint(detail: str) -> str:
 
 
 # --------------------------------------------------------------------------- checks
+
+def _normalize_einsum(onnx_bytes: bytes) -> bytes:
+    """Rewrite Einsum equations to lowercase letters without spaces.
+
+    The exporters copy ``torch.einsum``'s equation verbatim (torchvision's MaxViT uses
+    ``"B G H I D, B G H J D -> B G H I J"``). ONNX Runtime accepts that, but the TensorRT
+    and TensorRT-RTX ONNX parsers reject anything but lowercase letters ("Invalid
+    character(s) in Einsum equation"). Uppercase letters are renamed to lowercase ones
+    the equation does not use, so the meaning is unchanged.
+    """
+    if b"Einsum" not in onnx_bytes:  # cheap: most graphs have none, and some are 500 MB
+        return onnx_bytes
+    import string
+
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    changed = False
+
+    def visit(nodes: Any) -> None:
+        nonlocal changed
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g.node)
+                for g in attr.graphs:
+                    visit(g.node)
+                if node.op_type == "Einsum" and attr.name == "equation":
+                    eq = attr.s.decode()
+                    letters = {c for c in eq if c.isalpha()}
+                    if len(letters) > len(string.ascii_lowercase):
+                        continue  # cannot be written in lowercase; the parser will say so
+                    free = iter(c for c in string.ascii_lowercase if c not in letters)
+                    rename = {c: next(free) for c in sorted(letters) if c.isupper()}
+                    new = "".join(rename.get(c, c) for c in eq if not c.isspace())
+                    if new != eq:
+                        attr.s = new.encode()
+                        changed = True
+
+    visit(model.graph.node)
+    for fn in model.functions:
+        visit(fn.node)
+    return model.SerializeToString() if changed else onnx_bytes
+
 
 def _check_graph(onnx_bytes: bytes, names: list[str], profiles: dict[str, Any], exporter: str) -> Any:
     import onnx

@@ -135,7 +135,10 @@ def _imports_id(module: Any) -> str:
                     continue
                 target = value
             else:
-                name = getattr(value, "__module__", None) if callable(value) else None
+                try:
+                    name = getattr(value, "__module__", None) if callable(value) else None
+                except Exception:  # noqa: BLE001 - a proxy object whose attributes raise
+                    name = None
                 target = sys.modules.get(name) if isinstance(name, str) else None
             if target is None or target.__name__ in seen:
                 continue

@@ -208,10 +208,10 @@ def _check_name(name: str) -> None:
 
 def _platform(engine: "Engine", platform: str | None) -> str:
     if platform is None:
-        return "tensorrt_plan" if engine.plan is not None else "onnxruntime_onnx"
+        return "tensorrt_plan" if engine.has_plan else "onnxruntime_onnx"
     if platform not in PLATFORMS:
         raise TritonExportError(f"platform got {platform!r}; expected one of {', '.join(map(repr, PLATFORMS))}")
-    if platform == "tensorrt_plan" and engine.plan is None:
+    if platform == "tensorrt_plan" and not engine.has_plan:
         raise TritonExportError(
             f"platform='tensorrt_plan' needs a TensorRT engine, but this engine was built for {engine.backend} and "
             "has no plan. Fix: pass platform='onnxruntime_onnx' (or leave it None), or compile with "

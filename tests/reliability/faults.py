@@ -222,10 +222,12 @@ class Tracker:
         cannot be written (read-only, full), so the model must work without an entry appearing."""
         builds = _compile.STATS["builds"]
         module = compile_tiny(seed, self.root)
-        rebuilt = _compile.STATS["builds"] > builds
         good = outputs_ok(module, seed)
         counts.wrong_results += not good
+        # Reading the plan comes first: where it cannot run (no GPU) the cache defers reading and
+        # checking it until this access, and a plan that fails its checksum is rebuilt here.
         served = (module.engine.plan, module.engine.onnx)
+        rebuilt = _compile.STATS["builds"] > builds
         before = self.entries.get(seed)
         if before is not None and not rebuilt and served != (before.plan, before.onnx):
             counts.corrupt_served += 1

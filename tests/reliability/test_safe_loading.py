@@ -27,7 +27,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module import Engine, EngineLoadError, _compile
 from torch_trt_module._cache import EngineCache
-from torch_trt_module.backends import _tensorrt
+from torch_trt_module.backends import BackendChoice, _tensorrt
 
 from . import faults
 from .faults import compile_tiny, example, outputs_ok
@@ -195,6 +195,8 @@ def test_cache_is_private_json_and_raw_blobs(tmp_path: Path, umask: int) -> None
         elif p.suffix == ".blob":
             assert data in blobs  # the engine's own bytes, not a container of objects
             kinds.add("blob")
+        elif p.parent.name == "aux":  # TensorRT timing caches: raw bytes behind a checksum header
+            assert data.startswith(b"TTMAUX1\n")
         else:
             assert p.suffix == ".lock" and data == b""
             kinds.add("lock")
@@ -268,12 +270,14 @@ def test_an_entry_whose_checksum_fails_is_never_deserialized(tmp_path: Path, mon
     assert plan
     seen = install_fake_gpu(monkeypatch)
     device = torch.device("cpu")
+    settings = ttm.Settings.from_options()
+    runs_here = BackendChoice("tensorrt_rtx", "tensorrt_rtx", "the fake GPU runs it")
     # Positive control: a verified hit does reach deserialization, with exactly the stored bytes.
-    assert _compile._cached(EngineCache(root), key, device) is not None
+    assert _compile._cached(EngineCache(root), key, device, settings, runs_here) is not None
     assert seen == [(plan, False)]
     faults.flip_byte(tr.blob(0, "engine"), random.Random(1))
     with faults.capture_warnings() as warned:
-        assert _compile._cached(EngineCache(root), key, device) is None
+        assert _compile._cached(EngineCache(root), key, device, settings, runs_here) is None
     assert seen == [(plan, False)]  # the corrupt bytes never got there
     assert any("checksum mismatch for blob 'engine'" in w for w in warned)
 

@@ -29,7 +29,15 @@ from tests.zoo.cases import (CASES, CORE_IDS, Case, class_failures, classifier_f
 POINTS = ("min", "max", "off")
 
 # Known failures of the sweep, with their precise cause (xfail strict: a fix makes them fail loudly).
-SWEEP_XFAIL: dict[str, str] = {}
+# Deep ResNets with random weights (no zero-init of the residual branches) grow their logits with
+# depth; class M's absolute bar then sits below float32 resolution at that scale. Measured on the
+# 2-core CPU runner (onnxruntime 1.32): the figures are in benchmarks/zoo_results.json.
+_DEEP_RESNET = ("random-weight logits reach rms {rms} so fp32 rounding leaves one element near zero with "
+                "abs err {err} (> atol 1e-3) and rel err > 1e-2; cosine 1 - 1e-13 (class M, measured, not loosened)")
+SWEEP_XFAIL: dict[str, str] = {
+    "resnet101": _DEEP_RESNET.format(rms="1.9e4", err="0.035 at batch 1"),
+    "resnet152": _DEEP_RESNET.format(rms="3.9e7", err="92 at batch 3"),
+}
 
 
 def _rtx_required() -> None:
@@ -253,3 +261,24 @@ def test_torchvision_classifier(name: str) -> None:
     _rtx_required()
     rec = sweep_one(name)
     assert rec["status"] == "pass", f"{name}: {rec['failure']}"
+
+
+class _UppercaseEinsum(torch.nn.Module):
+    """The equation style of torchvision's MaxViT, which the sweep found RTX's parser rejecting."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("B G I D, B G J D -> B G I J", q, k)
+
+
+def test_uppercase_einsum_exports_for_tensorrt(cache_dir: str) -> None:
+    import onnx
+
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8)
+    model = _UppercaseEinsum().eval()
+    exported = ttm.export_onnx(model, (q, k))
+    (equation,) = [a.s.decode() for n in onnx.load_from_string(exported.onnx).graph.node
+                   if n.op_type == "Einsum" for a in n.attribute if a.name == "equation"]
+    assert equation == equation.lower() and " " not in equation  # TensorRT's parser takes only this
+    assert ttm.verify(model, ttm.compile(model, (q, k), cache_dir=cache_dir), (q[:1], k[:1]), atol=1e-5).passed
+    _rtx_required()
+    assert ttm.build_engine(exported, backend="tensorrt_rtx").plan

@@ -200,6 +200,11 @@ class OnnxRuntimeRunner:
         self._shapes = shape_function(self.inputs, self.outputs)
         self._shape_memo: dict[tuple[tuple[int, ...], ...], list[tuple[int, ...] | None]] = {}
         self._distrusted: set[int] = set()
+        # Per input-shape plans for the common call (every output's shape known, nothing empty,
+        # no staging): what a call binds, worked out once. Filled after a call succeeds.
+        self._plans: dict[tuple[tuple[int, ...], ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] = {}
+        self._used = [(i, s.name, np_t) for i, (s, np_t) in enumerate(zip(self.inputs, self._np_in))
+                      if s.name not in self._unused]
         self._local = threading.local()
 
     def _state(self) -> "_BindState":
@@ -219,8 +224,59 @@ class OnnxRuntimeRunner:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs already on ``self.device``."""
+        shapes = tuple([t.shape for t in inputs])
+        planned = self._plans.get(shapes)
+        return planned(inputs) if planned is not None else self._run(inputs, shapes)
+
+    def call_for(self, shapes: tuple[tuple[int, ...], ...]) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """The cheapest way to run inputs of these shapes: :meth:`run`, or once a call at
+        these shapes has succeeded, a call planned for them (same checks and errors)."""
+        return self._plans.get(shapes) or self.run
+
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], results: Sequence[torch.Tensor]
+              ) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """A call for one tuple of input shapes: what _run decides per call (which inputs the
+        graph uses, output shapes and dtypes, staging, empty tensors) is decided here once."""
+        used = [(i, name, np_t, tuple(shapes[i])) for i, name, np_t in self._used]
+        outputs = [(s.name, np_t, tuple(r.shape), r.dtype) for s, np_t, r in zip(self.outputs, self._np_out, results)]
+        device, local, plans, get_state = self.device, self._local, self._plans, self._state
+        run_c = _c_run(self.session)
+        valid = True
+
+        def planned(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            nonlocal valid
+            if not valid:  # dropped after a failure; callers may still hold it
+                return self.run(inputs)
+            st = getattr(local, "state", None) or get_state()
+            bind, dev, ptrs = st.bind_c, st.device, st.ptrs
+            if st.plan is not planned:  # the binding was last set up for other shapes
+                st.plan, st.inputs = planned, {}  # (and _run must rebind everything)
+                ptrs[:] = [None] * len(inputs)
+            for i, name, np_t, shape in used:
+                ptr = inputs[i].data_ptr()
+                if ptrs[i] != ptr:  # rebinding costs a few µs; skip it when unchanged
+                    bind.bind_input(name, dev, np_t, shape, ptr)
+                    ptrs[i] = ptr
+            outs = []
+            for name, np_t, shape, dtype in outputs:
+                out = torch.empty(size=shape, dtype=dtype, device=device)  # size= parses faster than a tuple
+                bind.bind_output(name, dev, np_t, shape, out.data_ptr())
+                outs.append(out)
+            try:
+                run_c(bind, None)
+            except Exception:  # noqa: BLE001 - _run reports it, or recovers (distrusted output shapes)
+                valid = False
+                st.plan = None
+                plans.clear()
+                return self._run(inputs, shapes)
+            return outs
+
+        return planned
+
+    def _run(self, inputs: Sequence[torch.Tensor], in_shapes: tuple[tuple[int, ...], ...]) -> list[torch.Tensor]:
         staged = [t if t.device == self._run_device else t.to(self._run_device) for t in inputs]
         st = self._state()
+        st.plan = None  # bindings made here are tracked in st.inputs, not by a plan
         bind, dev = st.bind_c, st.device
         keep: list[torch.Tensor] = []
         for spec, np_t, t in zip(self.inputs, self._np_in, staged):
@@ -235,7 +291,7 @@ class OnnxRuntimeRunner:
             if st.inputs.get(spec.name) != bound:  # rebinding costs a few µs; skip it when unchanged
                 bind.bind_input(spec.name, dev, np_t, tuple(t.shape), bound[0])
                 st.inputs[spec.name] = bound
-        shapes = self.output_shapes(tuple(tuple(t.shape) for t in staged))
+        shapes = self.output_shapes(in_shapes)
         results: list[torch.Tensor | None] = []
         for i, (spec, np_t, shape) in enumerate(zip(self.outputs, self._np_out, shapes)):
             if shape is None or i in self._distrusted:
@@ -247,17 +303,24 @@ class OnnxRuntimeRunner:
             bind.bind_output(spec.name, dev, np_t, shape, buf.data_ptr())
             results.append(out)
         try:
-            st.run(bind)
+            st.run(bind, None)
         except Exception as e:  # noqa: BLE001
             st.inputs.clear()
-            if any(r is not None for r in results) and "shape" in str(e).lower():
+            msg = str(e).lower()
+            # ORT words it "...shape..." or "Got invalid dimensions for output", by version and op.
+            if any(r is not None for r in results) and ("shape" in msg or "dimension" in msg):
                 # A symbolic output shape from the exporter was wrong for these inputs: let
                 # ORT allocate those outputs from now on, and run again.
                 self._distrusted.update(i for i, r in enumerate(results) if r is not None)
                 self._shape_memo.clear()
+                self._plans.clear()
                 log.info("onnxruntime: output shapes not predictable from the graph; ORT allocates them")
-                return self.run(inputs)
+                return self._run(inputs, in_shapes)
             raise RuntimeFailure(f"onnxruntime failed to run the graph: {e}") from e
+        plannable = (not keep and self._run_device == self.device and len(self._plans) < 256
+                     and all(r is not None and r.numel() for r in results))
+        if plannable:
+            self._plans[in_shapes] = self._plan(in_shapes, results)  # type: ignore[arg-type]
         if any(r is None for r in results):
             ort_outs = bind.get_outputs()
             results = [torch.from_numpy(np.ascontiguousarray(ort_outs[i].numpy())).to(self._run_device)
@@ -277,8 +340,17 @@ class _BindState:
         self.binding = session.io_binding()  # keeps the Python wrapper alive
         self.bind_c = getattr(self.binding, "_iobinding", None)
         self.device = OrtDevice.make(*device)._get_c_device()
-        sess_c = getattr(session, "_sess", None)
-        if self.bind_c is None or sess_c is None:  # private API gone: fall back to the public one
+        if self.bind_c is None:
             raise RuntimeFailure("this onnxruntime version lacks the IOBinding internals torch_trt_module uses")
-        self.run = lambda b: sess_c.run_with_iobinding(b, None)
-        self.inputs: dict[str, tuple[int, Any]] = {}
+        self.run = _c_run(session)
+        self.inputs: dict[str, tuple[int, Any]] = {}  # what _run bound: name -> (address, shape)
+        self.plan: Any = None  # the planned call that made the current input bindings, if any
+        self.ptrs: list[int | None] = []  # its bound input addresses, by input position
+
+
+def _c_run(session: Any) -> Callable[[Any, Any], None]:
+    """The C-level ``run_with_iobinding(binding, run_options)`` of a session."""
+    sess_c = getattr(session, "_sess", None)
+    if sess_c is None:
+        raise RuntimeFailure("this onnxruntime version lacks the session internals torch_trt_module uses")
+    return sess_c.run_with_iobinding  # type: ignore[no-any-return]
