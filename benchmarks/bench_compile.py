@@ -70,6 +70,7 @@ def timed(owner, attr, label):  # instrumentation: where compile() spends its ti
 timed(_compile, "select_backend", "select_backend")
 timed(_compile, "fingerprint", "fingerprint")
 timed(_cache.EngineCache, "get", "read_verify")
+timed(_compile, "_onnx_and_session", "onnx_and_session")  # read + check the graph while the session is made
 timed(_module.TRTModule, "_load", "load_in_compile")
 t1 = time.perf_counter()
 model = case.model()
@@ -130,7 +131,7 @@ def measure(name: str, runs: int, work: Path) -> dict[str, Any]:
     out = {"cold_" + k: v for k, v in out.items()}
     out.update({"warm_" + k: med(warm, k) for k in ("compile_s", "load_s", "import_s", "runtime_import_s",
                                                     "construct_s")})
-    for part in ("select_backend", "fingerprint", "read_verify", "load_in_compile"):
+    for part in ("select_backend", "fingerprint", "read_verify", "onnx_and_session", "load_in_compile"):
         out["warm_" + part] = statistics.median(r["parts"].get(part, 0.0) for r in warm)
     out["ratio"] = out["warm_compile_s"] / out["cold_compile_s"]
     out.update(runs=runs, exporter=cold[0]["exporter"], backend=cold[0]["backend"], runs_on=cold[0]["runs_on"],
@@ -156,15 +157,17 @@ def _load_note(info: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
 
 def render(results: dict[str, dict[str, Any]], info: dict[str, Any], runs: int) -> str:
     rows = ["| model | cold compile | export | build | load | other | warm compile | fingerprint | "
-            "read + verify | load (in compile) | warm / cold | warm <= 5% of cold | warm <= 0.3 s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "entry lookup | graph read + check, with the session | TRTModule load | warm / cold | "
+            "warm <= 5% of cold | warm <= 0.3 s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         other = r["cold_other_s"]
         target = ("met" if r["warm_compile_s"] <= 0.3 else "missed") if name == "resnet18" else "-"
         rows.append(
             f"| {MODELS[name]} | {r['cold_compile_s']:.2f} s | {r['cold_export_s']:.2f} s | {r['cold_build_s']:.2f} s | "
             f"{r['cold_load_s']:.3f} s | {other:.2f} s | {r['warm_compile_s']:.3f} s | {r['warm_fingerprint']:.3f} s | "
-            f"{r['warm_read_verify']:.3f} s | {r['warm_load_in_compile']:.3f} s | {100 * r['ratio']:.1f}% | "
+            f"{r['warm_read_verify']:.3f} s | {r['warm_onnx_and_session']:.3f} s | {r['warm_load_in_compile']:.3f} s | "
+            f"{100 * r['ratio']:.1f}% | "
             f"{'met' if r['ratio'] <= 0.05 else 'missed'} | {target} |")
     details = "; ".join(
         f"{MODELS[n]}: {r['exporter']} exporter, {r['backend']} engine {r['plan_mb']:.1f} MB + ONNX "
@@ -182,11 +185,13 @@ none warm). TensorRT-RTX builds the engine on this CPU and ONNX Runtime runs it.
   load (`TRTModule(engine)`: metadata and the ONNX Runtime session) is timed apart after
   compile(), in the same process; "other" is the rest (the ONNX Runtime checks against
   eager after the export and after the build, hashing, storing).
-- Warm: the module fingerprint, reading and checksumming the entry, and the load (the ONNX
-  Runtime session) are timed inside compile() by wrappers in the child process; the remainder
-  is choosing the backend and the index lookup. Without a GPU the TensorRT-RTX plan cannot
-  run, so a hit reads and checksums only the ONNX blob; the plan is read and checked when
-  first used (`state_dict()`, `save()`).
+- Warm: timed inside compile() by wrappers in the child process: the module fingerprint; the
+  entry lookup (its metadata, checked); reading the ONNX graph and ONNX Runtime's optimized
+  copy of it (stored by the cold run for this CPU and ORT version) and checking their sha256
+  while the session is made from them in a second thread; and the TRTModule load, which adopts
+  that session. The remainder is choosing the backend and the index lookup. Without a GPU the
+  TensorRT-RTX plan cannot run, so a hit does not read it; it is read and checked when first
+  used (`state_dict()`, `save()`).
 - Import and model construction are excluded. "Import" includes the runtimes the package
   loads lazily on its first compile() in a process (onnxruntime, tensorrt_rtx), cache hit or
   not; their time is given below. Children run with .pyc files written and reused, as on

@@ -70,3 +70,20 @@ def test_cuda_streams_work_with_the_module() -> None:
     side.synchronize()
     ttm.assert_parity(model, module, x, rtol=1e-3, atol=1e-4)
     assert torch.allclose(out, model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_repeated_cuda_calls_stay_correct_and_keep_the_device_check() -> None:
+    # The fast call (a call like an earlier successful one) compares devices on CUDA, where the
+    # CPU shortcut (t.is_cpu) does not apply; CUDA inputs are staged through ORT's CPU provider here.
+    model = torch.nn.Linear(16, 8).eval().cuda()
+    module = ttm.compile(model, torch.randn(2, 16, device="cuda"), cache=True)
+    for batch in (3, 3, 5, 3):
+        x = torch.randn(batch, 16, device="cuda")
+        out = module(x)
+        assert out.device == x.device
+        torch.testing.assert_close(out, model(x).detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ttm.InputError, match=r"input 'input' is on cpu but this module runs on cuda:0"):
+        module(torch.randn(3, 16))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ttm.InputError, match=r"is on cuda:1 but this module runs on cuda:0"):
+            module(torch.randn(3, 16, device="cuda:1"))

@@ -356,12 +356,13 @@ class EngineCache:
             raise _Corrupt(f"checksum mismatch for blob {name!r}")
         return data
 
-    def get(self, key: str, *, defer: Collection[str] = ()) -> CacheEntry | None:
+    def get(self, key: str, *, defer: Collection[str] = (), only: Collection[str] | None = None) -> CacheEntry | None:
         """The verified entry for ``key``, or None. A bad entry is evicted, with one WARNING that says why.
 
         Blobs named in ``defer`` are only opened and size-checked here; reading and the
         checksum wait until :class:`DeferredBlob` is called (for bytes this process may never
-        use, such as an engine that cannot run on this machine).
+        use, such as an engine that cannot run on this machine). With ``only``, blobs not named
+        there are left alone (neither read nor returned).
         """
         _check_name(key, "key")
         path, meta = self._meta_path(key), None
@@ -370,9 +371,9 @@ class EngineCache:
             with open(path, "rb") as f:
                 st, raw = os.fstat(f.fileno()), f.read()
             meta = self._parse_meta(key, raw)
-            blobs = {name: self._read_blob(key, name, info) for name, info in meta["blobs"].items()
-                     if name not in defer}
-            for name in set(defer) & set(meta["blobs"]):
+            wanted = set(meta["blobs"]) if only is None else set(meta["blobs"]) & set(only)
+            blobs = {name: self._read_blob(key, name, meta["blobs"][name]) for name in sorted(wanted - set(defer))}
+            for name in wanted & set(defer):
                 deferred[name] = self._open_blob(key, name, meta["blobs"][name])
         except FileNotFoundError:
             if leftovers := self._leftovers(key):  # too old to be a write in progress: a crash between the two

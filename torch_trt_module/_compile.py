@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -19,6 +21,7 @@ from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, params_of, split_inputs
 from ._spec import flatten
 from .backends import BackendChoice, backend_version, gpu_identity, rtx_runs_on, select_backend
+from .backends._onnxruntime import optimized_graph_name
 
 __all__ = ["STATS", "compile", "content_key"]
 
@@ -123,6 +126,8 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
                 blobs = {"onnx": engine.onnx}
                 if engine.plan is not None:
                     blobs["engine"] = engine.plan
+                if choice.run == "onnxruntime":
+                    blobs.update(_session_keeping_optimized(engine, device))
                 cache.put(key, blobs, {"engine_meta": engine.meta, "backend": engine.backend})
                 new_timing = getattr(engine, "_timing_cache", None)
                 if aux_name and new_timing:
@@ -138,16 +143,21 @@ def _cached(cache: Any, key: str | None, device: torch.device, settings: Setting
     # An engine that will not run here (an RTX plan on a machine without a supported GPU) is
     # only needed for state_dict()/save(): read and checksum it then, not on every warm start.
     defer = () if choice.run == choice.build else ("engine",)
+    only = {"onnx", "engine"}
     if choice.run == "onnxruntime":
-        defer += ("onnx",)  # read here, and checked while ONNX Runtime loads it (_onnx_and_session)
-    entry = cache.get(key, defer=defer)
+        # Read here, and checked while ONNX Runtime loads them (_onnx_and_session); ORT's
+        # optimized copies made by other ORT versions or on other CPUs are left alone.
+        mine = {n for n in (optimized_graph_name(half=False), optimized_graph_name(half=True)) if n}
+        defer += ("onnx", *mine)
+        only |= mine
+    entry = cache.get(key, defer=defer, only=only)
     if entry is None:
         return None
     try:
         meta = entry.meta["engine_meta"]
         onnx, runner = entry.blobs.get("onnx"), None
         if "onnx" in entry.deferred:
-            onnx, runner = _onnx_and_session(entry.deferred["onnx"], meta, device)
+            onnx, runner = _onnx_and_session(entry.deferred, meta, device)
         if "engine" in entry.deferred:
             blob = entry.deferred["engine"]
             engine = Engine(entry.meta["backend"], None, onnx, meta, plan_size=blob.size,
@@ -175,23 +185,29 @@ def _cached(cache: Any, key: str | None, device: torch.device, settings: Setting
     return engine
 
 
-def _onnx_and_session(blob: Any, meta: dict[str, Any], device: torch.device) -> tuple[bytes, Any]:
-    """Read the ONNX blob, then make its ONNX Runtime session from those bytes while their
-    sha256 is computed (both release the GIL). Only checked bytes are used: a mismatch raises
-    CacheError and the session is dropped. The session is the bulk of a warm compile()."""
+def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: torch.device) -> tuple[bytes, Any]:
+    """Read the ONNX blob (and ONNX Runtime's optimized copy of it, if this machine has one),
+    then make the session from those bytes while their sha256 is computed (both release the
+    GIL). Only checked bytes are used: a mismatch raises CacheError and the session is dropped.
+    The session is the bulk of a warm compile()."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ._export import ExportedModel
     from ._module import normalize_device
     from .backends._onnxruntime import OnnxRuntimeRunner
 
+    ex = ExportedModel.from_meta(b"", meta["model"])
+    half = ex.precision != "fp32"
+    blob, opt_blob = deferred["onnx"], deferred.get(optimized_graph_name(half=half) or "")
     data = blob.read()
-    ex = ExportedModel.from_meta(data, meta["model"])
-    dev = normalize_device(device)
+    opt = opt_blob.read() if opt_blob is not None else None
     with ThreadPoolExecutor(1, thread_name_prefix="torch_trt_module-ort") as pool:
-        made = pool.submit(OnnxRuntimeRunner, data, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32")
+        made = pool.submit(OnnxRuntimeRunner, data, ex.inputs, ex.outputs, normalize_device(device), half=half,
+                           optimized=opt)
         try:
             blob.check(data)
+            if opt_blob is not None:
+                opt_blob.check(opt)
         finally:
             if not made.done():
                 made.add_done_callback(lambda f: f.exception())  # a dropped session's error is not news
@@ -200,6 +216,32 @@ def _onnx_and_session(blob: Any, meta: dict[str, Any], device: torch.device) -> 
         except Exception:  # noqa: BLE001 - TRTModule makes it again and reports the error there
             runner = None
     return data, runner
+
+
+def _session_keeping_optimized(engine: Engine, device: torch.device) -> dict[str, bytes]:
+    """Make the module's ONNX Runtime session, keeping ORT's optimized copy of the graph for
+    the cache entry (warm hits then load that copy, about twice as fast). The session is offered
+    to the TRTModule that compile() makes next. Empty where no copy can be made."""
+    from ._module import normalize_device
+    from .backends._onnxruntime import OnnxRuntimeRunner
+
+    ex = engine.exported
+    half = ex.precision != "fp32"
+    name = optimized_graph_name(half=half)
+    if name is None:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="torch_trt_module-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        try:
+            runner = OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, normalize_device(device), half=half,
+                                       save_optimized=path)
+            with open(path, "rb") as f:
+                graph = f.read()
+        except Exception as e:  # noqa: BLE001 - TRTModule makes the session again and reports any error
+            log.debug("no optimized ONNX Runtime graph for the cache: %s", e)
+            return {}
+    engine._offer_runner(runner)
+    return {name: graph}
 
 
 def _plan_loader(blob: Any, cache: Any, key: str, onnx: bytes, meta: dict[str, Any], settings: Settings,

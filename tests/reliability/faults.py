@@ -475,7 +475,8 @@ def truncated_engine(root: Path, counts: Counts) -> dict[str, Any]:
 
 def byte_flips(root: Path, counts: Counts, n: int = 100, seed: int = 0) -> dict[str, Any]:
     """``n`` single-byte flips, each in one file of one of three entries (metadata, engine blob,
-    ONNX blob, or the index record pointing to it), each followed by a compile() of that model."""
+    ONNX blob, ONNX Runtime's optimized graph, or the index record pointing to it), each followed
+    by a compile() of that model."""
     rng = random.Random(seed)
     tr = Tracker(root)
     tr.add(0, 1, 2)
@@ -485,6 +486,7 @@ def byte_flips(root: Path, counts: Counts, n: int = 100, seed: int = 0) -> dict[
         path = rng.choice(tr.files(victim))
         kind = ("index" if path.parent.name == "index" else "metadata" if path.suffix == ".json"
                 else path.name.split("+")[1])
+        kind = "ort" if kind.startswith("ort-") else kind  # ONNX Runtime's optimized copy of the graph
         flip_byte(path, rng)
         counts.injected += 1
         result = tr.recover(victim, counts)

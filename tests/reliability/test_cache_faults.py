@@ -37,10 +37,11 @@ def test_100_random_byte_flips_never_serve_a_corrupt_entry(tmp_path: Path) -> No
     counts, d = run(faults.byte_flips, tmp_path)
     assert counts == clean(100), d
     outcomes = d["outcomes"]
-    assert {k.split(":")[0] for k in outcomes} == {"metadata", "engine", "onnx", "index"}  # every kind was hit
+    assert {k.split(":")[0] for k in outcomes} == {"metadata", "engine", "onnx", "ort", "index"}  # every kind hit
     # A flip in an entry's own files always rebuilds (checksums); a flipped index record only
     # costs an export, because the content key still finds the intact entry.
-    assert set(outcomes) <= {"metadata:rebuilt", "engine:rebuilt", "onnx:rebuilt", "index:hit"}, outcomes
+    assert set(outcomes) <= {"metadata:rebuilt", "engine:rebuilt", "onnx:rebuilt", "ort:rebuilt", "index:hit"}, \
+        outcomes
 
 
 def test_deleted_metadata_with_old_blobs_is_rebuilt_with_a_warning(tmp_path: Path) -> None:

@@ -192,6 +192,12 @@ def test_cache_is_private_json_and_raw_blobs(tmp_path: Path, umask: int) -> None
         if p.suffix == ".json":
             json.loads(data)  # metadata and index records: plain JSON
             kinds.add("json")
+        elif p.suffix == ".blob" and "+ort-" in p.name:  # ONNX Runtime's optimized copy: an ONNX protobuf
+            import onnx
+
+            graph = onnx.load_from_string(data).graph
+            assert [i.name for i in graph.input] == module.input_names
+            kinds.add("ort")
         elif p.suffix == ".blob":
             assert data in blobs  # the engine's own bytes, not a container of objects
             kinds.add("blob")
@@ -200,7 +206,7 @@ def test_cache_is_private_json_and_raw_blobs(tmp_path: Path, umask: int) -> None
         else:
             assert p.suffix == ".lock" and data == b""
             kinds.add("lock")
-    assert kinds == {"json", "blob", "lock"}
+    assert kinds == {"json", "blob", "ort", "lock"}
 
 
 @pytest.fixture
