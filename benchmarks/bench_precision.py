@@ -32,29 +32,12 @@ from _common import OUT_DIR, machine, machine_line, section_intro, write_section
 
 import torch
 
+from tests.models import Sensitive  # noqa: E402 - _common put the repository on sys.path
+
 HEADING = "Mixed precision"
 
 
 # --------------------------------------------------------------------------- models
-
-class SensitiveNet(torch.nn.Module):
-    """A synthetic worst case for fp16: a large reduction and a hand-written norm.
-
-    Features of size 16384 with an offset: their sum overflows fp16 (max 65504), and the
-    hand-written variance loses every digit to cancellation in fp16.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = torch.nn.Linear(64, 16384)
-        self.down = torch.nn.Linear(16384, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x) + 8.0
-        total = h.sum(-1, keepdim=True)                       # overflows in fp16
-        centred = h - h.mean(-1, keepdim=True)
-        var = (centred * centred).mean(-1, keepdim=True)      # a norm written by hand
-        return self.down(centred / torch.sqrt(var + 1e-5)) + total * 1e-4
 
 
 def models() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], tuple[torch.Tensor, ...]]]]:
@@ -87,7 +70,7 @@ def models() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], t
         "resnet18 (#1)": (lambda: torchvision.models.resnet18(weights=None), image),
         "ViT (#4)": (vit, image),
         "BERT (#6)": (bert, bert_inputs),
-        "synthetic: 16k reduction + hand-written norm": (SensitiveNet, lambda b: (torch.randn(b, 64),)),
+        "synthetic: 16k reduction + hand-written norm": (Sensitive, lambda b: (torch.randn(b, 64),)),
     }
 
 

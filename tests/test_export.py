@@ -8,19 +8,11 @@ import torch
 
 import torch_trt_module as ttm
 
-
-class KW(torch.nn.Module):  # cases.md #11
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(32, 32)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-        y = self.lin(x) * scale
-        return y + bias if bias is not None else y
+from .zoo.cases import KeywordArgs  # cases.md #11
 
 
 def test_inputs_are_named_by_the_forward_signature_and_batch_is_dynamic() -> None:
-    ex = ttm.export_onnx(KW().eval(), ((), {"x": torch.randn(2, 32), "bias": torch.randn(2, 32)}))
+    ex = ttm.export_onnx(KeywordArgs().eval(), ((), {"x": torch.randn(2, 32), "bias": torch.randn(2, 32)}))
     assert ex.input_names == ["x", "bias"]
     assert ex.inputs[0].min == (1, 32) and ex.inputs[0].opt == (2, 32) and ex.inputs[0].max == (32, 32)
     graph = onnx.load_from_string(ex.onnx).graph

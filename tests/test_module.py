@@ -11,6 +11,8 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module import assert_parity
 
+from .zoo.cases import KeywordArgs  # cases.md #11
+
 
 class Nested(torch.nn.Module):  # cases.md #10
     def forward(self, x: torch.Tensor) -> dict[str, object]:
@@ -23,16 +25,6 @@ Pair = collections.namedtuple("Pair", "first second")
 class NamedOut(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Pair:
         return Pair(x.relu(), x.sigmoid())
-
-
-class KW(torch.nn.Module):  # cases.md #11
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(32, 32)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
-        y = self.lin(x) * scale
-        return y + bias if bias is not None else y
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +49,7 @@ def test_namedtuple_output_comes_back_as_the_namedtuple() -> None:
 
 
 def test_keyword_arguments_bind_by_name() -> None:
-    model = KW().eval()
+    model = KeywordArgs().eval()
     x, b = torch.randn(2, 32), torch.randn(2, 32)
     module = ttm.compile(model, ((), {"x": x, "bias": b}), cache=False)
     assert module.input_names == ["x", "bias"]

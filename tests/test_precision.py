@@ -28,6 +28,8 @@ from torch_trt_module._precision import (
 )
 from torch_trt_module._spec import flatten
 
+from .models import Sensitive
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -237,21 +239,6 @@ def test_bf16_graph_types() -> None:
     assert inputs == [onnx.TensorProto.BFLOAT16]
     # ORT's Python binding takes no bf16: eager bf16 against fp32 instead.
     class_h(eager(convert_model(model, "bf16"), half(x, torch.bfloat16)), eager(model, x))
-
-
-class Sensitive(torch.nn.Module):
-    """A 16k-wide reduction and a norm written by hand: where a whole-model cast loses digits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = torch.nn.Linear(64, 16384)
-        self.down = torch.nn.Linear(16384, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x) + 8.0
-        centred = h - h.mean(-1, keepdim=True)
-        var = (centred * centred).mean(-1, keepdim=True)
-        return self.down(centred / torch.sqrt(var + 1e-5)) + h.sum(-1, keepdim=True) * 1e-4
 
 
 def test_mixed_is_more_accurate_than_full_cast() -> None:

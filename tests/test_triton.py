@@ -20,6 +20,8 @@ from torch_trt_module._build import Engine
 from torch_trt_module._errors import TorchTRTError
 from torch_trt_module._triton import TritonExportError, TritonRepoExists, export_triton, triton_config
 
+from .models import Conv
+
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="pip install 'torch_trt_module[triton]' (tritonclient[grpc])")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -45,15 +47,6 @@ class TwoInputs(torch.nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.proj(x + self.embed(ids).mean(1))
         return h, h.argmax(-1), h > 0
-
-
-class Conv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
 
 def _compile(model: torch.nn.Module, example: Any, **options: Any) -> ttm.TRTModule:

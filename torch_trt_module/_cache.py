@@ -109,11 +109,13 @@ class DeferredBlob:
 
     def check(self, data: bytes) -> None:
         """Raise :class:`CacheError` (and evict the entry) unless ``data`` matches the recorded sha256."""
-        if len(data) != self.size or sha256_bytes(data) != self._info["sha256"]:
+        try:
+            _check_blob(self._name, self._info, data)
+        except _Corrupt as e:
             with contextlib.suppress(CacheError):
                 self._cache.evict(self._key)
-            raise CacheError(f"engine cache entry {self._key} is unusable (checksum mismatch for blob "
-                             f"{self._name!r}, read after the hit); it was evicted")
+            raise CacheError(f"engine cache entry {self._key} is unusable ({e}, read after the hit); "
+                             "it was evicted") from None
 
     def close(self) -> None:
         self._f.close()
@@ -136,6 +138,18 @@ class EntryInfo:
 
 class _Corrupt(Exception):
     """Why an entry cannot be used; never leaves this module."""
+
+
+def _check_size(name: str, info: dict[str, Any], size: int) -> None:
+    if size != info["size"]:
+        raise _Corrupt(f"blob {name!r} is {size} bytes, expected {info['size']} (truncated?)")
+
+
+def _check_blob(name: str, info: dict[str, Any], data: bytes) -> None:
+    """Raise _Corrupt unless ``data`` has the size and sha256 that the metadata records."""
+    _check_size(name, info, len(data))
+    if sha256_bytes(data) != info["sha256"]:
+        raise _Corrupt(f"checksum mismatch for blob {name!r}")
 
 
 def _valid_name(name: object) -> bool:
@@ -350,10 +364,7 @@ class EngineCache:
             data = self._blob_path(key, name, info["sha256"]).read_bytes()
         except FileNotFoundError:
             raise _Corrupt(f"blob {name!r} is missing") from None
-        if len(data) != info["size"]:
-            raise _Corrupt(f"blob {name!r} is {len(data)} bytes, expected {info['size']} (truncated?)")
-        if sha256_bytes(data) != info["sha256"]:
-            raise _Corrupt(f"checksum mismatch for blob {name!r}")
+        _check_blob(name, info, data)
         return data
 
     def get(self, key: str, *, defer: Collection[str] = (), only: Collection[str] | None = None) -> CacheEntry | None:
@@ -406,9 +417,11 @@ class EngineCache:
             f = open(self._blob_path(key, name, info["sha256"]), "rb")  # noqa: SIM115 - DeferredBlob closes it
         except FileNotFoundError:
             raise _Corrupt(f"blob {name!r} is missing") from None
-        if (size := os.fstat(f.fileno()).st_size) != info["size"]:
+        try:
+            _check_size(name, info, os.fstat(f.fileno()).st_size)
+        except _Corrupt:
             f.close()
-            raise _Corrupt(f"blob {name!r} is {size} bytes, expected {info['size']} (truncated?)")
+            raise
         return DeferredBlob(self, key, name, info, f)
 
     def _leftovers(self, key: str | None, referenced: Collection[str] = ()) -> list[Path]:

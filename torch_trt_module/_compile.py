@@ -14,7 +14,7 @@ import torch
 
 from ._build import Engine, build_with_choice
 from ._errors import CacheError, EngineLoadError, InputError, TorchTRTError
-from ._export import default_tolerances, export_with_settings
+from ._export import ExportedModel, default_tolerances, export_with_settings
 from ._fingerprint import module_fingerprint
 from ._module import TRTModule, _can_run
 from ._settings import Settings, freeze_dynamic
@@ -192,7 +192,6 @@ def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: to
     The session is the bulk of a warm compile()."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ._export import ExportedModel
     from ._module import normalize_device
     from .backends._onnxruntime import OnnxRuntimeRunner
 
@@ -254,7 +253,7 @@ def _plan_loader(blob: Any, cache: Any, key: str, onnx: bytes, meta: dict[str, A
             return blob()  # type: ignore[no-any-return]
         except TorchTRTError as e:
             log.warning("%s; building the engine again", e)  # the one WARNING for this fault
-        engine = _build(Engine(choice.build, None, onnx, meta).exported, settings, choice, device)
+        engine = _build(ExportedModel.from_meta(onnx, meta["model"]), settings, choice, device)
         with contextlib.suppress(TorchTRTError, OSError), cache.lock(key):
             cache.put(key, {"onnx": engine.onnx, "engine": engine.plan},
                       {"engine_meta": engine.meta, "backend": engine.backend})

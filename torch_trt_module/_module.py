@@ -25,6 +25,8 @@ __all__ = ["TRTModule", "load", "save"]
 log = logging.getLogger(__name__)
 _STATE_FORMAT = 2  # 2: the state carries a sha256 of its parts
 _announced: set[str] = set()
+#: input shapes that passed every check -> the runner's call for them (TRTModule.__call__)
+_FastCalls = dict[tuple[torch.Size, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]]
 _Tensor, _grad_enabled = torch.Tensor, torch.is_grad_enabled
 # torch's global hook tables, mutated in place and never rebound; module globals read fastest.
 _G_FWD_PRE, _G_FWD = _nn_module._global_forward_pre_hooks, _nn_module._global_forward_hooks
@@ -55,7 +57,7 @@ class TRTModule(torch.nn.Module):
         self._rebuilds = 0
         self._max_rebuilds = 0
         self._lazy_device: torch.device | None = None
-        self._fast: dict[tuple[torch.Size, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] | None = None
+        self._fast: _FastCalls | None = None
         self._single_out = self._on_cpu = False
         self._lock = threading.Lock()
         self.eval()
@@ -108,11 +110,10 @@ class TRTModule(torch.nn.Module):
                   and [p.name for p in params[: len(tree.keys)]] == tree.keys
                   and all(p.kind in ("positional_only", "positional_or_keyword") for p in params[: len(tree.keys)]))
         self._n_positional = len(tree.keys) if simple else -1
-        # The fast call (see forward): plain positional tensors that need no cast, at input
+        # The fast call (see __call__): plain positional tensors that need no cast, at input
         # shapes already checked against the profile. None turns it off for this engine.
         casts = any(u != s.torch_dtype for u, s in zip(self._user_in, exported.inputs))
-        self._fast: dict[tuple[torch.Size, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] | None = (
-            None if casts or not simple else {})
+        self._fast = None if casts or not simple else {}
         self._single_out = exported.output_tree.kind == "tensor"
         self._on_cpu = runner.device.type == "cpu"  # t.is_cpu is cheaper than a device comparison
 

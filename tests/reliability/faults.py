@@ -105,6 +105,13 @@ class Counts:
         return (f"faults injected: {self.injected}, recovered: {self.recovered}, wrong results: "
                 f"{self.wrong_results}, corrupt served: {self.corrupt_served}, lost entries: {self.lost_entries}")
 
+    def merge_one(self, local: "Counts", ok: bool) -> None:
+        """Count one injected fault from the sub-counts of its steps: recovered when ``ok``."""
+        self.wrong_results += local.wrong_results
+        self.corrupt_served += local.corrupt_served
+        self.lost_entries += local.lost_entries
+        self.recovered += ok
+
     @property
     def clean(self) -> bool:
         return (self.injected > 0 and self.recovered == self.injected and self.wrong_results == 0
@@ -608,10 +615,7 @@ def read_only_dir(root: Path, counts: Counts) -> dict[str, Any]:
                 tr.recover(seed, local, stored=stored)
             warned.append(w)
     unchanged = file_bytes(root) == before and not temp_files(root)
-    counts.wrong_results += local.wrong_results
-    counts.corrupt_served += local.corrupt_served
-    counts.lost_entries += local.lost_entries
-    counts.recovered += local.recovered == 2 and unchanged
+    counts.merge_one(local, local.recovered == 2 and unchanged)
     return {"warnings": warned, "unchanged": unchanged}
 
 
@@ -626,10 +630,7 @@ def disk_full_on_write(root: Path, counts: Counts) -> dict[str, Any]:
         tr.recover(3, local, stored=False)
     unchanged = file_bytes(root) == before and not temp_files(root)
     after = tr.recover(3, local)  # space is back
-    counts.wrong_results += local.wrong_results
-    counts.corrupt_served += local.corrupt_served
-    counts.lost_entries += local.lost_entries
-    counts.recovered += local.recovered == 2 and unchanged
+    counts.merge_one(local, local.recovered == 2 and unchanged)
     return {"warnings": warned, "unchanged": unchanged, "stored_later": after["ok"] and after["rebuilt"]}
 
 

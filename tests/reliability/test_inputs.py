@@ -19,6 +19,8 @@ import torch_trt_module as ttm
 from torch_trt_module import ExportError, InputError, TorchTRTError, _compile
 from torch_trt_module._spec import TensorSpec
 
+from ..models import Conv
+
 EXPORTER = "torchscript"  # 0.02 s per export; the dynamo exporter is used where it matters
 
 
@@ -43,15 +45,6 @@ class Embed(torch.nn.Module):
 class Elementwise(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 2.0 + 1.0
-
-
-class Conv(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
 
 class RowSum(torch.nn.Module):

@@ -242,7 +242,6 @@ class OnnxRuntimeRunner:
         self._ort_device = ("cuda", self.device.index or 0) if use_cuda else ("cpu", 0)
         self._run_device = self.device if use_cuda else torch.device("cpu")
         graph_inputs = {i.name for i in self.session.get_inputs()}
-        self._unused = {s.name for s in self.inputs if s.name not in graph_inputs}
         self._np_in = [_np_dtype(s.torch_dtype) for s in self.inputs]
         self._np_out = [_np_dtype(s.torch_dtype) for s in self.outputs]
         self._out_dtypes = [s.torch_dtype for s in self.outputs]
@@ -252,8 +251,9 @@ class OnnxRuntimeRunner:
         # Per input-shape plans for the common call (every output's shape known, nothing empty,
         # no staging): what a call binds, worked out once. Filled after a call succeeds.
         self._plans: dict[tuple[tuple[int, ...], ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]] = {}
+        # Inputs the graph reads (an exporter may drop one the model ignores), by position.
         self._used = [(i, s.name, np_t) for i, (s, np_t) in enumerate(zip(self.inputs, self._np_in))
-                      if s.name not in self._unused]
+                      if s.name in graph_inputs]
         self._local = threading.local()
 
     def _state(self) -> "_BindState":
@@ -297,15 +297,12 @@ class OnnxRuntimeRunner:
             if not valid:  # dropped after a failure; callers may still hold it
                 return self.run(inputs)
             st = getattr(local, "state", None) or get_state()
-            bind, dev, ptrs = st.bind_c, st.device, st.ptrs
-            if st.plan is not planned:  # the binding was last set up for other shapes
-                st.plan, st.inputs = planned, {}  # (and _run must rebind everything)
-                ptrs[:] = [None] * len(inputs)
+            bind, dev, bound = st.bind_c, st.device, st.inputs
             for i, name, np_t, shape in used:
-                ptr = inputs[i].data_ptr()
-                if ptrs[i] != ptr:  # rebinding costs a few µs; skip it when unchanged
-                    bind.bind_input(name, dev, np_t, shape, ptr)
-                    ptrs[i] = ptr
+                key = (inputs[i].data_ptr(), shape)
+                if bound.get(name) != key:  # rebinding costs a few µs; skip it when unchanged
+                    bind.bind_input(name, dev, np_t, shape, key[0])
+                    bound[name] = key
             outs = []
             for name, np_t, shape, dtype in outputs:
                 out = torch.empty(size=shape, dtype=dtype, device=device)  # size= parses faster than a tuple
@@ -315,7 +312,6 @@ class OnnxRuntimeRunner:
                 run_c(bind, None)
             except Exception:  # noqa: BLE001 - _run reports it, or recovers (distrusted output shapes)
                 valid = False
-                st.plan = None
                 plans.clear()
                 return self._run(inputs, shapes)
             return outs
@@ -325,21 +321,18 @@ class OnnxRuntimeRunner:
     def _run(self, inputs: Sequence[torch.Tensor], in_shapes: tuple[tuple[int, ...], ...]) -> list[torch.Tensor]:
         staged = [t if t.device == self._run_device else t.to(self._run_device) for t in inputs]
         st = self._state()
-        st.plan = None  # bindings made here are tracked in st.inputs, not by a plan
         bind, dev = st.bind_c, st.device
         keep: list[torch.Tensor] = []
-        for spec, np_t, t in zip(self.inputs, self._np_in, staged):
-            if spec.name in self._unused:
-                continue
-            buf = t
+        for i, name, np_t in self._used:
+            t = buf = staged[i]
             if t.numel() == 0:
                 # Never hand a null pointer to the runtime: bind a one-element buffer.
                 buf = torch.empty(1, dtype=t.dtype, device=t.device)
                 keep.append(buf)
-            bound = (buf.data_ptr(), t.shape)
-            if st.inputs.get(spec.name) != bound:  # rebinding costs a few µs; skip it when unchanged
-                bind.bind_input(spec.name, dev, np_t, tuple(t.shape), bound[0])
-                st.inputs[spec.name] = bound
+            bound = (buf.data_ptr(), tuple(t.shape))
+            if st.inputs.get(name) != bound:  # rebinding costs a few µs; skip it when unchanged
+                bind.bind_input(name, dev, np_t, bound[1], bound[0])
+                st.inputs[name] = bound
         shapes = self.output_shapes(in_shapes)
         results: list[torch.Tensor | None] = []
         for i, (spec, np_t, shape) in enumerate(zip(self.outputs, self._np_out, shapes)):
@@ -392,9 +385,7 @@ class _BindState:
         if self.bind_c is None:
             raise RuntimeFailure("this onnxruntime version lacks the IOBinding internals torch_trt_module uses")
         self.run = _c_run(session)
-        self.inputs: dict[str, tuple[int, Any]] = {}  # what _run bound: name -> (address, shape)
-        self.plan: Any = None  # the planned call that made the current input bindings, if any
-        self.ptrs: list[int | None] = []  # its bound input addresses, by input position
+        self.inputs: dict[str, tuple[int, tuple[int, ...]]] = {}  # what is bound: name -> (address, shape)
 
 
 def _c_run(session: Any) -> Callable[[Any, Any], None]:
