@@ -13,7 +13,7 @@ def _has_trt_runtime() -> bool:
         return False
     try:
         from torch_trt_module.backends import rtx_runs_on
-        from torch_trt_module.backends._tensorrt import import_tensorrt
+        from torch_trt_module.backends._trt_loader import import_tensorrt
 
         name, _ = import_tensorrt()
         return name == "tensorrt" or rtx_runs_on("cuda")

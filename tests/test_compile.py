@@ -23,7 +23,7 @@ def test_rtx_hit_that_this_gpu_rejects_is_evicted_and_rebuilt(monkeypatch: pytes
     builds = _compile.STATS["builds"]
     # Pretend a supported GPU is present and that RTX's get_engine_validity says INVALID:
     # no GPU here can run that check for real.
-    import torch_trt_module.backends._tensorrt as trt_backend
+    import torch_trt_module.backends._trt_loader as trt_backend
 
     monkeypatch.setattr(_compile, "rtx_runs_on", lambda device: True)
     monkeypatch.setattr(trt_backend, "engine_validity", lambda plan, backend: "EngineValidity.INVALID (diagnostics 4)")
@@ -38,7 +38,7 @@ def test_rtx_hit_is_served_when_the_gpu_accepts_it(monkeypatch: pytest.MonkeyPat
     model = torch.nn.Linear(8, 4).eval()
     x = torch.randn(2, 8)
     ttm.compile(model, x, cache_dir=cache_dir)
-    import torch_trt_module.backends._tensorrt as trt_backend
+    import torch_trt_module.backends._trt_loader as trt_backend
 
     monkeypatch.setattr(_compile, "rtx_runs_on", lambda device: True)
     monkeypatch.setattr(trt_backend, "engine_validity", lambda plan, backend: None)

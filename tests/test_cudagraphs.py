@@ -30,14 +30,16 @@ from torch_trt_module.backends._tensorrt import TensorRTRunner
 class RecordingGraphs:
     """TEST DOUBLE of ``TorchCudaGraphs`` for a CPU machine.
 
-    ``capture`` runs ``fn`` but records, instead of executing, every ``execute_async_v3``
-    it enqueues on a FakeContext, as stream capture records kernels without running them.
-    ``replay`` re-issues the recorded calls on the same contexts, which read the inputs and
-    write the outputs at the addresses bound at capture time, as a graph's kernels do.
+    ``capture`` runs ``fn`` but has the engine double record, instead of executing, every
+    ``execute_async_v3`` it enqueues (``Knobs.record``), as stream capture records kernels
+    without running them. ``replay`` re-issues the recorded calls on the same contexts, which
+    read the inputs and write the outputs at the addresses bound at capture time, as a
+    graph's kernels do.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, knobs: Any = None, streams: Any = None) -> None:
         self.syncs = 0
+        self.knobs, self.streams = knobs, streams
 
     def order(self) -> None:
         pass
@@ -53,26 +55,22 @@ class RecordingGraphs:
         return 0
 
     def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
-        from .trt_double import FakeContext
+        from .trt_double import replay
 
         calls: list[tuple[Any, int]] = []
-        real = FakeContext.execute_async_v3
-
-        def record(ctx: Any, stream: int) -> bool:
-            calls.append((ctx, stream))
-            return True
-
-        FakeContext.execute_async_v3 = record  # type: ignore[method-assign]
+        self.knobs.record = calls
         try:
             outputs = fn()
         finally:
-            FakeContext.execute_async_v3 = real  # type: ignore[method-assign]
+            self.knobs.record = None
         assert calls, "the captured function enqueued no work"
+        streams = self.streams
 
         class Replay:
             def replay(self) -> None:
-                for ctx, stream in calls:
-                    assert real(ctx, stream)
+                for ctx, handle in calls:
+                    assert replay(ctx, handle)
+                    streams.synchronize(handle)
 
         return Replay(), outputs
 
@@ -88,21 +86,22 @@ class Masked(torch.nn.Module):  # a data-dependent output shape
 
 
 def _runner_on_double(model: torch.nn.Module, example: torch.Tensor, dynamic: Any = "batch",
-                      dds: tuple[str, ...] = ()) -> tuple[TensorRTRunner, Any, ttm.TRTModule]:
-    """A real TensorRTRunner over the execution-context double, and the ONNX Runtime reference."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx supplies the real enums the runner checks")
+                      dds: tuple[str, ...] = ()) -> tuple[TensorRTRunner, Any, ttm.TRTModule, Any]:
+    """A real TensorRTRunner over the strict engine double (its knobs), and the ONNX Runtime reference."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx supplies the real classes the double mirrors")
     pytest.importorskip("onnxruntime")
-    from .trt_double import FakeEngine
+    from .trt_double import HostStreams, Knobs, doubles, ort_compute
 
     reference = ttm.compile(model.eval(), example, dynamic=dynamic, backend="onnxruntime", cache=False,
                             verify=False)
     engine = reference.engine
     assert engine is not None
     ex = engine.exported
-    fake = FakeEngine(trt, engine.onnx, ex.inputs, ex.outputs, dds_outputs=dds)
-    runner = TensorRTRunner(fake, ex.inputs, ex.outputs, "cpu", trt=trt, backend="tensorrt_rtx",
-                            stream=lambda: 0)
-    return runner, fake, reference
+    knobs, streams = Knobs(), HostStreams()
+    fake = doubles(trt)[0](ex.inputs, ex.outputs, ort_compute(engine.onnx, ex.output_names), knobs=knobs,
+                           streams=streams, dds_outputs=dds)
+    runner = TensorRTRunner(fake, ex.inputs, ex.outputs, "cpu", trt=trt, backend="tensorrt_rtx", streams=streams)
+    return runner, knobs, reference, streams
 
 
 def _check(outs: list[torch.Tensor], reference: ttm.TRTModule, x: torch.Tensor) -> None:
@@ -114,9 +113,9 @@ def _check(outs: list[torch.Tensor], reference: ttm.TRTModule, x: torch.Tensor) 
 
 @pytest.fixture
 def affine() -> tuple[CudaGraphRunner, Any, ttm.TRTModule, RecordingGraphs]:
-    runner, fake, reference = _runner_on_double(Affine(), torch.randn(4, 6))
-    driver = RecordingGraphs()
-    return CudaGraphRunner(runner, device="cpu", max_graphs=2, driver=driver), fake, reference, driver
+    runner, knobs, reference, streams = _runner_on_double(Affine(), torch.randn(4, 6))
+    driver = RecordingGraphs(knobs, streams)
+    return CudaGraphRunner(runner, device="cpu", max_graphs=2, driver=driver), knobs, reference, driver
 
 
 # --------------------------------------------------------------------------- construction
@@ -168,7 +167,7 @@ def test_each_shape_gets_its_own_graph_and_context(affine: Any) -> None:
     graphs.run([b])
     assert graphs.stats["captures"] == 2 and len(fake.contexts) == 2
     name = reference.input_names[0]
-    assert {c.shapes[name] for c in fake.contexts} == {(2, 6), (5, 6)}
+    assert {c._c.shapes[name] for c in fake.contexts} == {(2, 6), (5, 6)}
     # Replaying the first shape after capturing the second: its context still holds its own
     # shapes, which a context shared between graphs would not.
     a2 = torch.randn(2, 6)
@@ -198,8 +197,8 @@ def test_least_recently_used_graph_is_dropped(affine: Any) -> None:
 
 
 def test_data_dependent_output_cannot_be_captured() -> None:
-    runner, _, _ = _runner_on_double(Masked(), torch.randn(4, 6), dds=("output",))
-    graphs = CudaGraphRunner(runner, device="cpu", driver=RecordingGraphs())
+    runner, knobs, _, streams = _runner_on_double(Masked(), torch.randn(4, 6), dds=("output",))
+    graphs = CudaGraphRunner(runner, device="cpu", driver=RecordingGraphs(knobs, streams))
     with pytest.raises(RuntimeFailure, match=r"output 'output' has a data-dependent shape.*cuda_graphs=False"):
         graphs.run([torch.randn(4, 6)])
     assert graphs.shapes == []

@@ -1,184 +1,632 @@
-"""A TEST DOUBLE of a TensorRT engine and execution context.
+"""A TEST DOUBLE of TensorRT's runtime objects (engine and execution context), as strict as the
+real bindings because its surface is derived from them.
 
-Why a double: no machine in this workplace can execute a TensorRT engine (no
-TensorRT on the GPU machine; TensorRT-RTX refuses its sm_90; the CPU machine
-has no GPU). So the runtime adapter (``backends/_tensorrt.py``) is exercised
-against this double, which behaves like the real context where it matters:
+Why a double: no machine in this workplace can execute a TensorRT engine (no builder exists
+here to make one the lean runtime would load; TensorRT-RTX refuses the H200's sm_90; the
+CPU machine has no GPU). So the runtime adapter (``backends/_tensorrt.py``) runs against
+this double. It never shows that TensorRT works: only that the adapter drives the real API
+correctly.
 
-- it reads the input tensors from the raw addresses the adapter bound (through
-  ctypes), runs the ONNX graph on ONNX Runtime, and writes the results to the
-  bound output addresses, so a wrong pointer, shape, dtype or a freed temporary
-  gives wrong numbers rather than a passing test;
-- ``set_input_shape`` fails outside the profile and ``set_tensor_address`` fails
-  for a null pointer, returning False as TensorRT does;
-- data-dependent outputs report ``-1`` dims and go through the adapter's
-  ``IOutputAllocator``;
-- every method it defines exists on the real ``tensorrt_rtx`` classes (checked in
-  ``test_tensorrt_adapter.py``), and :class:`Recorder` logs every attribute the
-  adapter touches so those can be checked too.
+**Derived from the real classes.** ``doubles(trt)`` makes the engine and context classes for
+one real module: ``tensorrt_lean`` (TensorRT 11.4's runtime) or ``tensorrt_rtx``. Every method
+and property a double defines must exist on the real class, and:
 
-It never shows that TensorRT itself works: only that the adapter drives the
-named-tensor API correctly.
+- getting, setting or calling an attribute the real class lacks raises AttributeError, as
+  pybind11 does (the real objects refuse new attributes too); an attribute the real class has
+  but the double does not implement raises AttributeError saying so;
+- each call's arity and argument types are checked against the real pybind signatures
+  (every overload listed in ``__doc__``); return values are checked against the real
+  return annotation (``bool`` from the setters and ``execute_async_v3``, a real ``Dims``
+  from ``get_tensor_shape``, real enums, ``None`` for a failed object creation); a method
+  whose real return type has no Python binding (``nvinfer1::TensorFormat`` in
+  ``tensorrt_lean``) raises TypeError, as the real call does.
+
+**Behaviour.** The context reads its inputs at the addresses bound to it and computes the
+outputs (ONNX Runtime on the exported graph, or a torch function); its *writes are
+deferred*, and the output buffers are poisoned (NaN, or 0xA5 bytes) until then:
+
+- on the CPU, until the next synchronisation point of the stream it was given
+  (:class:`HostStreams`: the end of the runner's enqueue block, or ``synchronize()``);
+- on a GPU, it enqueues the writes on the CUDA stream whose handle it was given, behind a
+  ~20 ms sleep kernel, so a wrong-stream, lifetime or missing-wait bug in the adapter reads
+  poison and gives wrong numbers.
+
+It also checks that each bound output buffer holds the shape it reported (on a GPU from the
+caching allocator's records; on the CPU when ``Knobs.check_buffers`` is set), supports
+several inputs of any I/O dtype torch and TensorRT share, engines with two optimization
+profiles (the adapter must refuse them), data-dependent output shapes through the
+adapter's ``IOutputAllocator``, and a rejected ``set_input_shape`` leaves that input's shape
+unspecified (stricter than TensorRT promises: the API leaves it unstated).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
+import gc
+import re
 import threading
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-import onnxruntime as ort
+import torch
 
+from torch_trt_module._dtypes import by_name
 from torch_trt_module._spec import TensorSpec
 
-_NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8,
-       "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
-def _read(addr: int, shape: Sequence[int], dtype: str) -> np.ndarray:
-    np_t = np.dtype(_NP[dtype])
-    n = int(np.prod(shape)) if len(shape) else 1
-    if n == 0:
-        return np.empty(shape, dtype=np_t)
-    buf = (ctypes.c_char * (n * np_t.itemsize)).from_address(addr)
-    return np.frombuffer(buf, dtype=np_t).reshape(shape).copy()
+# --------------------------------------------------------------------------- the real surface
+
+@dataclass(frozen=True)
+class Overload:
+    params: tuple[tuple[str, str], ...]  # (name, annotation), self excluded
+    required: int
+    returns: str
 
 
-def _write(addr: int, arr: np.ndarray) -> None:
-    data = np.ascontiguousarray(arr)
-    if data.nbytes:
-        ctypes.memmove(addr, data.ctypes.data, data.nbytes)
+def _split_top(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "[(<":
+            depth += 1
+        elif ch in "])>":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
 
 
-class Recorder:
-    """Wraps an object and records every attribute name accessed on it."""
+_SIG = re.compile(r"^(?:\d+\. )?(\w+)\((.*)\) -> (.+)$")
 
-    def __init__(self, target: Any, log: set[str]) -> None:
-        object.__setattr__(self, "_target", target)
-        object.__setattr__(self, "_log", log)
+
+def overloads(real: type, name: str) -> list[Overload]:
+    """Every signature pybind11 lists for ``real.name`` (a method)."""
+    doc = getattr(real, name).__doc__ or ""
+    found = []
+    for line in doc.splitlines():
+        m = _SIG.match(line.strip())
+        if not m or m.group(1) != name or m.group(2) == "*args, **kwargs":
+            continue
+        params = []
+        required = 0
+        for p in _split_top(m.group(2))[1:]:  # [0] is self
+            head, _, default = p.partition(" = ")
+            pname, _, ann = head.partition(": ")
+            params.append((pname.strip(), ann.strip()))
+            if not default:
+                required += 1
+        found.append(Overload(tuple(params), required, m.group(3).strip()))
+    if not found:
+        raise AssertionError(f"no signature found for {real.__name__}.{name} in its __doc__")
+    return found
+
+
+def property_returns(real: type, name: str) -> tuple[str, bool]:
+    """(return annotation, writable) of a real property."""
+    prop = getattr(real, name)
+    m = re.search(r"-> (.+)$", (prop.fget.__doc__ or "").strip())
+    return (m.group(1).strip() if m else "object"), prop.fset is not None
+
+
+def _checker(ann: str, trt: Any) -> Callable[[Any], bool] | None:
+    """A type check for one annotation, or None where any value is accepted."""
+    base = ann.rpartition(".")[2]
+    simple: dict[str, Callable[[Any], bool]] = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "typing.SupportsInt": lambda v: hasattr(v, "__index__") and not isinstance(v, (bool, float)),
+        "str": lambda v: isinstance(v, str),
+        "None": lambda v: v is None,
+        "tuple": lambda v: isinstance(v, tuple),
+        "list": lambda v: isinstance(v, list),
+        "list[str]": lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+    }
+    if ann in simple:
+        return simple[ann]
+    if ann.startswith(trt.__name__.split(".")[0]) or ".tensorrt" in ann:
+        real_cls = getattr(trt, base, None)
+        if isinstance(real_cls, type):
+            return lambda v: (isinstance(v, real_cls) or getattr(type(v), "real", None) is real_cls
+                              or (v is None and base.startswith("I")))  # a failed creation returns None
+    return None
+
+
+def _matches(ov: Overload, args: tuple[Any, ...], kwargs: dict[str, Any], trt: Any) -> bool:
+    names = [n for n, _ in ov.params]
+    if len(args) > len(names) or any(k not in names[len(args):] for k in kwargs):
+        return False
+    given = names[:len(args)] + list(kwargs)
+    if any(n not in given for n in names[:ov.required]):
+        return False
+    values = dict(zip(names, args), **kwargs)
+    return all((check := _checker(ann, trt)) is None or check(values[n]) for n, ann in ov.params if n in values)
+
+
+class StrictDouble:
+    """Base of the doubles: the real class's attribute rules (see the module docstring)."""
+
+    real: type = object
+    trt: Any = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        real = cls.real
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or name in ("real", "trt"):
+                continue
+            if not hasattr(real, name):
+                raise TypeError(f"the double defines {name!r}, which {real.__name__} does not have")
+            if isinstance(value, property):
+                ann, writable = property_returns(real, name)
+                if value.fset is not None and not writable:
+                    raise TypeError(f"{real.__name__}.{name} is read-only; the double must not set it")
+                setattr(cls, name, property(_checked_get(value.fget, ann, cls, name),
+                                            value.fset if writable else None))
+            elif callable(value):
+                setattr(cls, name, _checked_call(value, overloads(real, name), cls, name))
 
     def __getattr__(self, name: str) -> Any:
-        self._log.add(name)
-        value = getattr(self._target, name)
-        if name == "create_execution_context":
-            return lambda *a, **k: Recorder(value(*a, **k), self._log)
+        if hasattr(self.real, name):
+            raise AttributeError(f"the test double of {self.real.__name__} does not implement {name!r}")
+        raise AttributeError(f"'{self.real.__module__}.{self.real.__name__}' object has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        prop = getattr(type(self), name, None)
+        if isinstance(prop, property) and prop.fset is not None:
+            prop.fset(self, value)
+            return
+        raise AttributeError(f"'{self.real.__module__}.{self.real.__name__}' object has no attribute '{name}'")
+
+
+def _checked_get(fget: Any, ann: str, cls: type, name: str) -> Any:
+    def get(self: Any) -> Any:
+        value = fget(self)
+        check = _checker(ann, cls.trt)  # type: ignore[attr-defined]
+        assert check is None or check(value), f"double {cls.real.__name__}.{name} returned {value!r}, real: {ann}"
         return value
+    return get
 
 
-class FakeEngine:
-    """Stands in for ``ICudaEngine``; only methods the real class has."""
-
-    def __init__(self, trt: Any, onnx: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 *, dds_outputs: Sequence[str] = ()) -> None:
-        self._trt = trt
-        self._inputs = list(inputs)
-        self._outputs = list(outputs)
-        self._session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
-        self._dds = set(dds_outputs)
-        self.contexts: list[FakeContext] = []
-        self.fail_execute = False
-        dt = trt.DataType
-        self._dtypes = {"float32": dt.FLOAT, "float16": dt.HALF, "bfloat16": dt.BF16, "int8": dt.INT8,
-                        "uint8": dt.UINT8, "int32": dt.INT32, "int64": dt.INT64, "bool": dt.BOOL}
-
-    @property
-    def num_io_tensors(self) -> int:
-        return len(self._inputs) + len(self._outputs)
-
-    def get_tensor_name(self, i: int) -> str:
-        return (self._inputs + self._outputs)[i].name
-
-    def _spec(self, name: str) -> TensorSpec:
-        return next(s for s in self._inputs + self._outputs if s.name == name)
-
-    def get_tensor_mode(self, name: str) -> Any:
-        is_in = any(s.name == name for s in self._inputs)
-        return self._trt.TensorIOMode.INPUT if is_in else self._trt.TensorIOMode.OUTPUT
-
-    def get_tensor_dtype(self, name: str) -> Any:
-        return self._dtypes[self._spec(name).dtype]
-
-    def get_tensor_location(self, name: str) -> Any:
-        return self._trt.TensorLocation.DEVICE
-
-    def get_tensor_format(self, name: str) -> Any:
-        return self._trt.TensorFormat.LINEAR
-
-    def create_execution_context(self) -> "FakeContext":
-        ctx = FakeContext(self)
-        self.contexts.append(ctx)
-        return ctx
+def _checked_call(fn: Callable[..., Any], ovs: list[Overload], cls: type, name: str) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        trt = cls.trt  # type: ignore[attr-defined]
+        matching = [ov for ov in ovs if _matches(ov, args, kwargs, trt)]
+        if not matching:
+            sigs = "; ".join(f"({', '.join(f'{n}: {a}' for n, a in ov.params)}) -> {ov.returns}" for ov in ovs)
+            raise TypeError(f"{name}(): incompatible function arguments {args!r} {kwargs!r}. "
+                            f"The real {cls.real.__name__}.{name} takes: {sigs}")
+        if any(ov.returns.startswith("nvinfer1::") for ov in matching):
+            raise TypeError(f"Unable to convert function return value to a Python type! The signature was "
+                            f"{name}(...) -> {matching[0].returns}")
+        value = fn(self, *args, **kwargs)
+        checks = [_checker(ov.returns, trt) for ov in matching]
+        assert any(c is None or c(value) for c in checks), \
+            f"double {cls.real.__name__}.{name} returned {value!r}; the real one returns {matching[0].returns}"
+        return value
+    return call
 
 
-class FakeContext:
-    """Stands in for ``IExecutionContext``; only methods the real class has."""
+# --------------------------------------------------------------------------- memory
 
-    def __init__(self, engine: FakeEngine) -> None:
-        self._e = engine
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class _CudaMemory:
+    """A raw device pointer as torch sees it (``__cuda_array_interface__``), no copy."""
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (addr, False),
+                                         "version": 3, "strides": None}
+
+
+def read(addr: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    nbytes = _nbytes(shape, dtype)
+    if nbytes == 0:
+        return torch.empty(tuple(shape), dtype=dtype, device=device)
+    if device.type == "cuda":
+        raw = torch.as_tensor(_CudaMemory(addr, nbytes), device=device)
+    else:
+        raw = torch.frombuffer((ctypes.c_char * nbytes).from_address(addr), dtype=torch.uint8)
+    return raw.clone().view(dtype).reshape(tuple(shape))
+
+
+def view(addr: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """The bytes at ``addr`` as a uint8 tensor sharing that memory."""
+    if device.type == "cuda":
+        return torch.as_tensor(_CudaMemory(addr, nbytes), device=device)
+    return torch.frombuffer((ctypes.c_char * nbytes).from_address(addr), dtype=torch.uint8)
+
+
+def poison(addr: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    nbytes = _nbytes(shape, dtype)
+    if nbytes:
+        target = view(addr, nbytes, device)
+        if dtype.is_floating_point:
+            target.view(dtype).fill_(float("nan"))
+        else:
+            target.fill_(0xA5)
+
+
+def _cpu_buffer_size(addr: int) -> int | None:
+    """Bytes from ``addr`` to the end of the live CPU tensor holding it (slow: a gc scan)."""
+    for obj in gc.get_objects():
+        if type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.numel():
+            start = obj.untyped_storage().data_ptr()
+            size = obj.untyped_storage().nbytes()
+            if start <= addr < start + size:
+                return start + size - addr
+    return None
+
+
+def _cuda_buffer_size(addr: int, device: torch.device) -> int | None:
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("device") != device.index:
+            continue
+        start = seg["address"]
+        for block in seg["blocks"]:
+            if block["state"] == "active_allocated" and start <= addr < start + block["size"]:
+                return start + block["size"] - addr
+            start += block["size"]
+    return None
+
+
+# --------------------------------------------------------------------------- streams
+
+class HostStreams:
+    """TEST DOUBLE of the adapter's CUDA streams on a CPU machine (implements its ``Streams``).
+
+    Work the double engine submits on a handle runs at that handle's next synchronisation
+    point: the end of the runner's enqueue block (where, on CUDA, the caller's stream is
+    ordered after the work), ``wait(handle)``, or ``synchronize()``. Work on any other
+    handle (the legacy stream 0, say) stays pending, its outputs poisoned.
+    """
+
+    def __init__(self, handle: int = 7) -> None:
+        self.handle = handle
+        self.pending: dict[int, list[Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, handle: int, work: Callable[[], None]) -> None:
+        with self._lock:
+            self.pending.setdefault(handle, []).append(work)
+
+    @contextlib.contextmanager
+    def enqueue(self, tensors: Sequence[torch.Tensor]) -> Iterator[int]:
+        try:
+            yield self.handle
+        finally:
+            self.synchronize(self.handle)
+
+    def wait(self, handle: int) -> None:
+        self.synchronize(handle)
+
+    def synchronize(self, handle: int | None = None) -> None:
+        with self._lock:
+            handles = list(self.pending) if handle is None else [handle]
+            work = [w for h in handles for w in self.pending.pop(h, [])]
+        for w in work:
+            w()
+
+
+# --------------------------------------------------------------------------- the doubles
+
+@dataclass
+class Knobs:
+    """What a test changes about the double (never attributes of the double itself: the real
+    objects take none)."""
+
+    fail_execute: bool = False
+    infer_shapes_raises: str | None = None
+    forget_shapes: set[str] = field(default_factory=set)  # inputs whose shape the context loses
+    profiles: int = 1
+    dtype_override: dict[str, str] = field(default_factory=dict)  # tensor -> the dtype the engine reports
+    format_desc: str = "Row major linear FP32 format (kLINEAR)"
+    vectorized_dim: int = -1
+    check_buffers: bool = False  # on the CPU (a gc scan per output); always on a GPU
+    sleep_cycles: int = 40_000_000  # on a GPU: ~20 ms before the writes land
+    record: list[tuple[Any, int]] | None = None  # set: execute_async_v3 records instead of running
+    handles: list[int] = field(default_factory=list)  # every stream handle execute was given
+    contexts: list[Any] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=None)
+def doubles(trt: Any) -> tuple[type, type]:
+    """The (engine, context) double classes whose surface is that of ``trt``'s real classes."""
+
+    class Engine(StrictDouble):
+        real = trt.ICudaEngine
+
+        def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], compute: Compute,
+                     *, knobs: Knobs | None = None, device: str | torch.device = "cpu",
+                     streams: HostStreams | None = None, dds_outputs: Sequence[str] = ()) -> None:
+            object.__setattr__(self, "_d", _EngineState(list(inputs), list(outputs), compute, knobs or Knobs(),
+                                                        torch.device(device), streams, set(dds_outputs), trt))
+
+        @property
+        def num_io_tensors(self) -> int:
+            return len(self._d.inputs) + len(self._d.outputs)
+
+        @property
+        def num_optimization_profiles(self) -> int:
+            return self._d.knobs.profiles
+
+        def get_tensor_name(self, index: int) -> str:
+            return (self._d.inputs + self._d.outputs)[index].name
+
+        def get_tensor_mode(self, name: str) -> Any:
+            mode = trt.TensorIOMode
+            return mode.INPUT if any(s.name == name for s in self._d.inputs) else mode.OUTPUT
+
+        def get_tensor_dtype(self, name: str) -> Any:
+            dtype = self._d.knobs.dtype_override.get(name, self._d.spec(name).dtype)
+            return getattr(trt.DataType, by_name(dtype).trt)
+
+        def get_tensor_location(self, name: str) -> Any:
+            return trt.TensorLocation.DEVICE
+
+        def get_tensor_vectorized_dim(self, name: str, profile_index: int = 0) -> int:
+            return self._d.knobs.vectorized_dim
+
+        def get_tensor_format_desc(self, name: str, profile_index: int = 0) -> str:
+            return self._d.knobs.format_desc
+
+        def get_tensor_format(self, name: str, profile_index: int = 0) -> Any:
+            raise AssertionError("unreachable where the real return type has no binding (tensorrt_lean)")
+
+        def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[Any]:
+            s = self._d.spec(name)
+            return [trt.Dims(s.min), trt.Dims(s.opt), trt.Dims(s.max)]
+
+        def create_execution_context(self, *args: Any, **kwargs: Any) -> Any:
+            ctx = Context(self)
+            self._d.knobs.contexts.append(ctx)
+            return ctx
+
+    class Context(StrictDouble):
+        real = trt.IExecutionContext
+
+        def __init__(self, engine: Engine) -> None:
+            object.__setattr__(self, "_c", _ContextState(engine._d))
+
+        def set_input_shape(self, name: str, shape: Any) -> bool:
+            return self._c.set_shape(name, tuple(shape))
+
+        def set_tensor_address(self, name: str, memory: int) -> bool:
+            return self._c.set_address(name, int(memory))
+
+        def get_tensor_address(self, name: str) -> int:
+            return self._c.addrs.get(name, 0)
+
+        def set_output_allocator(self, name: str, output_allocator: Any) -> bool:
+            self._c.allocators[name] = output_allocator
+            return True
+
+        def infer_shapes(self) -> list[str]:
+            return self._c.infer_shapes()
+
+        def get_tensor_shape(self, name: str) -> Any:
+            return trt.Dims(self._c.shape_of(name))
+
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            return self._c.execute(int(stream_handle))
+
+    Engine.trt = Context.trt = trt
+    return Engine, Context
+
+
+def runtime_double(trt: Any, seen: list[bool], *, refuse: Sequence[bytes] = (b"bad",)) -> type:
+    """A double of ``trt.Runtime`` whose ``deserialize_cuda_engine`` returns an engine double (or
+    None for a plan in ``refuse``) and records ``engine_host_code_allowed`` at each call in ``seen``."""
+    engine_cls, _ = doubles(trt)
+
+    class Runtime(StrictDouble):
+        real = trt.Runtime
+
+        def __init__(self, logger: Any) -> None:
+            object.__setattr__(self, "_host_code", False)  # the real default
+
+        @property
+        def engine_host_code_allowed(self) -> bool:
+            return bool(self._host_code)
+
+        @engine_host_code_allowed.setter
+        def engine_host_code_allowed(self, value: bool) -> None:
+            object.__setattr__(self, "_host_code", value)
+
+        def deserialize_cuda_engine(self, serialized_engine: Any) -> Any:
+            seen.append(self.engine_host_code_allowed)
+            if bytes(serialized_engine) in refuse:
+                return None
+            return engine_cls([], [], lambda feeds: {})
+
+    Runtime.trt = trt
+    return Runtime
+
+
+class _EngineState:
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], compute: Compute, knobs: Knobs,
+                 device: torch.device, streams: HostStreams | None, dds: set[str], trt: Any) -> None:
+        self.inputs, self.outputs, self.compute, self.knobs = inputs, outputs, compute, knobs
+        self.device, self.streams, self.dds, self.trt = device, streams, dds, trt
+        self._stream: Any = None
+
+    def private_stream(self) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def spec(self, name: str) -> TensorSpec:
+        for s in self.inputs + self.outputs:
+            if s.name == name:
+                return s
+        raise AssertionError(f"no tensor {name!r}")
+
+
+class _ContextState:
+    def __init__(self, engine: _EngineState) -> None:
+        self.e = engine
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addrs: dict[str, int] = {}
         self.allocators: dict[str, Any] = {}
+        self.results: dict[str, torch.Tensor] = {}
         self.set_shape_calls = 0
         self.threads: set[int] = set()
-        self._results: dict[str, np.ndarray] = {}
 
-    def set_input_shape(self, name: str, shape: Sequence[int]) -> bool:
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         self.set_shape_calls += 1
         self.threads.add(threading.get_ident())
-        spec = self._e._spec(name)
-        shape = tuple(shape)
-        if spec.min is None or spec.max is None or len(shape) != len(spec.min):
-            return False
-        if not all(lo <= s <= hi for s, lo, hi in zip(shape, spec.min, spec.max)):
-            return False
-        self.shapes[name] = shape
-        return True
+        spec = self.e.spec(name)
+        ok = (spec.min is not None and spec.max is not None and len(shape) == len(spec.min)
+              and all(lo <= s <= hi for s, lo, hi in zip(shape, spec.min, spec.max)))
+        if ok:
+            self.shapes[name] = shape
+        else:
+            self.shapes.pop(name, None)  # strict: a rejected shape leaves the input unspecified
+        return ok
 
-    def set_tensor_address(self, name: str, addr: int) -> bool:
+    def set_address(self, name: str, addr: int) -> bool:
         self.threads.add(threading.get_ident())
         if not addr:
             return False  # TensorRT rejects null pointers
-        self.addrs[name] = int(addr)
+        self.addrs[name] = addr
         return True
 
-    def set_output_allocator(self, name: str, allocator: Any) -> bool:
-        self.allocators[name] = allocator
-        return True
-
-    def _run(self) -> dict[str, np.ndarray]:
-        feeds = {s.name: _read(self.addrs[s.name], self.shapes[s.name], s.dtype) for s in self._e._inputs}
-        names = [s.name for s in self._e._outputs]
-        return dict(zip(names, self._e._session.run(names, feeds)))
+    def _feeds(self) -> dict[str, torch.Tensor]:
+        return {s.name: read(self.addrs[s.name], self.shapes[s.name], s.torch_dtype, self.e.device)
+                for s in self.e.inputs}
 
     def infer_shapes(self) -> list[str]:
-        missing = [s.name for s in self._e._inputs if s.name not in self.shapes or s.name not in self.addrs]
+        for name in self.e.knobs.forget_shapes:
+            self.shapes.pop(name, None)
+        if self.e.knobs.infer_shapes_raises:
+            raise RuntimeError(self.e.knobs.infer_shapes_raises)
+        missing = [s.name for s in self.e.inputs if s.name not in self.shapes or s.name not in self.addrs]
         if not missing:
-            # Shapes only: the real context does not read data here, and neither will the
-            # values computed now be used (execute re-reads the inputs).
-            self._results = self._run()
+            self.results = self._compute()  # shapes only; execute computes again from the inputs then
         return missing
 
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+    @contextlib.contextmanager
+    def _private(self) -> Iterator[None]:
+        """The double's own work: on a GPU on a stream of its own, and host-synchronous."""
+        if self.e.device.type != "cuda":
+            yield
+            return
+        torch.cuda.synchronize(self.e.device)  # the caller's pending writes to the inputs land first
+        with torch.cuda.stream(self.e.private_stream()):
+            yield
+        torch.cuda.synchronize(self.e.device)
+
+    def _compute(self) -> dict[str, torch.Tensor]:
+        with self._private():
+            return {k: v.to(self.e.spec(k).torch_dtype) for k, v in self.e.compute(self._feeds()).items()}
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
         if name in self.shapes:
             return self.shapes[name]
-        shape = tuple(self._results[name].shape)
-        return tuple(-1 for _ in shape) if name in self._e._dds else shape
+        shape = tuple(self.results[name].shape)
+        return tuple(-1 for _ in shape) if name in self.e.dds else shape
 
-    def execute_async_v3(self, stream_handle: int) -> bool:
+    def _buffer_ok(self, addr: int, nbytes: int) -> bool:
+        if self.e.device.type == "cuda":
+            size = _cuda_buffer_size(addr, self.e.device)
+        elif self.e.knobs.check_buffers:
+            size = _cpu_buffer_size(addr)
+        else:
+            return True
+        return size is not None and size >= nbytes
+
+    def execute(self, handle: int) -> bool:
+        knobs = self.e.knobs
         self.threads.add(threading.get_ident())
-        if self._e.fail_execute:
+        knobs.handles.append(handle)
+        if knobs.record is not None:  # a CUDA graph capture double records instead of running
+            knobs.record.append((self, handle))
+            return True
+        return self.run(handle)
+
+    def run(self, handle: int) -> bool:
+        if self.e.knobs.fail_execute or any(s.name not in self.addrs for s in self.e.outputs if s.name not in self.e.dds):
             return False
-        results = self._run()  # read the inputs again, at execution time
-        for spec in self._e._outputs:
-            arr = results[spec.name].astype(_NP[spec.dtype])
-            if spec.name in self._e._dds:
+        results = self._compute()  # the inputs as they are when the work is enqueued
+        writes: list[tuple[int, torch.Tensor]] = []
+        for spec in self.e.outputs:
+            value = results[spec.name].contiguous()
+            nbytes = value.numel() * value.element_size()
+            if spec.name in self.e.dds:  # TensorRT calls these before execute returns
                 alloc = self.allocators[spec.name]
-                addr = alloc.reallocate_output_async(spec.name, 0, max(arr.nbytes, 1), 256, stream_handle)
-                _write(addr, arr)
-                alloc.notify_shape(spec.name, tuple(arr.shape))
+                addr = alloc.reallocate_output_async(spec.name, 0, max(nbytes, 1), 256, handle)
+                alloc.notify_shape(spec.name, self.e.trt.Dims(tuple(value.shape)))
             else:
-                if spec.name not in self.addrs:
-                    return False
-                _write(self.addrs[spec.name], arr)
+                addr = self.addrs[spec.name]
+                assert self._buffer_ok(addr, nbytes), \
+                    f"output {spec.name!r}: the buffer bound at {addr:#x} is smaller than its {nbytes} bytes"
+            writes.append((addr, value))
+        with self._private():
+            for addr, value in writes:
+                poison(addr, value.shape, value.dtype, self.e.device)
+        self._defer(handle, writes)
         return True
+
+    def _defer(self, handle: int, writes: list[tuple[int, torch.Tensor]]) -> None:
+        device = self.e.device
+
+        def land() -> None:
+            for addr, value in writes:
+                n = value.numel() * value.element_size()
+                if n:
+                    view(addr, n, device).copy_(value.reshape(-1).view(torch.uint8), non_blocking=True)
+
+        if device.type == "cuda":
+            stream = torch.cuda.ExternalStream(handle, device=device)
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(self.e.knobs.sleep_cycles)
+                land()
+                for _, value in writes:
+                    value.record_stream(stream)
+        else:
+            assert self.e.streams is not None, "a CPU double needs HostStreams"
+            self.e.streams.submit(handle, land)
+
+
+def replay(context: Any, handle: int) -> bool:
+    """Run work a capture recorded (``Knobs.record``) on ``context``, as a graph replay would."""
+    return bool(context.run(handle))
+
+
+def ort_compute(onnx: bytes, output_names: Sequence[str]) -> Compute:
+    """Compute the outputs by running the exported graph on ONNX Runtime (CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
+    graph_inputs = {i.name for i in session.get_inputs()}
+
+    def compute(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {k: v.cpu().numpy() for k, v in feeds.items() if k in graph_inputs}
+        return {n: torch.from_numpy(a) for n, a in zip(output_names, session.run(list(output_names), arrays))}
+
+    return compute
+
+
+def torch_compute(fn: Callable[..., Any], input_names: Sequence[str], output_names: Sequence[str]) -> Compute:
+    """Compute the outputs with a torch function of the inputs (in order); it returns a tensor or a tuple."""
+
+    def compute(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.inference_mode():
+            out = fn(*(feeds[n] for n in input_names))
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return dict(zip(output_names, outs))
+
+    return compute

@@ -203,17 +203,19 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
     }
     if choice.build == "onnxruntime":
         return Engine("onnxruntime", None, exported.onnx, meta)
-    from .backends._tensorrt import build_serialized
+    from .backends._trt_build import build_serialized, builder_flags
 
     targets = engine_targets(choice, settings)
+    flags = builder_flags(choice.build, cuda_graphs=settings.cuda_graphs)
     meta["targets"] = list(targets) if targets else None
     meta["gpu"] = gpu_identity(device) if choice.build == "tensorrt" else None
+    meta["builder_flags"] = flags
     t0 = time.perf_counter()
     try:
         plan, facts = build_serialized(
             exported.onnx, exported.inputs, backend=choice.build, workspace=settings.workspace,
             optimization_level=settings.optimization_level, tf32=settings.tf32, targets=targets,
-            timing_cache=timing_cache, progress=settings.progress)
+            timing_cache=timing_cache, progress=settings.progress, flags=flags)
     except BuildError:
         raise
     except (KeyboardInterrupt, MemoryError):

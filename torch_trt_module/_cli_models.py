@@ -290,7 +290,7 @@ def onnx_io(path: str | None, data: bytes | None = None) -> tuple[list[tuple[str
     """(name, dtype, dims) of the graph's real inputs (not initializers) and outputs."""
     import onnx
 
-    from ._spec import ONNX_ELEM_TYPES, dtype_from_name
+    from ._dtypes import by_onnx
 
     try:
         proto = onnx.load_from_string(data) if data is not None else onnx.load(str(path), load_external_data=False)
@@ -304,11 +304,12 @@ def onnx_io(path: str | None, data: bytes | None = None) -> tuple[list[tuple[str
             if v.name in inits:
                 continue
             elem = v.type.tensor_type.elem_type
-            if elem not in ONNX_ELEM_TYPES:
+            row = by_onnx(elem)
+            if row is None or not row.io:
                 raise UsageError(f"{path}: tensor {v.name!r} has ONNX element type {elem}, which engines cannot take")
             dims = tuple(d.dim_param or (d.dim_value if d.HasField("dim_value") else "?")
                          for d in v.type.tensor_type.shape.dim)
-            rows.append((v.name, dtype_from_name(ONNX_ELEM_TYPES[elem]), dims))
+            rows.append((v.name, row.torch, dims))
         return rows
 
     return io(proto.graph.input), io(proto.graph.output)
@@ -402,10 +403,10 @@ def layer_info(engine: Any) -> tuple[list[str], str | None]:
         except TorchTRTError as e:
             why = str(e).split(". ")[0]
         return [], f"layer information needs a GPU runtime ({why})"
-    from .backends._tensorrt import deserialize, import_tensorrt
+    from .backends._trt_loader import deserialize, import_runtime
 
-    trt = import_tensorrt(engine.backend)[1]
-    inspector = deserialize(engine.plan, backend=engine.backend).create_engine_inspector()
+    trt = import_runtime(engine.backend)[1]
+    inspector = deserialize(engine.plan, backend=engine.backend, device="cuda").create_engine_inspector()
     info = inspector.get_engine_information(trt.LayerInformationFormat.ONELINE)
     return [ln for ln in str(info).splitlines() if ln.strip()], None
 

@@ -11,6 +11,7 @@ Integer and boolean outputs must be equal element for element.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -20,17 +21,19 @@ import numpy as np
 import torch
 
 from ._errors import VerificationError
+from ._numerics import POLICY, Tolerance, eager_uses_tf32, numerics_of, policy_for, strict_fp32
 from ._signature import split_inputs
 from ._spec import TreeSpec, flatten
 
 __all__ = ["OutputReport", "ParityReport", "assert_parity", "compare_outputs", "verify"]
 
-DEFAULT_RTOL = 1e-3
-DEFAULT_ATOL = 1e-5
+#: compare_outputs()' plain elementwise default: the fp32 policy's rtol and absolute floor.
+DEFAULT_RTOL = POLICY["fp32"].rtol
+DEFAULT_ATOL = POLICY["fp32"].atol
 REFERENCES = ("eager", "onnxruntime", "both")
 
 #: A float for every output, or ``{output_name: float}`` with the default for missing names.
-Tolerance = Union[float, Mapping[str, float], None]
+PerOutput = Union[float, Mapping[str, float], None]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class OutputReport:
     always fail); they are ``nan`` when shapes differ and nothing could be compared.
     ``min_atol`` is the smallest atol that passes every element at this ``rtol``
     (and ``min_rtol`` the converse); both are ``inf`` when a NaN is present.
+    ``atol`` is the absolute bar applied: the tolerance's floor, or ``atol_rms`` times the
+    reference's root-mean-square (``reference_rms``) where that is larger. ``min_cosine``
+    is the cosine bound the output had to meet (0: none).
     """
 
     name: str
@@ -66,6 +72,8 @@ class OutputReport:
     fraction_failed: float = 0.0
     num_nan: int = 0
     num_nan_reference: int = 0
+    reference_rms: float = 0.0
+    min_cosine: float = 0.0
     reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +94,8 @@ class ParityReport:
     what: str = "compiled"
     reference_name: str = "eager"
     structure_error: str | None = None
+    #: How the reference computed, when it matters (e.g. "eager in strict fp32 (TF32 off for this call)").
+    numerics: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -99,7 +109,8 @@ class ParityReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"what": self.what, "reference_name": self.reference_name, "passed": self.passed,
-                "structure_error": self.structure_error, "outputs": [o.to_json() for o in self.outputs]}
+                "numerics": self.numerics, "structure_error": self.structure_error,
+                "outputs": [o.to_json() for o in self.outputs]}
 
     def __str__(self) -> str:
         n_ok = sum(o.passed for o in self.outputs)
@@ -108,15 +119,16 @@ class ParityReport:
         lines = [f"parity: {self.what} vs {self.reference_name}: {'PASS' if self.passed else 'FAIL'} {counts}"]
         if self.structure_error:
             lines.append(self.structure_error)
+        note = [f"reference numerics: {self.numerics}"] if self.numerics else []
         if not self.outputs:
-            return "\n".join(lines)
+            return "\n".join(lines + note)
         head = ["output", "dtype", "shape", "max abs", "mean abs", "p99 abs", "max rel", "p99 rel",
                 "cosine", "min atol", "min rtol", "result"]
         rows = [head] + [_row(o) for o in self.outputs]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-        return "\n".join(lines)
+        return "\n".join(lines + note)
 
 
 def _row(o: OutputReport) -> list[str]:
@@ -140,12 +152,15 @@ def _json_value(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def compare_outputs(actual: Any, reference: Any, *, rtol: Tolerance = None, atol: Tolerance = None,
-                    names: Sequence[str] | None = None, what: str = "compiled",
-                    reference_name: str = "eager") -> ParityReport:
+def compare_outputs(actual: Any, reference: Any, *, rtol: PerOutput = None, atol: PerOutput = None,
+                    tolerance: Tolerance | None = None, names: Sequence[str] | None = None,
+                    what: str = "compiled", reference_name: str = "eager") -> ParityReport:
     """Compare two nests of tensors output by output.
 
-    ``rtol``/``atol`` default to 1e-3 / 1e-5 and may be ``{output_name: value}``.
+    ``tolerance`` (a :class:`~torch_trt_module._numerics.Tolerance`, e.g. ``POLICY["fp16"]``)
+    sets rtol, the absolute floor, the bar relative to the reference's rms and the cosine
+    bound; without it the check is the plain elementwise one at rtol 1e-3 / atol 1e-5.
+    ``rtol``/``atol`` override its rtol and floor, and may be ``{output_name: value}``.
     Names come from ``names`` or from each leaf's path: ``out`` for a lone tensor,
     ``[0]``, ``['b'][1][0]``, or a namedtuple's field name.
 
@@ -161,8 +176,9 @@ def compare_outputs(actual: Any, reference: Any, *, rtol: Tolerance = None, atol
     out_names = list(names) if names is not None else _leaf_names(r_spec)
     if len(out_names) != len(r_leaves):
         raise ValueError(f"names has {len(out_names)} entries but {reference_name} has {len(r_leaves)} outputs")
-    rtols = _tolerances("rtol", rtol, DEFAULT_RTOL, out_names)
-    atols = _tolerances("atol", atol, DEFAULT_ATOL, out_names)
+    tol = tolerance or Tolerance(DEFAULT_RTOL, DEFAULT_ATOL)
+    rtols = _tolerances("rtol", rtol, tol.rtol, out_names)
+    atols = _tolerances("atol", atol, tol.atol, out_names)
     report = ParityReport(what=what, reference_name=reference_name)
     if a_spec != r_spec or len(a_leaves) != len(r_leaves):
         report.structure_error = (
@@ -170,12 +186,12 @@ def compare_outputs(actual: Any, reference: Any, *, rtol: Tolerance = None, atol
             f"but {reference_name} returns {_describe(r_spec)} ({len(r_leaves)} tensors)")
         if len(a_leaves) != len(r_leaves):
             return report  # no way to pair leaves up
-    report.outputs = [_compare_one(n, a, r, rt, at, what, reference_name)
+    report.outputs = [_compare_one(n, a, r, Tolerance(rt, at, tol.atol_rms, tol.min_cosine), what, reference_name)
                       for n, a, r, rt, at in zip(out_names, a_leaves, r_leaves, rtols, atols)]
     return report
 
 
-def _tolerances(kind: str, value: Tolerance, default: float, names: list[str]) -> list[float]:
+def _tolerances(kind: str, value: PerOutput, default: float, names: list[str]) -> list[float]:
     if value is None:
         per = [default] * len(names)
     elif isinstance(value, Mapping):
@@ -226,14 +242,21 @@ def _dtype_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _compare_one(name: str, a: torch.Tensor, r: torch.Tensor, rtol: float, atol: float,
+def _compare_one(name: str, a: torch.Tensor, r: torch.Tensor, tol: Tolerance,
                  what: str, reference_name: str) -> OutputReport:
     a, r = a.detach().cpu(), r.detach().cpu()
     exact = not (a.is_floating_point() and r.is_floating_point())
+    rtol, min_cosine, rms = tol.rtol, tol.min_cosine, 0.0
     if exact:
-        rtol = atol = 0.0  # with OR-semantics, zero tolerances mean "exactly equal"
+        rtol = atol = min_cosine = 0.0  # with OR-semantics, zero tolerances mean "exactly equal"
+    else:
+        finite_ref = r.to(torch.float64)
+        finite_ref = finite_ref[torch.isfinite(finite_ref)]
+        rms = float(finite_ref.square().mean().sqrt()) if finite_ref.numel() else 0.0
+        atol = tol.atol_for(rms)
     base = dict(name=name, dtype=_dtype_str(a.dtype), reference_dtype=_dtype_str(r.dtype),
-                shape=tuple(a.shape), reference_shape=tuple(r.shape), rtol=rtol, atol=atol)
+                shape=tuple(a.shape), reference_shape=tuple(r.shape), rtol=rtol, atol=atol,
+                reference_rms=rms, min_cosine=min_cosine)
     reasons = []
     if a.dtype != r.dtype:
         reasons.append(f"dtype {base['dtype']} but reference has {base['reference_dtype']}")
@@ -276,7 +299,10 @@ def _compare_one(name: str, a: torch.Tensor, r: torch.Tensor, rtol: float, atol:
         stats.update({f"max_{kind}": _max(v), f"mean_{kind}": float(v.mean()) if v.size else 0.0,
                       f"median_{kind}": _pct(v, 50), f"p99_{kind}": _pct(v, 99)})
     finite = np.isfinite(a64) & np.isfinite(r64)
-    return OutputReport(**base, **stats, passed=not reasons, cosine=_cosine(a64[finite], r64[finite]),
+    cosine = _cosine(a64[finite], r64[finite])
+    if cosine < min_cosine:
+        reasons.append(f"cosine similarity {cosine:.7f} < {min_cosine:g}")
+    return OutputReport(**base, **stats, passed=not reasons, cosine=cosine,
                         num_failed=num_failed, fraction_failed=num_failed / n if n else 0.0,
                         num_nan=int(nan_a.sum()), num_nan_reference=int(nan_r.sum()),
                         reason="; ".join(reasons) or None)
@@ -305,14 +331,22 @@ def _cosine(a: np.ndarray, r: np.ndarray) -> float:
     return float(np.clip(np.dot(a, r) / (na * nr), -1.0, 1.0))
 
 
-def verify(model: Callable[..., Any], compiled: Any, inputs: Any, *, rtol: Tolerance = None,
-           atol: Tolerance = None, reference: str = "eager") -> ParityReport:
+def verify(model: Callable[..., Any], compiled: Any, inputs: Any, *, rtol: PerOutput = None,
+           atol: PerOutput = None, reference: str = "eager", strict_fp32: bool = False) -> ParityReport:
     """Run ``compiled`` and a reference on ``inputs`` and compare their outputs.
 
     ``reference`` is ``"eager"`` (``model`` itself), ``"onnxruntime"`` (the
     compiled module's ONNX graph on ONNX Runtime's CPU provider, through its
     ``run_reference`` method) or ``"both"`` (rows named ``eager:...`` then
     ``onnxruntime:...``). ``model`` is run as it is, so put it in eval mode first.
+
+    Tolerances: without ``rtol``/``atol``, the policy of the computation's numerics
+    (:data:`~torch_trt_module._numerics.POLICY`): the compiled module's precision, and
+    ``"tf32"`` for fp32 where either side may use TF32 (eager on a CUDA GPU with PyTorch's
+    default cuDNN flags, or a TensorRT engine built with ``tf32=True``). With ``rtol``
+    and/or ``atol``, the plain elementwise check with those values. ``strict_fp32=True``
+    runs the eager reference with TF32 off (restored after the call). The report's
+    ``numerics`` line says which reference numerics and which policy were used.
 
     Example:
         >>> report = verify(model, torch_trt_module.compile(model, x), x, atol=1e-4)  # doctest: +SKIP
@@ -328,18 +362,60 @@ def verify(model: Callable[..., Any], compiled: Any, inputs: Any, *, rtol: Toler
                         f"but {type(compiled).__name__} has none; use reference='eager' or compile "
                         f"the model with torch_trt_module")
     with torch.inference_mode():
-        actual = compiled(*args, **kwargs)
+        actual = compiled(*args, **kwargs)  # first: a lazy module knows its numerics once built
+        on_tf32 = eager_uses_tf32(_device_of(model, args, kwargs))
+        numerics, how = reference_numerics(getattr(compiled, "numerics", "fp32"),
+                                           eager_tf32="eager" in refs and on_tf32 and not strict_fp32,
+                                           strict=strict_fp32 and on_tf32)
+        tolerance = POLICY[numerics] if rtol is None and atol is None else None
+        note = how + (f"; {numerics} tolerance policy" if tolerance is not None else "; rtol/atol as given")
         reports = []
         for ref in refs:
-            expected = model(*args, **kwargs) if ref == "eager" else run_ort(*args, **kwargs)
-            reports.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, reference_name=ref))
+            if ref == "eager":
+                with _strict_if(strict_fp32):
+                    expected = model(*args, **kwargs)
+            else:
+                expected = run_ort(*args, **kwargs)
+            reports.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, tolerance=tolerance,
+                                           reference_name=ref))
+            reports[-1].numerics = note
     if len(reports) == 1:
         return reports[0]
     errors = [f"{rep.reference_name}: {rep.structure_error}" for rep in reports if rep.structure_error]
     return ParityReport(
         outputs=[dataclasses.replace(o, name=f"{rep.reference_name}:{o.name}")
                  for rep in reports for o in rep.outputs],
-        what="compiled", reference_name="eager+onnxruntime", structure_error="; ".join(errors) or None)
+        what="compiled", reference_name="eager+onnxruntime", structure_error="; ".join(errors) or None,
+        numerics=note)
+
+
+def reference_numerics(compiled_numerics: str, *, eager_tf32: bool, strict: bool) -> tuple[str, str]:
+    """The tolerance policy name for comparing a compiled module with eager, and how eager computed."""
+    precision = compiled_numerics if compiled_numerics in ("fp16", "bf16") else "fp32"
+    numerics = numerics_of(precision, tf32=eager_tf32 or compiled_numerics == "tf32")
+    if strict:
+        how = "eager in strict fp32 (TF32 off for the reference call)"
+    elif eager_tf32:
+        how = "eager with TF32 (PyTorch's default for cuDNN convolutions on CUDA)"
+    else:
+        how = "eager as configured (no TF32)"
+    if compiled_numerics == "tf32":
+        how += "; the engine computes fp32 in TF32 (tf32=True)"
+    return numerics, how
+
+
+def _strict_if(flag: bool) -> Any:
+    return strict_fp32() if flag else contextlib.nullcontext()
+
+
+def _device_of(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
+    if isinstance(model, torch.nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
+    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return leaves[0].device if leaves else None
 
 
 def assert_parity(model: Callable[..., Any], compiled: Any, inputs: Any, **kwargs: Any) -> ParityReport:

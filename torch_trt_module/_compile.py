@@ -14,7 +14,7 @@ import torch
 
 from ._build import Engine, build_with_choice
 from ._errors import CacheError, EngineLoadError, InputError, TorchTRTError
-from ._export import ExportedModel, default_tolerances, export_with_settings
+from ._export import ExportedModel, check_tolerance, export_with_settings
 from ._fingerprint import module_fingerprint
 from ._module import TRTModule, _can_run
 from ._settings import Settings, freeze_dynamic
@@ -168,7 +168,7 @@ def _cached(cache: Any, key: str | None, device: torch.device, settings: Setting
             engine._offer_runner(runner)
         engine.exported  # parses the metadata: a malformed entry fails here, not in forward
         if engine.backend == "tensorrt_rtx" and rtx_runs_on(device) and engine.plan is not None:
-            from .backends._tensorrt import engine_validity
+            from .backends._trt_loader import engine_validity
 
             why = engine_validity(engine.plan, backend="tensorrt_rtx")
             if why is not None:
@@ -283,18 +283,24 @@ def _export_and_build(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
 
 def _check_compiled(engine: Engine, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     settings: Settings, device: torch.device) -> None:
-    """verify=True: the compiled module against eager on the example inputs."""
+    """verify=True: the compiled module against eager on the example inputs, eager in strict fp32
+    (TF32 off for that call) and the tolerance policy of what the module computes in."""
     if not settings.verify:
         return
-    from ._compare import compare_outputs
+    from ._compare import compare_outputs, reference_numerics
+    from ._numerics import strict_fp32
 
     module = TRTModule(engine, device=device)
+    strict = device.type == "cuda"
     with torch.inference_mode():
-        ref = model(*args, **kwargs)
+        with strict_fp32() if strict else contextlib.nullcontext():
+            ref = model(*args, **kwargs)
         got = module(*args, **kwargs)
-    rtol, atol = default_tolerances(settings)
-    report = compare_outputs(got, ref, rtol=rtol, atol=atol, what=f"compiled ({module.backend})",
+    numerics, how = reference_numerics(module.numerics, eager_tf32=False, strict=strict)
+    tolerance = check_tolerance(settings, numerics)
+    report = compare_outputs(got, ref, tolerance=tolerance, what=f"compiled ({module.backend})",
                              reference_name="eager")
+    report.numerics = f"{how}; {numerics} tolerance policy"
     if not report.passed:
         from ._errors import VerificationError
 
@@ -315,8 +321,11 @@ def _timing_cache_name(choice: BackendChoice, device: torch.device) -> str | Non
 
 def _target_part(choice: BackendChoice, settings: Settings, device: torch.device) -> dict[str, Any]:
     from ._build import engine_targets
+    from .backends._trt_build import builder_flags
 
     part: dict[str, Any] = {"backend": choice.build, "backend_version": backend_version(choice.build)}
+    if choice.build != "onnxruntime":
+        part["builder_flags"] = builder_flags(choice.build, cuda_graphs=settings.cuda_graphs)
     if choice.build == "tensorrt":
         part["gpu"] = gpu_identity(device)
     elif choice.build == "tensorrt_rtx":

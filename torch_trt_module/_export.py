@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import re
 import time
@@ -21,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ._errors import ExportError, InputError
+from ._numerics import Tolerance, policy_for, strict_fp32
 from ._settings import Settings
 from ._signature import Param, bind_call, params_of, split_inputs, to_call
 from ._spec import TensorSpec, TreeSpec, dtype_name, flatten, unflatten
@@ -241,7 +243,10 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         work_model = convert_model(model, settings.precision, keep_fp32=settings.keep_fp32)
         work_leaves = [t.to(target) if t.is_floating_point() else t for t in leaves]
 
-    with torch.inference_mode():
+    # The reference for the export check: ONNX Runtime computes in strict fp32, so eager does
+    # too for this one call (on a CUDA GPU PyTorch runs cuDNN convolutions in TF32 by default).
+    strict = _on_cuda(model, leaves)
+    with torch.inference_mode(), (strict_fp32() if strict else contextlib.nullcontext()):
         eager_out = model(*args, **kwargs)
     out_leaves, out_tree = flatten(eager_out, what="output", allow_const=False)
     if not out_leaves:
@@ -275,7 +280,7 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     )
     if settings.verify:
         _verify_with_onnxruntime(exported, work_leaves, work_model if target != torch.float32 else None,
-                                 out_leaves, bound, params, settings)
+                                 out_leaves, bound, params, settings, strict=strict)
     log.info("exported %s with the %s exporter in %.2f s (%d inputs, %d outputs)",
              type(model).__name__, exporter, exported.export_time_s, len(inputs), len(outputs))
     return exported
@@ -496,17 +501,19 @@ def _graph_dims(values: Any, name: str, example_shape: Sequence[int] | None) -> 
 
 
 def _graph_dtype(value: Any) -> str:
-    from ._spec import ONNX_ELEM_TYPES
+    from ._dtypes import by_onnx
 
     elem = value.type.tensor_type.elem_type
-    if elem not in ONNX_ELEM_TYPES:
+    row = by_onnx(elem)
+    if row is None or not row.io:
         raise ExportError(f"output {value.name!r} has ONNX element type {elem}, which engines do not support")
-    return ONNX_ELEM_TYPES[elem]
+    return row.name
 
 
 def _verify_with_onnxruntime(exported: ExportedModel, leaves: list[torch.Tensor],
                              cast_model: torch.nn.Module | None, eager_out: list[torch.Tensor],
-                             bound: dict[str, Any], params: tuple[Param, ...], settings: Settings) -> None:
+                             bound: dict[str, Any], params: tuple[Param, ...], settings: Settings,
+                             *, strict: bool) -> None:
     from ._compare import compare_outputs
     from .backends._onnxruntime import run_onnx_cpu
 
@@ -520,22 +527,37 @@ def _verify_with_onnxruntime(exported: ExportedModel, leaves: list[torch.Tensor]
                            half=exported.precision != "fp32")
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"ONNX Runtime could not run the exported graph: {e}") from e
-    rtol, atol = default_tolerances(settings)
-    report = compare_outputs(got, eager_out, rtol=rtol, atol=atol, names=exported.output_names,
+    tolerance = check_tolerance(settings)
+    report = compare_outputs(got, eager_out, tolerance=tolerance, names=exported.output_names,
                              what="onnxruntime", reference_name="eager")
+    report.numerics = (("eager in strict fp32 (TF32 off for the reference call)" if strict else "eager")
+                       + f"; {settings.precision} tolerance policy")
     exported.extra["export_report"] = report
     if not report.passed:
         raise ExportError(
             "the exported ONNX graph does not match eager on the example inputs "
-            f"(rtol={rtol}, atol={atol}):\n{report}\nPass verify=False to skip this check, or "
+            f"({_describe_tolerance(tolerance)}):\n{report}\nPass verify=False to skip this check, or "
             "report the model to us."
         )
     log.info("export check: onnxruntime vs eager passed (max abs err %.3g)",
              max((o.max_abs for o in report.outputs), default=0.0))
 
 
-def default_tolerances(settings: Settings) -> tuple[float, float]:
-    """(rtol, atol) used by compile()'s own checks, per precision, unless set."""
-    rtol, atol = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (5e-2, 5e-2)}[settings.precision]
-    return (settings.rtol if settings.rtol is not None else rtol,
-            settings.atol if settings.atol is not None else atol)
+def check_tolerance(settings: Settings, numerics: str | None = None) -> Tolerance:
+    """compile()'s own checks: the policy for ``numerics`` (default: the precision), with the
+    user's ``rtol=``/``atol=`` turning it into the plain elementwise check."""
+    return policy_for(numerics or settings.precision, rtol=settings.rtol, atol=settings.atol)
+
+
+def _describe_tolerance(t: Tolerance) -> str:
+    parts = [f"rtol={t.rtol:g}", f"atol={t.atol:g}" + (f" or {t.atol_rms:g} x the output's rms" if t.atol_rms else "")]
+    if t.min_cosine:
+        parts.append(f"cosine >= {t.min_cosine:g}")
+    return ", ".join(parts)
+
+
+def _on_cuda(model: torch.nn.Module, leaves: Sequence[torch.Tensor]) -> bool:
+    for t in leaves:
+        if t.is_cuda:
+            return True
+    return any(p.is_cuda for p in itertools.chain(model.parameters(), model.buffers()))

@@ -45,7 +45,8 @@ class TRTModule(torch.nn.Module):
     """
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
-                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False) -> None:
+                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False,
+                 runner: Any = None) -> None:
         super().__init__()
         self.cast_inputs = cast_inputs
         self.cuda_graphs = cuda_graphs
@@ -62,22 +63,25 @@ class TRTModule(torch.nn.Module):
         self._lock = threading.Lock()
         self.eval()
         if engine is not None:
-            self._load(engine, device)
+            self._load(engine, device, runner)
 
     # ------------------------------------------------------------------ loading
 
-    def _load(self, engine: Engine, device: str | torch.device | None) -> None:
+    def _load(self, engine: Engine, device: str | torch.device | None, runner: Any = None) -> None:
         exported = engine.exported
-        if device is None:
+        if runner is not None:  # given: what runs the engine (another runtime, a test double)
+            device = runner.device
+        elif device is None:
             device = "cuda" if engine.backend in ("tensorrt", "tensorrt_rtx") and _can_run(engine, "cuda") else "cpu"
         dev = normalize_device(device)
-        runner = None
-        if _can_run(engine, dev) and engine.plan is not None:
-            from .backends._tensorrt import TensorRTRunner, deserialize, import_tensorrt
+        if runner is None and _can_run(engine, dev) and engine.plan is not None:
+            from .backends._tensorrt import TensorRTRunner
+            from .backends._trt_loader import deserialize, import_runtime
 
-            trt_engine = deserialize(engine.plan, backend=engine.backend, allow_host_code=self.allow_host_code)
+            trt_engine = deserialize(engine.plan, backend=engine.backend, device=dev,
+                                     allow_host_code=self.allow_host_code)
             runner = TensorRTRunner(trt_engine, exported.inputs, exported.outputs, dev,
-                                    trt=import_tensorrt(engine.backend)[1], backend=engine.backend)
+                                    trt=import_runtime(engine.backend)[1], backend=engine.backend)
             if self.cuda_graphs:
                 from .backends._cudagraphs import CudaGraphRunner
 
@@ -123,6 +127,18 @@ class TRTModule(torch.nn.Module):
     def backend(self) -> str:
         """What runs this module here: ``tensorrt``, ``tensorrt_rtx`` or ``onnxruntime``."""
         return self._runner.backend if self._runner is not None else "unbuilt"
+
+    @property
+    def numerics(self) -> str:
+        """What the module computes in: ``fp16``, ``bf16``, ``tf32`` (fp32 on a TensorRT runtime
+        whose engine was built with ``tf32=True``) or ``fp32`` (strict, e.g. ONNX Runtime)."""
+        ex = self._require()
+        if ex.precision != "fp32":
+            return ex.precision
+        if self.backend in ("tensorrt", "tensorrt_rtx") and self.engine is not None \
+                and self.engine.meta.get("settings", {}).get("tf32", True):
+            return "tf32"
+        return "fp32"
 
     @property
     def device(self) -> torch.device | None:
@@ -404,9 +420,9 @@ def _can_run(engine: Engine, device: str | torch.device) -> bool:
     if not engine.has_plan or dev.type != "cuda" or not torch.cuda.is_available():
         return False
     try:
-        from .backends._tensorrt import import_tensorrt
+        from .backends._trt_loader import import_runtime
 
-        import_tensorrt(engine.backend)
+        import_runtime(engine.backend)
     except TorchTRTError:
         return False
     if engine.backend == "tensorrt_rtx":

@@ -12,40 +12,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ._errors import InputError
+from ._dtypes import dtype_from_name, dtype_name
 
 __all__ = ["TensorSpec", "TreeSpec", "dtype_from_name", "dtype_name", "flatten", "unflatten"]
-
-# Every dtype an engine input or output may have. Names are torch's own.
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-# ONNX TensorProto element types for the same dtypes.
-ONNX_ELEM_TYPES: dict[int, str] = {1: "float32", 10: "float16", 16: "bfloat16", 3: "int8", 2: "uint8",
-                                    6: "int32", 7: "int64", 9: "bool"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _NAMES[dtype]
-    except KeyError:
-        raise InputError(
-            f"dtype {dtype} is not supported by engines; expected one of {', '.join(_DTYPES)}"
-        ) from None
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return _DTYPES[name]
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -69,7 +38,7 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return dtype_from_name(self.dtype)
 
     @property
     def rank(self) -> int:

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ._dtypes import TABLE
 from ._errors import TorchTRTError
 from ._spec import TensorSpec
 
@@ -46,10 +47,7 @@ __all__ = ["TRITON_DTYPES", "TritonExportError", "TritonRepoExists", "export_tri
 log = logging.getLogger(__name__)
 
 #: torch dtype names (as in engine metadata) -> Triton ModelConfig DataType names.
-TRITON_DTYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-    "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
-}
+TRITON_DTYPES = {d.name: d.triton for d in TABLE if d.triton is not None}
 PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 _FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
 # Model names become directory names and are typed into URLs (v2/models/<name>/infer).

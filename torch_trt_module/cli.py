@@ -167,7 +167,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ._build import build_engine
     from ._cli_models import device_of, dynamic_of, example_inputs, load
     from ._compare import compare_outputs
-    from ._export import default_tolerances
+    from ._export import check_tolerance
     from ._module import TRTModule
     from ._settings import Settings
 
@@ -188,7 +188,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     engine = compiled.engine
     assert engine is not None
     precision = engine.meta["model"]["precision"]
-    rtol, atol = default_tolerances(Settings.from_options(precision=precision, rtol=args.rtol, atol=args.atol))
+    tolerance = check_tolerance(Settings.from_options(precision=precision, rtol=args.rtol, atol=args.atol))
+    rtol, atol = tolerance.rtol, tolerance.atol
     if compiled.backend != engine.backend:
         print(f"note: the {engine.backend} engine cannot run on {device}; the compiled module runs on "
               f"{compiled.backend}, so that is what is compared")
@@ -205,10 +206,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             got = compiled(**kw)
             if model is not None:
                 eager = model(**kw)
-                reports = [compare_outputs(ort, eager, rtol=rtol, atol=atol, what="onnxruntime (CPU)"),
-                           compare_outputs(got, eager, rtol=rtol, atol=atol, what=f"compiled ({compiled.backend})")]
+                reports = [compare_outputs(ort, eager, tolerance=tolerance, what="onnxruntime (CPU)"),
+                           compare_outputs(got, eager, tolerance=tolerance, what=f"compiled ({compiled.backend})")]
             else:
-                reports = [compare_outputs(got, ort, rtol=rtol, atol=atol, what=f"compiled ({compiled.backend})",
+                reports = [compare_outputs(got, ort, tolerance=tolerance, what=f"compiled ({compiled.backend})",
                                            reference_name="onnxruntime (CPU)")]
         label = ", ".join(f"{n}={tuple(t.shape)}" for n, t in kw.items())
         print(f"inputs {label}")

@@ -284,7 +284,7 @@ def test_nan_and_inf_pass_through() -> None:
 
 def test_unsupported_op_names_the_node_the_op_and_the_parser_message() -> None:
     from torch_trt_module import BuildError
-    from torch_trt_module.backends._tensorrt import build_serialized
+    from torch_trt_module.backends._trt_build import build_serialized
 
     x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4])

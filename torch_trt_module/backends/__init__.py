@@ -33,7 +33,7 @@ def gpu_identity(device: torch.device | str | None) -> dict[str, Any] | None:
 
 
 def rtx_runs_on(device: torch.device | str | None) -> bool:
-    from ._tensorrt import RTX_SUPPORTED
+    from ._trt_loader import RTX_SUPPORTED
 
     ident = gpu_identity(device)
     if ident is None:
@@ -43,7 +43,7 @@ def rtx_runs_on(device: torch.device | str | None) -> bool:
 
 
 def _importable(name: str) -> bool:
-    from ._tensorrt import import_tensorrt
+    from ._trt_loader import import_tensorrt
 
     try:
         import_tensorrt(name)
@@ -57,7 +57,7 @@ def backend_version(name: str) -> str:
         from ._onnxruntime import ort_version
 
         return ort_version()
-    from ._tensorrt import import_tensorrt
+    from ._trt_loader import import_tensorrt
 
     return str(import_tensorrt(name)[1].__version__)
 
@@ -69,7 +69,7 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
         backend_version("onnxruntime")  # raises with an install hint if missing
         return BackendChoice("onnxruntime", "onnxruntime", "requested")
     if requested == "tensorrt":
-        from ._tensorrt import import_tensorrt
+        from ._trt_loader import import_tensorrt
 
         import_tensorrt("tensorrt")
         if to_run and not cuda:
@@ -79,7 +79,7 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
                 "with build_engine(..., backend='tensorrt_rtx', targets=[...])")
         return BackendChoice("tensorrt", "tensorrt", "requested")
     if requested == "tensorrt_rtx":
-        from ._tensorrt import import_tensorrt
+        from ._trt_loader import import_tensorrt
 
         import_tensorrt("tensorrt_rtx")
         if to_run and not rtx_runs_on(device):

@@ -125,37 +125,13 @@ class TorchCudaGraphs:
         return graph, outputs
 
 
-class _OneContext:
-    """An engine whose ``create_execution_context`` always returns the same, dedicated context.
-
-    TensorRTRunner keeps one context per thread (in thread-local storage, gone when the
-    thread ends); a captured graph needs one context that lives as long as the graph and
-    that nothing else changes. Everything else is the real engine's.
-    """
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self.context: Any = None
-
-    def create_execution_context(self) -> Any:
-        if self.context is None:
-            self.context = self._engine.create_execution_context()
-        return self.context
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-
-def _dedicated(inner: Runner) -> tuple[Runner, _OneContext | None]:
-    """A runner for one graph with its own execution context (TensorRTRunner), or ``inner``."""
-    from ._tensorrt import TensorRTRunner
-
-    if isinstance(inner, TensorRTRunner):
-        engine = _OneContext(inner.engine)
-        runner = TensorRTRunner(engine, inner.inputs, inner.outputs, inner.device, trt=inner._trt,
-                                backend=inner.backend, stream=inner._stream)
-        return runner, engine
-    return inner, None
+def _dedicated(inner: Runner) -> tuple[Runner, Any]:
+    """A runner for one graph with its own execution context (TensorRTRunner.dedicated), or
+    ``inner`` itself with no context to check (other runners keep no per-thread state)."""
+    dedicated = getattr(inner, "dedicated", None)
+    if dedicated is None:
+        return inner, None
+    return dedicated()  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -273,7 +249,7 @@ class CudaGraphRunner:
         log.info("CUDA graphs: captured a graph for input shapes %s (%d kept)", shapes, len(self._graphs))
         return entry
 
-    def _check_capturable(self, engine: _OneContext | None, shapes: str) -> None:
+    def _check_capturable(self, engine: Any, shapes: str) -> None:
         ctx = engine.context if engine is not None else None
         if ctx is None:
             return

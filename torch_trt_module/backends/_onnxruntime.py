@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .._dtypes import numpy_dtype
 from .._errors import BackendUnavailable, RuntimeFailure
 from .._spec import TensorSpec
 
@@ -30,10 +31,6 @@ __all__ = ["OnnxRuntimeRunner", "optimized_graph_name", "ort_version", "run_onnx
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
 
-_NP = {
-    torch.float32: np.float32, torch.float16: np.float16, torch.int8: np.int8, torch.uint8: np.uint8,
-    torch.int32: np.int32, torch.int64: np.int64, torch.bool: np.bool_,
-}
 
 
 def _ort() -> Any:
@@ -52,13 +49,13 @@ def ort_version() -> str:
 
 
 def _np_dtype(t: torch.dtype) -> Any:
-    try:
-        return _NP[t]
-    except KeyError:
+    np_t = numpy_dtype(t)
+    if np_t is None:
         raise BackendUnavailable(
             f"ONNX Runtime's Python binding cannot bind {t} tensors; use precision='fp16' or 'fp32', "
             "or a TensorRT backend"
-        ) from None
+        )
+    return np_t
 
 
 def _session_options(threads: int | None = None, half: bool = False) -> Any:
