@@ -54,6 +54,7 @@ import torch
 
 from torch_trt_module._dtypes import by_name
 from torch_trt_module._spec import TensorSpec
+from torch_trt_module.backends import normalize_device
 
 Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -277,6 +278,7 @@ def _cuda_buffer_size(addr: int, device: torch.device) -> int | None:
             continue
         start = seg["address"]
         for block in seg["blocks"]:
+            start = block.get("address", start)
             if block["state"] == "active_allocated" and start <= addr < start + block["size"]:
                 return start + block["size"] - addr
             start += block["size"]
@@ -353,7 +355,7 @@ def doubles(trt: Any) -> tuple[type, type]:
                      *, knobs: Knobs | None = None, device: str | torch.device = "cpu",
                      streams: HostStreams | None = None, dds_outputs: Sequence[str] = ()) -> None:
             object.__setattr__(self, "_d", _EngineState(list(inputs), list(outputs), compute, knobs or Knobs(),
-                                                        torch.device(device), streams, set(dds_outputs), trt))
+                                                        normalize_device(device), streams, set(dds_outputs), trt))
 
         @property
         def num_io_tensors(self) -> int:

@@ -17,6 +17,7 @@ Example:
 from ._build import Engine, build_engine
 from ._compare import OutputReport, ParityReport, assert_parity, verify
 from ._compile import compile
+from ._doctor import DoctorReport, doctor
 from ._errors import (
     BackendUnavailable,
     BuildError,
@@ -40,6 +41,7 @@ __all__ = [
     "BackendUnavailable",
     "BuildError",
     "CacheError",
+    "DoctorReport",
     "Engine",
     "EngineLoadError",
     "ExportError",
@@ -56,6 +58,7 @@ __all__ = [
     "assert_parity",
     "build_engine",
     "compile",
+    "doctor",
     "export_onnx",
     "export_triton",
     "load",

@@ -192,7 +192,7 @@ def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: to
     The session is the bulk of a warm compile()."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ._module import normalize_device
+    from .backends import normalize_device
     from .backends._onnxruntime import OnnxRuntimeRunner
 
     ex = ExportedModel.from_meta(b"", meta["model"])
@@ -221,7 +221,7 @@ def _session_keeping_optimized(engine: Engine, device: torch.device) -> dict[str
     """Make the module's ONNX Runtime session, keeping ORT's optimized copy of the graph for
     the cache entry (warm hits then load that copy, about twice as fast). The session is offered
     to the TRTModule that compile() makes next. Empty where no copy can be made."""
-    from ._module import normalize_device
+    from .backends import normalize_device
     from .backends._onnxruntime import OnnxRuntimeRunner
 
     ex = engine.exported

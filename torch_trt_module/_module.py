@@ -18,7 +18,7 @@ from ._errors import EngineLoadError, InputError, TorchTRTError
 from ._export import ExportedModel
 from ._signature import bind_call
 from ._spec import TensorSpec, TreeSpec, dtype_from_name, unflatten
-from .backends import gpu_identity, rtx_runs_on
+from .backends import gpu_identity, normalize_device, rtx_runs_on
 
 __all__ = ["TRTModule", "load", "save"]
 
@@ -405,14 +405,6 @@ def _match(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:
 
 def _safe_cast(src: torch.dtype, dst: torch.dtype) -> bool:
     return torch.can_cast(src, dst) or (src.is_floating_point and dst.is_floating_point)
-
-
-def normalize_device(device: str | torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:N`` (the current device), so devices compare by what they are."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def _can_run(engine: Engine, device: str | torch.device) -> bool:

@@ -105,6 +105,10 @@ def _parser() -> _Parser:
     c.add_argument("--no-dynamic-batching", action="store_true")
     c.add_argument("--instance-count", type=int, default=1)
     c.set_defaults(func=cmd_export_triton)
+    c = sub.add_parser("doctor", parents=[common], help="what runs here, and a smoke test of each backend")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.add_argument("--no-smoke", action="store_true", help="only report; build and run nothing")
+    c.set_defaults(func=cmd_doctor)
     return p
 
 
@@ -269,6 +273,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "rows": json_rows}, f, indent=2)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import doctor
+
+    report = doctor(smoke=not args.no_smoke)
+    print(json.dumps(report.to_json(), indent=2, default=str) if args.json else report)
+    return 0 if report.ok else 1
 
 
 # --------------------------------------------------------------------------- cache / export-triton

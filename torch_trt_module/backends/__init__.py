@@ -10,7 +10,7 @@ import torch
 
 from .._errors import BackendUnavailable
 
-__all__ = ["BackendChoice", "backend_version", "gpu_identity", "rtx_runs_on", "select_backend"]
+__all__ = ["BackendChoice", "backend_version", "gpu_identity", "normalize_device", "rtx_runs_on", "select_backend"]
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -21,6 +21,14 @@ class BackendChoice:
     build: str  # "tensorrt" | "tensorrt_rtx" | "onnxruntime": what makes the engine
     run: str  # what runs it here: the same, or "onnxruntime" when the engine cannot run here
     reason: str
+
+
+def normalize_device(device: str | torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:N`` (the current device), so devices compare by what they are."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def gpu_identity(device: torch.device | str | None) -> dict[str, Any] | None:

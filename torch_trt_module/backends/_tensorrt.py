@@ -29,6 +29,7 @@ import torch
 from .._dtypes import by_trt
 from .._errors import EngineLoadError, InputError, RuntimeFailure
 from .._spec import TensorSpec
+from . import normalize_device
 from ._trt_loader import device_guard
 
 __all__ = ["CudaStreams", "Streams", "TensorRTRunner"]
@@ -183,7 +184,7 @@ class TensorRTRunner:
                  streams: Streams | None = None) -> None:
         self.backend = backend
         self.engine = engine
-        self.device = torch.device(device)
+        self.device = normalize_device(device)
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.trt = trt
