@@ -39,7 +39,7 @@ sys.path.insert(0, {repo!r})
 import torch
 import torch_trt_module as ttm
 from torch_trt_module import _compile
-from tests.zoo.cases import CASES
+from harness.cases import CASES
 case = next(c for c in CASES if c.name == {name!r})
 import torchvision, transformers  # the model libraries: import, not construction
 from torch_trt_module import _cache, _module

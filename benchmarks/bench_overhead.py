@@ -61,7 +61,7 @@ def setup(device: torch.device) -> tuple[Any, torch.Tensor, dict[str, Callable[[
     model = torch.nn.Linear(16, 16).eval().to(device)
     x = torch.randn(1, 16, device=device)
     module = ttm.compile(model, x, cache=False, backend="auto" if device.type == "cuda" else "onnxruntime")
-    runner = module._runner
+    runner = module.runner
     variants: dict[str, Callable[[], Any]] = {"timer only (empty call)": lambda: None}
     if module.backend == "onnxruntime":
         import numpy as np
@@ -106,7 +106,7 @@ def breakdown(module: Any, x: torch.Tensor, n: int) -> list[tuple[str, float | N
     are timed: a step whose internals changed reads "n/a" instead of breaking the run."""
     import numpy as np
 
-    runner, ex = module._runner, getattr(module, "_exported", None)
+    runner, ex = module.runner, module.engine.exported if module.engine is not None else None
     sess = runner.session
     prepared = [x]
     out = torch.empty(1, 16)

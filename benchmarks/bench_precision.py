@@ -32,7 +32,7 @@ from _common import OUT_DIR, machine, machine_line, section_intro, write_section
 
 import torch
 
-from tests.models import Sensitive  # noqa: E402 - _common put the repository on sys.path
+from harness.models import Sensitive  # noqa: E402 - _common put the repository on sys.path
 
 HEADING = "Mixed precision"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reliability import faults  # noqa: E402 - after the path is set
+from harness import faults  # noqa: E402 - after the path is set
 
 
 def main() -> int:

@@ -46,7 +46,7 @@ def run_case(label: str) -> dict[str, Any]:
     import torch
 
     import torch_trt_module as ttm
-    from tests.zoo.cases import by_label, class_failures, worst
+    from harness.cases import by_label, class_failures, worst
 
     case = by_label(label)
     tol = case.tolerance
@@ -101,7 +101,7 @@ def run_must_fail() -> list[dict[str, Any]]:
     import torch
 
     import torch_trt_module as ttm
-    from tests.zoo.test_must_fail import ItemBranch, MaskedSelect
+    from harness.models import ItemBranch, MaskedSelect
 
     out = []
     rec: dict[str, Any] = {"case": "19-data_dependent_branch", "id": 19, "tol": "-"}
@@ -154,7 +154,7 @@ def child_main(kind: str, name: str, out_path: str) -> None:
     if kind == "case":
         result: Any = run_case(name)
     elif kind == "model":
-        from tests.zoo.cases import sweep_one
+        from harness.cases import sweep_one
 
         result = sweep_one(name)
     else:
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.readme_only:
         write_readme(render(data))
         return 0
-    from tests.zoo.cases import CASES, classifier_facts, classifier_names
+    from harness.cases import CASES, classifier_facts, classifier_names
 
     # Rows not re-run this time (another --only, other --models/--cases, or --resume) are kept.
     data = {"generated": time.strftime("%Y-%m-%d %H:%M %Z"), "environment": environment(),

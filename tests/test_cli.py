@@ -19,7 +19,8 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import cli
-from torch_trt_module._cli_models import UsageError, parse_shapes
+from torch_trt_module._errors import UsageError
+from torch_trt_module.cli._inputs import parse_shapes
 
 MODELS = textwrap.dedent('''
     import torch
@@ -276,25 +277,18 @@ def test_cache_commands_follow_the_environment_variable(tmp_path: Path, monkeypa
 
 # ---------------------------------------------------------------- export-triton
 
-def test_export_triton_without_the_function_exits_2(engine_file: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    tmp_path: Path) -> None:
-    monkeypatch.delattr(ttm, "export_triton", raising=False)
-    monkeypatch.setitem(sys.modules, "torch_trt_module._triton", None)  # makes the import fail
-    code, _, err = run("export-triton", str(engine_file), str(tmp_path / "repo"))
-    assert code == 2 and "export_triton" in err and "Traceback" not in err
-
-
-def test_export_triton_passes_the_engine_and_options(engine_file: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     tmp_path: Path) -> None:
-    calls = []
-    monkeypatch.setattr(ttm, "export_triton", lambda *a, **k: calls.append((a, k)), raising=False)
+def test_export_triton_writes_the_engine_with_the_options(engine_file: Path, tmp_path: Path) -> None:
+    # The real export_triton: the repository it writes is what the options asked for.
     code, out, err = run("export-triton", str(engine_file), str(tmp_path / "repo"), "--name", "tiny",
                          "--max-batch-size", "8", "--no-dynamic-batching", "--instance-count", "2")
     assert code == 0, err
-    ((engine, repo, name), options), = calls
-    assert isinstance(engine, ttm.Engine) and engine.meta["model"]["inputs"][0]["name"] == "x"
-    assert (repo, name) == (str(tmp_path / "repo"), "tiny")
-    assert options == {"max_batch_size": 8, "dynamic_batching": False, "instance_count": 2}
+    model_dir = tmp_path / "repo" / "tiny"
+    config = (model_dir / "config.pbtxt").read_text()
+    assert 'name: "tiny"' in config and "max_batch_size: 8" in config and "count: 2" in config
+    assert "dynamic_batching" not in config
+    engine = ttm.Engine.load(engine_file)
+    stored = model_dir / "1" / ("model.plan" if engine.has_plan else "model.onnx")
+    assert stored.read_bytes() == (engine.plan if engine.has_plan else engine.onnx)
     assert "wrote Triton model 'tiny'" in out
 
 

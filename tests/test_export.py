@@ -8,7 +8,7 @@ import torch
 
 import torch_trt_module as ttm
 
-from .zoo.cases import KeywordArgs  # cases.md #11
+from harness.cases import KeywordArgs  # cases.md #11
 
 
 def test_inputs_are_named_by_the_forward_signature_and_batch_is_dynamic() -> None:

@@ -11,7 +11,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module import assert_parity
 
-from .zoo.cases import KeywordArgs  # cases.md #11
+from harness.cases import KeywordArgs  # cases.md #11
 
 
 class Nested(torch.nn.Module):  # cases.md #10
@@ -141,7 +141,7 @@ def test_lazy_mode_builds_at_first_call_then_widens(caplog: pytest.LogCaptureFix
         assert_parity(model, module, torch.randn(40, 8))
     assert module.engine is not first
     assert "rebuilding with a wider profile (1/1)" in caplog.text
-    assert module._exported.inputs[0].max[0] >= 40
+    assert module.engine.exported.inputs[0].max[0] >= 40
     with pytest.raises(ttm.InputError, match=r"already rebuilt 1 times \(max_rebuilds=1\)"):
         module(torch.randn(8, 9))  # rank matches, dim 1 changes: a widening is needed but none is left
 

@@ -28,7 +28,7 @@ from torch_trt_module._precision import (
 )
 from torch_trt_module._spec import flatten
 
-from .models import Sensitive
+from harness.models import Sensitive
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

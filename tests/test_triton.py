@@ -20,7 +20,7 @@ from torch_trt_module._build import Engine
 from torch_trt_module._errors import TorchTRTError
 from torch_trt_module._triton import TritonExportError, TritonRepoExists, export_triton, triton_config
 
-from .models import Conv
+from harness.models import Conv
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="pip install 'torch_trt_module[triton]' (tritonclient[grpc])")

@@ -14,25 +14,31 @@ Example:
     True
 """
 
-from ._build import Engine, build_engine
+from ._build import build_engine
 from ._compare import OutputReport, ParityReport, assert_parity, verify
-from ._compile import compile
+from ._compile import compile, export_onnx
 from ._doctor import DoctorReport, doctor
+from ._engine import Engine
 from ._errors import (
     BackendUnavailable,
     BuildError,
     CacheError,
+    CacheLockTimeout,
     EngineLoadError,
     ExportError,
     InputError,
+    PrecisionError,
     RuntimeFailure,
+    SettingsError,
     TorchTRTError,
+    TritonExportError,
+    TritonRepoExists,
+    UsageError,
     VerificationError,
 )
-from ._export import ExportedModel, export_onnx
 from ._module import TRTModule, load, save
 from ._settings import Settings
-from ._spec import TensorSpec
+from ._spec import ExportedModel, TensorSpec
 from ._triton import export_triton
 
 __version__ = "0.1.0"
@@ -41,6 +47,7 @@ __all__ = [
     "BackendUnavailable",
     "BuildError",
     "CacheError",
+    "CacheLockTimeout",
     "DoctorReport",
     "Engine",
     "EngineLoadError",
@@ -49,11 +56,16 @@ __all__ = [
     "InputError",
     "OutputReport",
     "ParityReport",
+    "PrecisionError",
     "RuntimeFailure",
     "Settings",
+    "SettingsError",
     "TRTModule",
     "TensorSpec",
     "TorchTRTError",
+    "TritonExportError",
+    "TritonRepoExists",
+    "UsageError",
     "VerificationError",
     "assert_parity",
     "build_engine",

@@ -25,236 +25,34 @@ evict/clear/prune/entries raise :class:`~torch_trt_module.CacheError` on I/O err
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
-import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping
 
 import filelock
 
-from ._errors import CacheError
+from ._cache_files import (CACHE_DIR_ENV, CACHE_FORMAT_VERSION, MAX_SIZE_ENV, CacheEntry, Corrupt, DeferredBlob,
+                           EntryInfo, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir,
+                           valid_name)
+from ._errors import CacheError, CacheLockTimeout, EngineLoadError
+from ._io import atomic_write, blob_index, canonical_json, pack, seal, unpack
 
-__all__ = ["CACHE_FORMAT_VERSION", "CacheEntry", "CacheLockTimeout", "DEFAULT_MAX_SIZE", "DeferredBlob", "EngineCache",
-           "EntryInfo",
-           "parse_size", "resolve_cache_dir", "sha256_bytes", "stable_hash"]
+__all__ = ["CACHE_FORMAT_VERSION", "DEFAULT_MAX_SIZE", "EngineCache", "parse_size", "resolve_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the layout or the metadata changes meaning; entries of other versions are misses.
-CACHE_FORMAT_VERSION: int = 1
 #: Size cap unless ``max_size=`` or ``$TORCH_TRT_MODULE_CACHE_MAX_SIZE`` (e.g. "500M", "2G") says otherwise: 4 GiB.
 DEFAULT_MAX_SIZE: int = 4 * 1024**3
-CACHE_DIR_ENV = "TORCH_TRT_MODULE_CACHE"
-MAX_SIZE_ENV = "TORCH_TRT_MODULE_CACHE_MAX_SIZE"
 #: Files without metadata younger than this may belong to a write in progress, so they are left alone.
 ORPHAN_AGE_S = 600.0
-
-_NAME_RE = re.compile(r"[0-9A-Za-z_.-]{1,100}")
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
-_SIZE_RE = re.compile(r"(-?(?:\d+(?:\.\d*)?|\.\d+))\s*(?:([kmgt])(?:i?b)?|b)?", re.IGNORECASE)
-_UNITS = {None: 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_AUX_MAGIC = b"TTMAUX1\n"
-_AUX_HEAD = len(_AUX_MAGIC) + 32 + 8  # magic, sha256 digest, body length
+_AUX_KIND = "cache-aux"
 _LOCKS: weakref.WeakValueDictionary[tuple[int, str], filelock.FileLock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
-
-
-class CacheLockTimeout(CacheError, TimeoutError):
-    """:meth:`EngineCache.lock` did not get the lock within its timeout."""
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """A verified hit: every blob in ``blobs`` matched the size and sha256 that its metadata
-    records. Blobs asked for with ``get(key, defer=...)`` are in ``deferred`` instead."""
-
-    key: str
-    blobs: dict[str, bytes] = field(repr=False)
-    meta: dict[str, Any]
-    deferred: dict[str, "DeferredBlob"] = field(default_factory=dict, repr=False)
-
-
-class DeferredBlob:
-    """A blob opened at the hit and read, and checked against its sha256, only when called.
-
-    The file is held open, so a later eviction or prune (which unlinks it) cannot take the
-    bytes away. A mismatch raises :class:`CacheError` and evicts the entry.
-    """
-
-    def __init__(self, cache: "EngineCache", key: str, name: str, info: dict[str, Any], f: Any) -> None:
-        self._cache, self._key, self._name, self._info, self._f = cache, key, name, info, f
-        self.size: int = info["size"]
-
-    def __call__(self) -> bytes:
-        """The blob's bytes, checked."""
-        data = self.read()
-        self.check(data)
-        return data
-
-    def read(self) -> bytes:
-        """The bytes, not yet checked: use them only once :meth:`check` has passed."""
-        if self._f.closed:
-            raise CacheError(f"engine cache entry {self._key[:16]}: blob {self._name!r} was already read")
-        with self._f as f:
-            f.seek(0)
-            return f.read()  # type: ignore[no-any-return]
-
-    def check(self, data: bytes) -> None:
-        """Raise :class:`CacheError` (and evict the entry) unless ``data`` matches the recorded sha256."""
-        try:
-            _check_blob(self._name, self._info, data)
-        except _Corrupt as e:
-            with contextlib.suppress(CacheError):
-                self._cache.evict(self._key)
-            raise CacheError(f"engine cache entry {self._key} is unusable ({e}, read after the hit); "
-                             "it was evicted") from None
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __del__(self) -> None:  # never read: close quietly (no ResourceWarning)
-        with contextlib.suppress(Exception):
-            self._f.close()
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """An entry as listed by :meth:`EngineCache.entries`; its blobs are neither read nor verified."""
-
-    key: str
-    size_bytes: int
-    created: float
-    last_used: float
-    meta: dict[str, Any] = field(repr=False)
-
-
-class _Corrupt(Exception):
-    """Why an entry cannot be used; never leaves this module."""
-
-
-def _check_size(name: str, info: dict[str, Any], size: int) -> None:
-    if size != info["size"]:
-        raise _Corrupt(f"blob {name!r} is {size} bytes, expected {info['size']} (truncated?)")
-
-
-def _check_blob(name: str, info: dict[str, Any], data: bytes) -> None:
-    """Raise _Corrupt unless ``data`` has the size and sha256 that the metadata records."""
-    _check_size(name, info, len(data))
-    if sha256_bytes(data) != info["sha256"]:
-        raise _Corrupt(f"checksum mismatch for blob {name!r}")
-
-
-def _valid_name(name: object) -> bool:
-    return isinstance(name, str) and bool(_NAME_RE.fullmatch(name)) and not name.startswith(".")
-
-
-def _check_name(name: object, what: str) -> str:
-    if not _valid_name(name):
-        raise ValueError(f"cache {what} {name!r} is not valid; expected 1-100 characters from [0-9a-zA-Z_.-], "
-                         "not starting with '.' (a hex digest, for example)")
-    return name  # type: ignore[return-value]
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from an int or a string with an optional binary suffix: ``parse_size("500M") == 500 * 1024**2``."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"cache size {value!r} is a {type(value).__name__}; expected an int or a string like '2G'")
-    n = value
-    if isinstance(value, str):
-        m = _SIZE_RE.fullmatch(value.strip())
-        if m is None:
-            raise ValueError(f"cache size {value!r} is not understood; expected a number of bytes with an optional "
-                             "K, M, G or T suffix (powers of 1024), e.g. '1073741824', '500M' or '2G'")
-        num, unit = m.group(1), _UNITS[m.group(2) and m.group(2).lower()]
-        n = int(num) * unit if "." not in num else int(float(num) * unit)
-    if n < 0:
-        raise ValueError(f"cache size {value!r} is negative; expected 0 or more bytes")
-    return n
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``cache_dir``, else ``$TORCH_TRT_MODULE_CACHE``, else ``$XDG_CACHE_HOME/torch_trt_module``,
-    else ``~/.cache/torch_trt_module``. Creates nothing."""
-    if cache_dir is not None and os.fspath(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    if env := os.environ.get(CACHE_DIR_ENV):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative values
-        return Path(xdg) / "torch_trt_module"
-    return Path(os.path.expanduser("~")) / ".cache" / "torch_trt_module"
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _canonical(obj: object, where: str) -> object:
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"__bytes_sha256__": sha256_bytes(bytes(obj))}
-    if isinstance(obj, Mapping):
-        for k in obj:
-            if not isinstance(k, str):  # json would make 1 and "1" the same key
-                raise TypeError(f"stable_hash: key {k!r} in {where} is a {type(k).__name__}; only str keys hash stably")
-        return {k: _canonical(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(f"stable_hash: {where} is a {type(obj).__name__}; expected JSON data (dict with str keys, "
-                    "list, tuple, str, int, float, bool, None) or bytes")
-
-
-def _dumps(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-
-
-def stable_hash(obj: object) -> str:
-    """sha256 hex of the canonical JSON of ``obj``, identical in every process and on every machine.
-
-    ``bytes`` enter as ``{"__bytes_sha256__": <their sha256>}``.
-
-    Example:
-        >>> stable_hash({"w": b"weights", "shape": [1, 3]}) == stable_hash({"shape": (1, 3), "w": b"weights"})
-        True
-    """
-    try:
-        return sha256_bytes(_dumps(_canonical(obj, "obj")))
-    except ValueError as e:
-        raise ValueError(f"stable_hash: {e}; NaN and infinity have no stable form") from e
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or all of the new one, never part; mkstemp makes it 0o600."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # makes the rename durable; some filesystems cannot fsync a directory
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 class EngineCache:
@@ -328,43 +126,12 @@ class EngineCache:
         return lk
 
     # ----- reading -----
-    def _parse_meta(self, key: str, raw: bytes) -> dict[str, Any]:
-        try:
-            meta = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-            raise _Corrupt("metadata is not valid JSON") from None
-        if not isinstance(meta, dict):
-            raise _Corrupt("metadata is not a JSON object")
-        if "format_version" not in meta:
-            raise _Corrupt("metadata lacks 'format_version'")
-        if (fv := meta["format_version"]) != CACHE_FORMAT_VERSION or isinstance(fv, bool):
-            raise _Corrupt(f"format version {fv!r} != {CACHE_FORMAT_VERSION}")
-        if missing := [f for f in ("key", "created", "last_used", "blobs", "meta_sha256") if f not in meta]:
-            raise _Corrupt(f"metadata lacks {', '.join(map(repr, missing))}")
-        recorded = meta.pop("meta_sha256")
-        try:
-            ok = recorded == sha256_bytes(_dumps(meta))
-        except ValueError:  # a flipped digit can turn 1e-05 into 1e905, which is infinity
-            ok = False
-        if not ok:
-            raise _Corrupt("metadata checksum mismatch")
-        if meta["key"] != key:
-            raise _Corrupt(f"metadata is for key {meta['key']!r}")
-        blobs = meta["blobs"]
-        ok = isinstance(blobs, dict) and isinstance(meta["created"], (int, float))
-        for name, info in blobs.items() if ok else ():
-            ok = ok and _valid_name(name) and isinstance(info, dict) and isinstance(info.get("size"), int)
-            ok = ok and isinstance(info.get("sha256"), str) and bool(_HEX64_RE.fullmatch(info["sha256"]))
-        if not ok:
-            raise _Corrupt("metadata has malformed 'blobs' or 'created'")
-        return meta
-
     def _read_blob(self, key: str, name: str, info: dict[str, Any]) -> bytes:
         try:
             data = self._blob_path(key, name, info["sha256"]).read_bytes()
         except FileNotFoundError:
-            raise _Corrupt(f"blob {name!r} is missing") from None
-        _check_blob(name, info, data)
+            raise Corrupt(f"blob {name!r} is missing") from None
+        check_blob(name, info, data)
         return data
 
     def get(self, key: str, *, defer: Collection[str] = (), only: Collection[str] | None = None) -> CacheEntry | None:
@@ -375,13 +142,13 @@ class EngineCache:
         use, such as an engine that cannot run on this machine). With ``only``, blobs not named
         there are left alone (neither read nor returned).
         """
-        _check_name(key, "key")
+        check_name(key, "key")
         path, meta = self._meta_path(key), None
         deferred: dict[str, DeferredBlob] = {}
         try:
             with open(path, "rb") as f:
                 st, raw = os.fstat(f.fileno()), f.read()
-            meta = self._parse_meta(key, raw)
+            meta = parse_meta(key, raw)
             wanted = set(meta["blobs"]) if only is None else set(meta["blobs"]) & set(only)
             blobs = {name: self._read_blob(key, name, meta["blobs"][name]) for name in sorted(wanted - set(defer))}
             for name in wanted & set(defer):
@@ -394,7 +161,7 @@ class EngineCache:
                     with contextlib.suppress(OSError):
                         os.unlink(p)
             return None
-        except _Corrupt as e:
+        except Corrupt as e:
             for d in deferred.values():
                 d.close()
             logger.warning("engine cache entry %s is unusable (%s); evicting it and rebuilding", key, e)
@@ -416,10 +183,10 @@ class EngineCache:
         try:
             f = open(self._blob_path(key, name, info["sha256"]), "rb")  # noqa: SIM115 - DeferredBlob closes it
         except FileNotFoundError:
-            raise _Corrupt(f"blob {name!r} is missing") from None
+            raise Corrupt(f"blob {name!r} is missing") from None
         try:
-            _check_size(name, info, os.fstat(f.fileno()).st_size)
-        except _Corrupt:
+            check_size(name, info, os.fstat(f.fileno()).st_size)
+        except Corrupt:
             f.close()
             raise
         return DeferredBlob(self, key, name, info, f)
@@ -445,19 +212,19 @@ class EngineCache:
         The store sets ``format_version``, ``key``, ``created``, ``last_used``, ``blobs`` ({name: {sha256, size}})
         and ``meta_sha256`` in the metadata, replacing fields of those names.
         """
-        _check_name(key, "key")
-        data = {_check_name(n, "blob name"): b for n, b in blobs.items()}
+        check_name(key, "key")
+        data = {check_name(n, "blob name"): b for n, b in blobs.items()}
         if bad := [n for n, b in data.items() if not isinstance(b, (bytes, bytearray, memoryview))]:
             raise TypeError(f"cache blob {bad[0]!r} is a {type(data[bad[0]]).__name__}; expected bytes")
         try:  # a round trip, so that what we checksum is exactly what a reader parses
-            full = json.loads(_dumps(dict(meta)))
+            full = json.loads(canonical_json(dict(meta)))
         except (TypeError, ValueError) as e:
             raise TypeError(f"cache metadata for {key} is not JSON data ({e}); use dicts with str keys, lists, str, "
                             "int, finite float, bool and None") from e
         now = time.time()
-        infos = {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in data.items()}
+        infos = blob_index(data)
         full.update(format_version=CACHE_FORMAT_VERSION, key=key, created=now, last_used=now, blobs=infos)
-        full["meta_sha256"] = sha256_bytes(_dumps(full))
+        full = seal(full, "meta_sha256")
         paths = {n: self._blob_path(key, n, i["sha256"]) for n, i in infos.items()}
         new_files = []
         try:
@@ -465,8 +232,8 @@ class EngineCache:
             for n, p in paths.items():
                 if not p.exists():  # an identical blob may be shared with the entry being replaced: keep that one
                     new_files.append(p)
-                _atomic_write(p, bytes(data[n]))
-            _atomic_write(self._meta_path(key), _dumps(full))
+                atomic_write(p, bytes(data[n]))
+            atomic_write(self._meta_path(key), canonical_json(full))
         except OSError as e:
             for p in new_files:
                 with contextlib.suppress(OSError):
@@ -533,7 +300,7 @@ class EngineCache:
 
         Raises :class:`CacheLockTimeout` when ``timeout`` seconds pass first.
         """
-        _check_name(name, "lock name")
+        check_name(name, "lock name")
         lk = self._filelock(name)
         if lk is not None:
             try:
@@ -552,11 +319,11 @@ class EngineCache:
 
     def lookup(self, fingerprint: str) -> str | None:
         """The content key recorded for ``fingerprint``, or None (a corrupt record is removed with a WARNING)."""
-        path = self.root / "index" / f"{_check_name(fingerprint, 'fingerprint')}.json"
+        path = self.root / "index" / f"{check_name(fingerprint, 'fingerprint')}.json"
         try:
             rec = json.loads(path.read_bytes().decode("utf-8"))
             if (isinstance(rec, dict) and rec.get("format_version") == CACHE_FORMAT_VERSION
-                    and rec.get("fingerprint") == fingerprint and _valid_name(rec.get("key"))):
+                    and rec.get("fingerprint") == fingerprint and valid_name(rec.get("key"))):
                 return rec["key"]  # type: ignore[no-any-return]
             why = "malformed record"
         except FileNotFoundError:
@@ -573,7 +340,7 @@ class EngineCache:
 
     def _write(self, sub: str, filename: str, data: bytes, what: str) -> bool:
         try:
-            _atomic_write(self._ensure(sub) / filename, data)
+            atomic_write(self._ensure(sub) / filename, data)
             return True
         except OSError as e:
             self._warn_unwritable(what, e)
@@ -581,13 +348,13 @@ class EngineCache:
 
     def record(self, fingerprint: str, key: str) -> bool:
         """Remember that ``fingerprint`` leads to ``key``. False (one WARNING) if the cache is not writable."""
-        rec = {"format_version": CACHE_FORMAT_VERSION, "fingerprint": _check_name(fingerprint, "fingerprint"),
-               "key": _check_name(key, "key")}
-        return self._write("index", f"{fingerprint}.json", _dumps(rec), f"recording fingerprint {fingerprint}")
+        rec = {"format_version": CACHE_FORMAT_VERSION, "fingerprint": check_name(fingerprint, "fingerprint"),
+               "key": check_name(key, "key")}
+        return self._write("index", f"{fingerprint}.json", canonical_json(rec), f"recording fingerprint {fingerprint}")
 
     def read_aux(self, name: str) -> bytes | None:
         """A side file stored by :meth:`write_aux`, or None if absent or corrupt (then removed, with a WARNING)."""
-        path = self.root / "aux" / f"{_check_name(name, 'aux name')}.bin"
+        path = self.root / "aux" / f"{check_name(name, 'aux name')}.bin"
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
@@ -595,25 +362,18 @@ class EngineCache:
         except OSError as e:
             logger.warning("engine cache aux file %s cannot be read (%s); ignoring it", name, e)
             return None
-        body, length = raw[_AUX_HEAD:], int.from_bytes(raw[_AUX_HEAD - 8:_AUX_HEAD], "big")
-        if len(raw) < _AUX_HEAD or not raw.startswith(_AUX_MAGIC):
-            why = "bad header"
-        elif length != len(body):
-            why = f"{len(body)} bytes, expected {length} (truncated?)"
-        elif hashlib.sha256(body).digest() != raw[len(_AUX_MAGIC):len(_AUX_MAGIC) + 32]:
-            why = "checksum mismatch"
-        else:
-            return body
-        logger.warning("engine cache aux file %s is unusable (%s); removing it", name, why)
+        try:
+            return unpack(raw, kind=_AUX_KIND, source=f"engine cache aux file {name}")[1]["body"]
+        except (EngineLoadError, KeyError) as e:
+            logger.warning("%s; removing it", e)
         with contextlib.suppress(OSError):
             os.unlink(path)
         return None
 
     def write_aux(self, name: str, data: bytes) -> bool:
-        """Store a side file atomically behind a checksum header. False (one WARNING) if the cache is not writable."""
-        body = bytes(data)
-        payload = _AUX_MAGIC + hashlib.sha256(body).digest() + len(body).to_bytes(8, "big") + body
-        return self._write("aux", f"{_check_name(name, 'aux name')}.bin", payload, f"writing aux file {name}")
+        """Store a side file atomically, checksummed. False (one WARNING) if the cache is not writable."""
+        payload = pack(_AUX_KIND, {"name": name}, {"body": bytes(data)})
+        return self._write("aux", f"{check_name(name, 'aux name')}.bin", payload, f"writing aux file {name}")
 
     # ----- management -----
     def _scan(self) -> tuple[list[EntryInfo], list[str]]:
@@ -623,14 +383,14 @@ class EngineCache:
         with contextlib.suppress(FileNotFoundError):
             for e in os.scandir(self.root / "entries"):
                 key = e.name[:-5]
-                if not e.name.endswith(".json") or not _valid_name(key):
+                if not e.name.endswith(".json") or not valid_name(key):
                     continue
                 try:
                     with open(e.path, "rb") as f:
-                        st, meta = os.fstat(f.fileno()), self._parse_meta(key, f.read())
+                        st, meta = os.fstat(f.fileno()), parse_meta(key, f.read())
                 except FileNotFoundError:  # evicted meanwhile
                     continue
-                except _Corrupt:
+                except Corrupt:
                     bad.append(key)
                     continue
                 meta["last_used"] = st.st_mtime
@@ -656,10 +416,10 @@ class EngineCache:
 
     def evict(self, key: str) -> bool:
         """Remove ``key`` even if locked (its holder may be evicting an entry it could not load). True if it existed."""
-        with self._managing(f"evict {_check_name(key, 'key')} from"):
+        with self._managing(f"evict {check_name(key, 'key')} from"):
             try:
-                meta: dict[str, Any] | None = self._parse_meta(key, self._meta_path(key).read_bytes())
-            except (FileNotFoundError, _Corrupt):
+                meta: dict[str, Any] | None = parse_meta(key, self._meta_path(key).read_bytes())
+            except (FileNotFoundError, Corrupt):
                 meta = None
             return self._remove_entry(key, meta)
 
@@ -699,7 +459,7 @@ class EngineCache:
 
     def info(self, key_prefix: str) -> EntryInfo:
         """The entry whose key is, or starts with, ``key_prefix``; ValueError if none or several match."""
-        _check_name(key_prefix, "key prefix")
+        check_name(key_prefix, "key prefix")
         infos = self.entries()
         matches = [i for i in infos if i.key == key_prefix] or [i for i in infos if i.key.startswith(key_prefix)]
         if not matches:

@@ -23,9 +23,9 @@ import torch
 from ._errors import VerificationError
 from ._numerics import POLICY, Tolerance, eager_uses_tf32, numerics_of, policy_for, strict_fp32
 from ._signature import split_inputs
-from ._spec import TreeSpec, flatten
+from ._tree import TreeSpec, flatten, leaf_paths
 
-__all__ = ["OutputReport", "ParityReport", "assert_parity", "compare_outputs", "verify"]
+__all__ = ["OutputReport", "ParityReport", "assert_parity", "compare_outputs", "percentile", "verify"]
 
 #: compare_outputs()' plain elementwise default: the fp32 policy's rtol and absolute floor.
 DEFAULT_RTOL = POLICY["fp32"].rtol
@@ -208,17 +208,16 @@ def _tolerances(kind: str, value: PerOutput, default: float, names: list[str]) -
     return per
 
 
-def _leaf_names(spec: TreeSpec, path: str = "") -> list[str]:
-    if spec.kind == "tensor":
-        return [path or "out"]
-    fields = getattr(spec.cls, "_fields", None) if spec.kind == "tuple" else None
-    if spec.kind == "dict":
-        paths = [f"{path}[{k!r}]" for k in spec.keys]
-    elif fields is not None:
-        paths = [f"{path}.{f}" if path else str(f) for f in fields]
-    else:
-        paths = [f"{path}[{i}]" for i in range(len(spec.children))]
-    return [n for c, p in zip(spec.children, paths) for n in _leaf_names(c, p)]
+def _leaf_names(spec: TreeSpec) -> list[str]:
+    """Each leaf's path as Python would write it: ``out`` for a lone tensor, ``[0]``, ``['b'][1]``, ``.field``."""
+    names = []
+    for path in leaf_paths(spec):
+        text = ""
+        for kind, label in path:
+            text += f"[{label!r}]" if kind == "key" else f"[{label}]" if kind == "index" else \
+                (f".{label[1]}" if text else str(label[1]))
+        names.append(text or "out")
+    return names
 
 
 def _describe(spec: TreeSpec, limit: int = 300) -> str:
@@ -297,7 +296,7 @@ def _compare_one(name: str, a: torch.Tensor, r: torch.Tensor, tol: Tolerance,
     }
     for kind, v in (("abs", abs_v), ("rel", rel_v)):
         stats.update({f"max_{kind}": _max(v), f"mean_{kind}": float(v.mean()) if v.size else 0.0,
-                      f"median_{kind}": _pct(v, 50), f"p99_{kind}": _pct(v, 99)})
+                      f"median_{kind}": percentile(v, 50), f"p99_{kind}": percentile(v, 99)})
     finite = np.isfinite(a64) & np.isfinite(r64)
     cosine = _cosine(a64[finite], r64[finite])
     if cosine < min_cosine:
@@ -312,8 +311,9 @@ def _max(x: np.ndarray) -> float:
     return float(x.max()) if x.size else 0.0
 
 
-def _pct(x: np.ndarray, q: float) -> float:
-    # numpy's "linear" percentile, except that it returns inf rather than NaN next to inf.
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """numpy's "linear" percentile, except that it returns inf rather than NaN next to inf (0 when empty)."""
+    x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return 0.0
     k = (x.size - 1) * q / 100.0

@@ -1,9 +1,25 @@
-"""One exception root for the whole package.
+"""Every exception torch_trt_module raises, under one root.
 
-Every error a user can see derives from :class:`TorchTRTError`, so
-``except torch_trt_module.TorchTRTError`` catches all of ours and nothing else.
-Some also derive from the matching built-in (``ValueError``, ``TypeError``,
-``ImportError``) so that generic handlers keep working.
+``except torch_trt_module.TorchTRTError`` catches all of ours and nothing else. Some also
+derive from the matching built-in so that generic handlers keep working::
+
+    TorchTRTError
+    ├── SettingsError (ValueError)        an option of compile() has a value it cannot take
+    │   └── PrecisionError                 a mixed-precision conversion was asked for wrongly
+    ├── ExportError                        the model cannot be exported to ONNX, or the export is wrong
+    ├── BuildError                         the backend cannot build an engine from the graph
+    ├── BackendUnavailable (ImportError)   a backend that was asked for cannot run on this machine
+    ├── InputError (ValueError)            call inputs that do not match what the module was built for
+    ├── RuntimeFailure (RuntimeError)      the backend reported a failure while running
+    ├── VerificationError (AssertionError) outputs differ from the reference beyond tolerance
+    ├── EngineLoadError                    a serialized engine or saved module cannot be loaded
+    ├── CacheError                         an explicit cache operation failed (compile() never raises it)
+    │   └── CacheLockTimeout (TimeoutError)
+    ├── TritonExportError (ValueError)     an engine cannot be written as a Triton model as asked
+    │   └── TritonRepoExists (FileExistsError)
+    └── UsageError (ValueError)            the command line was given something it cannot use (exit 2)
+
+Every message says what was received, what was expected, and how to fix it.
 """
 
 from __future__ import annotations
@@ -12,17 +28,31 @@ __all__ = [
     "BackendUnavailable",
     "BuildError",
     "CacheError",
+    "CacheLockTimeout",
     "EngineLoadError",
     "ExportError",
     "InputError",
+    "PrecisionError",
     "RuntimeFailure",
+    "SettingsError",
     "TorchTRTError",
+    "TritonExportError",
+    "TritonRepoExists",
+    "UsageError",
     "VerificationError",
 ]
 
 
 class TorchTRTError(Exception):
     """Root of every error raised by torch_trt_module."""
+
+
+class SettingsError(TorchTRTError, ValueError):
+    """An option given to compile() (or another entry point) has a value it cannot take."""
+
+
+class PrecisionError(SettingsError):
+    """A mixed-precision conversion was asked for with a value it cannot take."""
 
 
 class ExportError(TorchTRTError):
@@ -53,9 +83,25 @@ class VerificationError(TorchTRTError, AssertionError):
         self.report = report
 
 
+class EngineLoadError(TorchTRTError):
+    """A serialized engine or saved module could not be loaded."""
+
+
 class CacheError(TorchTRTError):
     """A cache operation failed (only raised by explicit cache APIs, never by compile())."""
 
 
-class EngineLoadError(TorchTRTError):
-    """A serialized engine or saved module could not be loaded."""
+class CacheLockTimeout(CacheError, TimeoutError):
+    """:meth:`EngineCache.lock` did not get the lock within its timeout."""
+
+
+class TritonExportError(TorchTRTError, ValueError):
+    """An engine cannot be exported to a Triton model repository as asked."""
+
+
+class TritonRepoExists(TritonExportError, FileExistsError):
+    """The Triton model directory already holds another version or config (pass overwrite=True)."""
+
+
+class UsageError(TorchTRTError, ValueError):
+    """The command line was given something it cannot use (exit code 2)."""

@@ -1,11 +1,10 @@
 """Stage 4: TRTModule, the nn.Module users call. Input checks, output allocation and
 output structure live here, shared by every runtime, so the ONNX Runtime path
-exercises for real all the logic the TensorRT path relies on."""
+exercises for real all the logic the TensorRT path relies on. Which runtime runs the
+engine is decided by ``backends.make_runner`` (the runtime chain)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from typing import Any, Callable, Sequence
@@ -13,18 +12,19 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.nn.modules import module as _nn_module
 
-from ._build import Engine
+from ._engine import Engine
 from ._errors import EngineLoadError, InputError, TorchTRTError
-from ._export import ExportedModel
+from ._inputs import match_inputs, safe_cast, widen_hint
 from ._signature import bind_call
-from ._spec import TensorSpec, TreeSpec, dtype_from_name, unflatten
-from .backends import gpu_identity, normalize_device, rtx_runs_on
+from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
+from .backends import Runner, can_run_plan, make_runner, normalize_device
 
-__all__ = ["TRTModule", "load", "save"]
+__all__ = ["LazyBuild", "TRTModule", "engine_of_state", "load", "save"]
 
 log = logging.getLogger(__name__)
-_STATE_FORMAT = 2  # 2: the state carries a sha256 of its parts
-_announced: set[str] = set()
+_STATE_FORMAT = 3  # 3: one container (the engine's bytes), checked by its own checksums
+#: Builds (or finds) the engine for a call: (args, kwargs, the module) -> (engine, a prepared runner or None).
+LazyBuild = Callable[[tuple[Any, ...], dict[str, Any], "TRTModule"], tuple[Engine, Any]]
 #: input shapes that passed every check -> the runner's call for them (TRTModule.__call__)
 _FastCalls = dict[tuple[torch.Size, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]]
 _Tensor, _grad_enabled = torch.Tensor, torch.is_grad_enabled
@@ -36,7 +36,11 @@ _G_BWD_PRE, _G_BWD = _nn_module._global_backward_pre_hooks, _nn_module._global_b
 class TRTModule(torch.nn.Module):
     """A compiled module: call it like the original (same arguments, same output structure).
 
-    Build one with :func:`torch_trt_module.compile`, or wrap an :class:`Engine`.
+    Build one with :func:`torch_trt_module.compile`, or wrap an :class:`Engine`. ``runtime``
+    picks what runs it (``"auto"``: the chain in :mod:`torch_trt_module.backends`); ``runner``
+    gives one outright (any object with the ``Runner`` surface); ``prepared`` is a runner
+    already made for this engine (compile()'s ONNX Runtime session), used where the chain
+    picks that runtime on that device.
 
     Example:
         >>> trt_model = TRTModule(engine)            # doctest: +SKIP
@@ -46,15 +50,18 @@ class TRTModule(torch.nn.Module):
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
                  cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False,
-                 runner: Any = None) -> None:
+                 runtime: str = "auto", runner: Runner | None = None, prepared: Runner | None = None) -> None:
         super().__init__()
         self.cast_inputs = cast_inputs
         self.cuda_graphs = cuda_graphs
         self.allow_host_code = allow_host_code
+        self.runtime = runtime
+        #: Why the runtime that runs this module was chosen (also in repr()).
+        self.runtime_reason = ""
         self.engine: Engine | None = None
         self._runner: Any = None
         self._reference: Any = None
-        self._lazy: Callable[[tuple[Any, ...], dict[str, Any], "TRTModule"], Engine] | None = None
+        self._lazy: LazyBuild | None = None
         self._rebuilds = 0
         self._max_rebuilds = 0
         self._lazy_device: torch.device | None = None
@@ -63,44 +70,35 @@ class TRTModule(torch.nn.Module):
         self._lock = threading.Lock()
         self.eval()
         if engine is not None:
-            self._load(engine, device, runner)
+            self._load(engine, device, runner=runner, prepared=prepared)
+
+    @classmethod
+    def lazy(cls, build: LazyBuild, *, device: str | torch.device, max_rebuilds: int, cast_inputs: bool = False,
+             allow_host_code: bool = False, cuda_graphs: bool = False, runtime: str = "auto") -> "TRTModule":
+        """A module that builds its engine at its first call, with ``build(args, kwargs, module)``, and again
+        (with the profile widened to the new shape) for a call outside it, up to ``max_rebuilds`` times.
+
+        Example:
+            >>> module = TRTModule.lazy(my_build, device="cuda", max_rebuilds=4)   # doctest: +SKIP
+        """
+        module = cls(cast_inputs=cast_inputs, allow_host_code=allow_host_code, cuda_graphs=cuda_graphs,
+                     runtime=runtime)
+        module._lazy, module._lazy_device, module._max_rebuilds = build, torch.device(device), max_rebuilds
+        return module
 
     # ------------------------------------------------------------------ loading
 
-    def _load(self, engine: Engine, device: str | torch.device | None, runner: Any = None) -> None:
+    def _load(self, engine: Engine, device: str | torch.device | None, *, runner: Runner | None = None,
+              prepared: Runner | None = None) -> None:
         exported = engine.exported
-        if runner is not None:  # given: what runs the engine (another runtime, a test double)
-            device = runner.device
-        elif device is None:
-            device = "cuda" if engine.backend in ("tensorrt", "tensorrt_rtx") and _can_run(engine, "cuda") else "cpu"
-        dev = normalize_device(device)
-        if runner is None and _can_run(engine, dev) and engine.plan is not None:
-            from .backends._tensorrt import TensorRTRunner
-            from .backends._trt_loader import deserialize, import_runtime
-
-            trt_engine = deserialize(engine.plan, backend=engine.backend, device=dev,
-                                     allow_host_code=self.allow_host_code)
-            runner = TensorRTRunner(trt_engine, exported.inputs, exported.outputs, dev,
-                                    trt=import_runtime(engine.backend)[1], backend=engine.backend)
-            if self.cuda_graphs:
-                from .backends._cudagraphs import CudaGraphRunner
-
-                runner = CudaGraphRunner(runner, device=dev)
-        if runner is None:
-            from .backends._onnxruntime import OnnxRuntimeRunner
-
-            if engine.has_plan:
-                reason = f"the {engine.backend} engine cannot run on {dev}"
-                if reason not in _announced:
-                    _announced.add(reason)
-                    # compile() has already warned once about the backend choice; this is the detail.
-                    log.info("%s; it is kept (cache, state_dict), and this module runs on ONNX Runtime", reason)
-            if self.cuda_graphs and "cuda-graphs" not in _announced:
-                _announced.add("cuda-graphs")
-                log.warning("cuda_graphs=True applies to TensorRT runtimes only; this module runs on ONNX Runtime")
-            runner = engine._take_runner(dev, OnnxRuntimeRunner) or OnnxRuntimeRunner(
-                engine.onnx, exported.inputs, exported.outputs, dev, half=exported.precision != "fp32")
+        if runner is not None:
+            reason = "given"
+        else:
+            dev = normalize_device(device if device is not None else _default_device(engine))
+            runner, reason = make_runner(engine, dev, runtime=self.runtime, cuda_graphs=self.cuda_graphs,
+                                         allow_host_code=self.allow_host_code, prepared=prepared)
         self.engine = engine
+        self.runtime_reason = reason
         self._exported = exported
         self._runner = runner
         self._reference = None
@@ -125,7 +123,7 @@ class TRTModule(torch.nn.Module):
 
     @property
     def backend(self) -> str:
-        """What runs this module here: ``tensorrt``, ``tensorrt_rtx`` or ``onnxruntime``."""
+        """What runs this module here: ``tensorrt``, ``tensorrt_rtx``, ``onnxruntime`` or ``torch``."""
         return self._runner.backend if self._runner is not None else "unbuilt"
 
     @property
@@ -139,6 +137,11 @@ class TRTModule(torch.nn.Module):
                 and self.engine.meta.get("settings", {}).get("tf32", True):
             return "tf32"
         return "fp32"
+
+    @property
+    def runner(self) -> Runner | None:
+        """What runs the engine (the ``backends.Runner`` the runtime chain chose), or None before a lazy build."""
+        return self._runner
 
     @property
     def device(self) -> torch.device | None:
@@ -165,7 +168,7 @@ class TRTModule(torch.nn.Module):
         outs = ", ".join(f"{s.name}: {s.dtype}" for s in ex.outputs)
         built = f"{self.engine.backend} {self.engine.meta.get('backend_version', '')}".strip()
         return (f"backend={self.backend}, engine={built}, precision={ex.precision}, device={self.device},\n"
-                f"inputs=[{ins}],\noutputs=[{outs}]")
+                f"runtime: {self.runtime_reason or 'given'},\ninputs=[{ins}],\noutputs=[{outs}]")
 
     # ------------------------------------------------------------------ forward
 
@@ -205,7 +208,7 @@ class TRTModule(torch.nn.Module):
         if not kwargs and len(args) == self._n_positional and all(type(a) is torch.Tensor for a in args):
             leaves = list(args)  # the common call: plain positional tensors, nothing to bind
         else:
-            leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+            leaves = match_inputs(ex.call_tree, bind_call(ex.params, args, kwargs), "")
         try:
             prepared = self._prepare(leaves)
         except _OutOfProfile as e:
@@ -242,7 +245,7 @@ class TRTModule(torch.nn.Module):
                     f"input {spec.name!r} requires grad, but compiled modules are inference-only and return "
                     "no gradients; pass .detach() or call under torch.inference_mode()")
             if t.dtype != user_dtype:
-                if not (self.cast_inputs and _safe_cast(t.dtype, user_dtype)):
+                if not (self.cast_inputs and safe_cast(t.dtype, user_dtype)):
                     raise InputError(
                         f"input {spec.name!r} has dtype {t.dtype} but the module was compiled for {user_dtype}; "
                         f"pass .to({user_dtype})" + ("" if self.cast_inputs else " or compile with cast_inputs=True"))
@@ -256,7 +259,7 @@ class TRTModule(torch.nn.Module):
             if why is None and len(self._ok_shapes[spec.name]) < 64:
                 self._ok_shapes[spec.name].add(t.shape)  # a set lookup instead of a per-dim loop
             if why is not None:
-                raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. " + _widen_hint(spec, t.shape))
+                raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. " + widen_hint(spec, t.shape))
             if spec.torch_dtype != t.dtype:  # fp16/bf16 engines: cast at the boundary
                 t = t.to(spec.torch_dtype)
             out.append(t.contiguous())
@@ -268,8 +271,8 @@ class TRTModule(torch.nn.Module):
         assert self._lazy is not None
         with self._lock:
             if self.engine is None:
-                engine = self._lazy(args, kwargs, self)
-                self._load(engine, self._lazy_device)
+                engine, prepared = self._lazy(args, kwargs, self)
+                self._load(engine, self._lazy_device, prepared=prepared)
 
     def _widen(self, args: tuple[Any, ...], kwargs: dict[str, Any], err: "_OutOfProfile") -> None:
         with self._lock:
@@ -279,8 +282,8 @@ class TRTModule(torch.nn.Module):
             self._rebuilds += 1
             log.info("input %r shape %s is outside the profile %s: rebuilding with a wider profile (%d/%d)",
                      err.spec.name, err.shape, err.spec.profile_str(), self._rebuilds, self._max_rebuilds)
-            engine = self._lazy(args, kwargs, self)  # type: ignore[misc]
-            self._load(engine, self._lazy_device)
+            engine, prepared = self._lazy(args, kwargs, self)  # type: ignore[misc]
+            self._load(engine, self._lazy_device, prepared=prepared)
 
     # ------------------------------------------------------------------ reference and devices
 
@@ -291,7 +294,7 @@ class TRTModule(torch.nn.Module):
         ex = self._require()
         if self._reference is None:
             self._reference = OnnxRuntimeRunner(ex.onnx, ex.inputs, ex.outputs, "cpu", half=ex.precision != "fp32")
-        leaves = _match(ex.call_tree, bind_call(ex.params, args, kwargs), "")
+        leaves = match_inputs(ex.call_tree, bind_call(ex.params, args, kwargs), "")
         inputs = [t.detach().cpu().to(s.torch_dtype).contiguous() for s, t in zip(ex.inputs, leaves)]
         outs = self._reference.run(inputs)
         outs = [o.to(u) for o, u in zip(outs, self._user_out)]
@@ -320,26 +323,14 @@ class TRTModule(torch.nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         if self.engine is None:
             raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
-        e = self.engine
-        meta = json.dumps(e.meta)
-        return {"format": _STATE_FORMAT, "backend": e.backend, "meta": meta, "plan": _to_u8(e.plan or b""),
-                "onnx": _to_u8(e.onnx), "sha256": _state_digest(e.backend, meta, e.plan or b"", e.onnx)}
+        return {"format": _STATE_FORMAT, "engine": _to_u8(self.engine.to_bytes())}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else "?"
             raise EngineLoadError(f"not a TRTModule state of format {_STATE_FORMAT} (format {found}); "
                                   "save the module again with this version")
-        try:
-            plan, onnx, meta = _from_u8(state["plan"]), _from_u8(state["onnx"]), state["meta"]
-            if state["sha256"] != _state_digest(state["backend"], meta, plan, onnx):
-                raise EngineLoadError("the saved module's checksum does not match its contents (corrupt file); "
-                                      "save it again")
-            engine = Engine(state["backend"], plan or None, onnx, json.loads(meta))
-            engine.exported  # parses the metadata: a malformed state fails here, not in forward
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise EngineLoadError(f"malformed TRTModule state ({type(e).__name__}: {e})") from e
-        self._load(engine, None)
+        self._load(engine_of_state(state), None)
 
 
 class _OutOfProfile(Exception):
@@ -348,85 +339,24 @@ class _OutOfProfile(Exception):
         self.spec, self.shape = spec, shape
 
 
-def _widen_hint(spec: TensorSpec, shape: Sequence[int]) -> str:
-    if spec.min is None or spec.max is None or len(shape) != spec.rank:
-        return "Pass a tensor of the compiled rank."
-    ranges = {d: (min(spec.min[d], s), spec.opt[d] if spec.opt else s, max(spec.max[d], s))
-              for d, s in enumerate(shape) if not spec.min[d] <= s <= spec.max[d] or spec.min[d] != spec.max[d]}
-    return f"Recompile with dynamic={{{spec.name!r}: {ranges}}} (or without example_inputs for lazy mode)."
+def _default_device(engine: Engine) -> str:
+    """Where a module of ``engine`` lives when no device is given: the GPU for an engine compiled on one
+    (or a TensorRT plan that can run on this one) where a GPU exists, else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    if engine.meta.get("device") == "cuda" or (engine.has_plan and can_run_plan(engine.backend, engine.meta, "cuda")
+                                                is None):
+        return "cuda"
+    return "cpu"
 
 
-def _match(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:
-    """Collect the tensor leaves of ``obj`` checking it has the compiled structure."""
-    leaves: list[torch.Tensor] = []
-
-    def rec(s: TreeSpec, o: Any, p: str) -> None:
-        where = p or "the call"
-        if s.kind == "tensor":
-            if not isinstance(o, torch.Tensor):
-                got = "None" if o is None else type(o).__name__
-                raise InputError(f"input {where} is {got} but the module was compiled with a tensor there; "
-                                 "pass a tensor")
-            leaves.append(o)
-        elif s.kind == "none":
-            if o is not None:
-                raise InputError(f"input {where} was None when the module was compiled, so it is not an "
-                                 f"engine input; got {type(o).__name__}. Recompile with it in example_inputs.")
-        elif s.kind == "const":
-            if o != s.value or type(o) is not type(s.value):
-                raise InputError(f"input {where} was the constant {s.value!r} at compile time (it is baked into "
-                                 f"the engine); got {o!r}. Recompile with that value.")
-        elif s.kind == "dict":
-            if not isinstance(o, dict):
-                raise InputError(f"input {where} should be a dict with keys {s.keys}; got {type(o).__name__}")
-            missing = [k for k in s.keys if k not in o]
-            extra = [k for k in o if k not in s.keys]
-            if missing or extra:
-                what = "argument" if not p else "key"
-                parts = []
-                if missing:
-                    parts.append(f"missing {what}(s) {missing}")
-                if extra:
-                    parts.append(f"unexpected {what}(s) {extra} (not given at compile time, so not engine inputs)")
-                raise InputError(f"{where}: " + "; ".join(parts) + f"; the module was compiled with {s.keys}: "
-                                 f"pass exactly those {what}s")
-            for k, c in zip(s.keys, s.children):
-                rec(c, o[k], f"{p}[{k!r}]" if p else repr(k))
-        else:
-            if not isinstance(o, (tuple, list)) or len(o) != len(s.children):
-                n = len(o) if isinstance(o, (tuple, list)) else type(o).__name__
-                raise InputError(f"input {where} should be a {s.kind} of {len(s.children)} items; got {n}")
-            for i, (c, v) in enumerate(zip(s.children, o)):
-                rec(c, v, f"{p}[{i}]")
-
-    rec(tree, obj, path)
-    return leaves
-
-
-def _safe_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    return torch.can_cast(src, dst) or (src.is_floating_point and dst.is_floating_point)
-
-
-def _can_run(engine: Engine, device: str | torch.device) -> bool:
-    dev = torch.device(device)
-    if not engine.has_plan or dev.type != "cuda" or not torch.cuda.is_available():
-        return False
+def engine_of_state(state: dict[str, Any], *, source: str = "the saved module") -> Engine:
+    """The engine in a TRTModule's extra state (``state_dict()["_extra_state"]``), checksums verified."""
     try:
-        from .backends._trt_loader import import_runtime
-
-        import_runtime(engine.backend)
-    except TorchTRTError:
-        return False
-    if engine.backend == "tensorrt_rtx":
-        return rtx_runs_on(dev)
-    return gpu_identity(dev) == engine.meta.get("gpu")
-
-
-def _state_digest(backend: str, meta: str, plan: bytes, onnx: bytes) -> str:
-    h = hashlib.sha256()
-    for part in (backend.encode(), meta.encode(), plan, onnx):
-        h.update(len(part).to_bytes(8, "little") + part)
-    return h.hexdigest()
+        data = _from_u8(state["engine"])
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise EngineLoadError(f"malformed TRTModule state in {source} ({type(e).__name__}: {e})") from e
+    return Engine.from_bytes(data, source=source)
 
 
 def _to_u8(b: bytes) -> torch.Tensor:

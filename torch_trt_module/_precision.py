@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._errors import TorchTRTError
+from ._errors import PrecisionError
 
 __all__ = ["FP32_MODULES", "MixedPrecisionModel", "PrecisionError", "convert_model", "fp32_islands"]
 
@@ -64,10 +64,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _LOW = (torch.float16, torch.bfloat16)
-
-
-class PrecisionError(TorchTRTError, ValueError):
-    """A mixed-precision conversion was asked for with a value it cannot take."""
 
 
 def _classes(*names: str) -> tuple[type[nn.Module], ...]:

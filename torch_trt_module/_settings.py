@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
-from ._errors import TorchTRTError
+from ._errors import SettingsError
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_REBUILDS", "DynamicSpec", "Settings"]
 
@@ -25,6 +25,7 @@ DEFAULT_MAX_REBUILDS = 4
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime")
+RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 # The user-facing form: None, "batch", or {input: {dim: (min, opt, max)}}.
@@ -39,10 +40,6 @@ def _engine(default: Any) -> Any:
 
 def _runtime(default: Any) -> Any:
     return field(default=default, metadata={"engine": False})
-
-
-class SettingsError(TorchTRTError, ValueError):
-    """An option given to compile() has a value it cannot take."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +68,7 @@ class Settings:
 
     # --- fields that only change how the engine is used ---
     backend: str = _runtime("auto")  # the resolved backend and its version enter the key instead
+    runtime: str = _runtime("auto")  # what runs the engine here (backends.choose_runtime)
     device: str | None = _runtime(None)  # the GPU identity enters the key, never the index
     verify: bool = _runtime(True)
     rtol: float | None = _runtime(None)
@@ -87,6 +85,7 @@ class Settings:
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("runtime", self.runtime, RUNTIMES)
         _check_choice("exporter", self.exporter, EXPORTERS)
         if isinstance(self.dynamic, str) and self.dynamic != "batch":
             raise SettingsError(

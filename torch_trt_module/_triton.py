@@ -31,16 +31,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._dtypes import TABLE
-from ._errors import TorchTRTError
+from ._errors import TritonExportError, TritonRepoExists
+from ._io import atomic_write
 from ._spec import TensorSpec
 
 if TYPE_CHECKING:
-    from ._build import Engine
+    from ._engine import Engine
 
 __all__ = ["TRITON_DTYPES", "TritonExportError", "TritonRepoExists", "export_triton", "triton_config"]
 
@@ -52,14 +52,6 @@ PLATFORMS = ("tensorrt_plan", "onnxruntime_onnx")
 _FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
 # Model names become directory names and are typed into URLs (v2/models/<name>/infer).
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-class TritonExportError(TorchTRTError, ValueError):
-    """An engine cannot be exported to a Triton model repository as asked."""
-
-
-class TritonRepoExists(TritonExportError, FileExistsError):
-    """The model version directory (or a different config) already exists."""
 
 
 # --------------------------------------------------------------------------- config
@@ -230,23 +222,6 @@ def _kind(platform: str, instance_kind: str | None) -> str:
 
 # --------------------------------------------------------------------------- files
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: a polling Triton never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def export_triton(compiled_or_engine: Any, repo_dir: str | os.PathLike[str], model_name: str, *,
                   max_batch_size: int | None = None, dynamic_batching: bool = True, instance_count: int = 1,
                   version: int = 1, platform: str | None = None, instance_kind: str | None = None,
@@ -307,8 +282,8 @@ def export_triton(compiled_or_engine: Any, repo_dir: str | os.PathLike[str], mod
     blob = engine.plan if platform == "tensorrt_plan" else engine.onnx
     assert blob is not None
     # The model first, the config last: a polling server sees a complete version or none.
-    _write_atomic(version_dir / filename, blob)
-    _write_atomic(config_path, config.encode())
+    atomic_write(version_dir / filename, blob)  # a polling Triton never sees half a file
+    atomic_write(config_path, config.encode())
     if platform == "tensorrt_plan":
         log.info("wrote %s (%s %s plan: the server's TensorRT must be this exact version)", version_dir / filename,
                  engine.backend, engine.meta.get("backend_version", "?"))
@@ -319,7 +294,7 @@ def export_triton(compiled_or_engine: Any, repo_dir: str | os.PathLike[str], mod
 
 def _engine_of(obj: Any) -> tuple["Engine", str]:
     """The Engine, and the instance kind a module's device suggests for ONNX exports."""
-    from ._build import Engine
+    from ._engine import Engine
     from ._module import TRTModule
 
     if isinstance(obj, TRTModule):

@@ -18,7 +18,7 @@ import torch_trt_module as ttm
 from torch_trt_module._spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
-from ..trt_double import Knobs, doubles, torch_compute
+from ..backends.trt_double import Knobs, doubles, torch_compute
 
 pytestmark = pytest.mark.gpu
 REAL = [m for m in ("tensorrt_lean", "tensorrt_rtx") if importlib.util.find_spec(m) is not None]

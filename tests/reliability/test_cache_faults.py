@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import faults
-from .faults import Counts
+from harness import faults
+from harness.faults import Counts
 
 
 def run(scenario: Callable[[Path, Counts], dict[str, Any]], tmp_path: Path) -> tuple[Counts, dict[str, Any]]:

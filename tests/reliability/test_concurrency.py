@@ -13,7 +13,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module import _compile
 
-from .faults import EXPORTER, TinyNet, example
+from harness.faults import EXPORTER, TinyNet, example
 
 THREADS, CALLS = 8, 500
 

@@ -19,7 +19,7 @@ import torch_trt_module as ttm
 from torch_trt_module import ExportError, InputError, TorchTRTError, _compile
 from torch_trt_module._spec import TensorSpec
 
-from ..models import Conv
+from harness.models import Conv
 
 EXPORTER = "torchscript"  # 0.02 s per export; the dynamo exporter is used where it matters
 
@@ -164,7 +164,7 @@ def test_lazy_module_widens_instead(model: TwoInputs) -> None:
         big = torch.randn(40, 8), torch.randn(40, 5)
         assert_same(lazy(*big), model(*big))  # outside the first profile: rebuilt wider, no error
         assert _compile.STATS["builds"] == builds + 2
-        assert lazy._exported.inputs[0].max[0] >= 40
+        assert lazy.engine.exported.inputs[0].max[0] >= 40
         assert_same(lazy(X, Y), model(X, Y))  # the wider profile still covers the first shapes
         assert _compile.STATS["builds"] == builds + 2
     msg = error_of(lazy, torch.randn(3, 8, 1), Y)  # a wrong rank cannot be widened
@@ -251,7 +251,7 @@ def test_zero_size_dims_are_handled_and_never_bound_as_null() -> None:
     row = RowSum().eval()
     x = torch.randn(3, 8)
     m = ttm.compile(row, x, exporter=EXPORTER, dynamic={"x": {0: (0, 3, 8), 1: (0, 8, 16)}})
-    state = m._runner._state()  # this thread's binding state
+    state = m.runner._state()  # this thread's binding state
     spy = state.bind_c = _BindingSpy(state.bind_c)
     with torch.inference_mode():
         for shape in [(0, 8), (3, 0), (0, 0)]:

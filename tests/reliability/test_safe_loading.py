@@ -27,10 +27,11 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module import Engine, EngineLoadError, _compile
 from torch_trt_module._cache import EngineCache
+from torch_trt_module import _entries, _module, backends
 from torch_trt_module.backends import BackendChoice, _tensorrt, _trt_loader
 
-from . import faults
-from .faults import compile_tiny, example, outputs_ok
+from harness import faults
+from harness.faults import compile_tiny, example, outputs_ok
 
 
 def saved(tmp_path: Path, module: ttm.TRTModule, name: str = "m.pt") -> Path:
@@ -115,9 +116,13 @@ def test_corrupt_saved_module_is_refused_never_served(tmp_path: Path) -> None:
 def test_saved_module_with_edited_contents_is_refused(tmp_path: Path) -> None:
     module = compile_tiny(0, tmp_path / "cache")
     state = torch.load(saved(tmp_path, module), weights_only=True)
-    meta = json.loads(state["_extra_state"]["meta"])
-    meta["model"]["inputs"][0]["max"][0] = 4096  # a valid-looking but wrong profile
-    state["_extra_state"]["meta"] = json.dumps(meta)
+    data = state["_extra_state"]["engine"].numpy().tobytes()  # the container: magic, length, header, blobs
+    n = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16:16 + n])
+    header["header"]["meta"]["model"]["inputs"][0]["max"][0] = 4096  # a valid-looking but wrong profile
+    raw = json.dumps(header).encode()  # the recorded header_sha256 is left as it was
+    edited = data[:8] + len(raw).to_bytes(8, "little") + raw + data[16 + n:]
+    state["_extra_state"]["engine"] = torch.frombuffer(bytearray(edited), dtype=torch.uint8)
     torch.save(state, tmp_path / "edited.pt")
     with pytest.raises(EngineLoadError, match="checksum does not match"):
         ttm.load(tmp_path / "edited.pt")
@@ -249,20 +254,22 @@ class _RunnerDouble:
         self.engine, self.device = engine, torch.device(device)
 
 
+def _no_rebuild(exported: Any) -> Any:
+    raise AssertionError("nothing here may rebuild")
+
+
 def install_fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
     """Pretend a GPU can run the engine, and record what reaches deserialization: a test double,
     since deserializing needs a GPU this machine does not have. Install it after building for real
     (the doubles cannot run forward)."""
-    from torch_trt_module import _module
-
     seen: list[tuple[bytes, bool]] = []
 
     def deserialize(plan: bytes, *, backend: str, device: Any = None, allow_host_code: bool = False) -> object:
         seen.append((bytes(plan), allow_host_code))
         return object()
 
-    monkeypatch.setattr(_compile, "_can_run", lambda engine, device: True)
-    monkeypatch.setattr(_module, "_can_run", lambda engine, device: True)
+    monkeypatch.setattr(backends, "can_run_plan", lambda backend, meta, device: None)
+    monkeypatch.setattr(_module, "_default_device", lambda engine: "cuda")
     monkeypatch.setattr(_trt_loader, "deserialize", deserialize)
     monkeypatch.setattr(_tensorrt, "TensorRTRunner", _RunnerDouble)
     return seen
@@ -279,11 +286,11 @@ def test_an_entry_whose_checksum_fails_is_never_deserialized(tmp_path: Path, mon
     settings = ttm.Settings.from_options()
     runs_here = BackendChoice("tensorrt_rtx", "tensorrt_rtx", "the fake GPU runs it")
     # Positive control: a verified hit does reach deserialization, with exactly the stored bytes.
-    assert _compile._cached(EngineCache(root), key, device, settings, runs_here) is not None
+    assert _entries.read_entry(EngineCache(root), key, device, runs_here, _no_rebuild) is not None
     assert seen == [(plan, False)]
     faults.flip_byte(tr.blob(0, "engine"), random.Random(1))
     with faults.capture_warnings() as warned:
-        assert _compile._cached(EngineCache(root), key, device, settings, runs_here) is None
+        assert _entries.read_entry(EngineCache(root), key, device, runs_here, _no_rebuild) is None
     assert seen == [(plan, False)]  # the corrupt bytes never got there
     assert any("checksum mismatch for blob 'engine'" in w for w in warned)
 
@@ -319,7 +326,7 @@ def test_deserialize_sets_host_code_to_the_given_flag(monkeypatch: pytest.Monkey
     # (tests/trt_double.py): it takes only what the real tensorrt_rtx.Runtime takes, and the engine
     # it returns refuses new attributes as the real one does.
     trt = pytest.importorskip("tensorrt_rtx")
-    from ..trt_double import runtime_double
+    from ..backends.trt_double import runtime_double
 
     seen: list[bool] = []
     fake_trt = types.SimpleNamespace(__name__="tensorrt_rtx_double", Runtime=runtime_double(trt, seen),

@@ -11,30 +11,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module._compare import compare_outputs
 
-
-class ItemBranch(torch.nn.Module):
-    """#19: ``.item()`` turns a tensor value into a Python number that picks a branch."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum().item() > 0:
-            return x * 2
-        return x - 1
-
-
-class TensorBranch(torch.nn.Module):
-    """#19: a Python ``if`` on a tensor (an implicit ``bool(tensor)``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.mean() > 0:
-            return x * 2
-        return x - 1
-
-
-class MaskedSelect(torch.nn.Module):
-    """#18: the output's length depends on the input's values."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[x > 0]
+from harness.models import ItemBranch, MaskedSelect, TensorBranch
 
 
 # --------------------------------------------------------------------------- #19
@@ -85,7 +62,7 @@ def test_data_dependent_output_shape_is_right_on_onnxruntime(masked_onnxruntime:
 
 
 def test_data_dependent_output_has_no_static_size_in_metadata(masked_onnxruntime: ttm.TRTModule) -> None:
-    (out,) = masked_onnxruntime._exported.outputs
+    (out,) = masked_onnxruntime.engine.exported.outputs
     # The length is a data-dependent symbol, so no runtime may preallocate it from the profile.
     assert len(out.dims) == 1 and isinstance(out.dims[0], str)
 

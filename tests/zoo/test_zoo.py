@@ -23,7 +23,7 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module._compare import compare_outputs  # not re-exported by the package (yet)
-from tests.zoo.cases import (CASES, CORE_IDS, Case, class_failures, classifier_facts, classifier_names,
+from harness.cases import (CASES, CORE_IDS, Case, class_failures, classifier_facts, classifier_names,
                              sweep_one)
 
 POINTS = ("min", "max", "off")

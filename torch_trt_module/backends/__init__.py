@@ -1,25 +1,67 @@
-"""Backend choice: which backend builds the engine, which one runs it, and why."""
+"""Backends: what builds an engine, what runs it here, and why; the one place these are decided.
+
+**Build** (:func:`select_backend`): TensorRT when it is importable and a GPU is in use, else
+TensorRT-RTX (it builds ahead of time, on any machine), else ONNX Runtime (the graph itself).
+
+**Run** (:func:`choose_runtime`, :func:`make_runner`): a module that lives on a CUDA GPU takes
+the first of this chain that can run there:
+
+1. ``tensorrt`` / ``tensorrt_rtx``: the engine's plan, on a TensorRT runtime that can load it;
+2. ``onnxruntime`` with its CUDA execution provider (``onnxruntime-gpu``), zero-copy;
+3. ``torch``: PyTorch on the GPU, running the program torch.export captured at compile time;
+4. ``onnxruntime`` on the CPU, inputs staged through host memory: the last resort.
+
+A module on the CPU runs on ONNX Runtime. ``runtime=`` forces one; a forced runtime that cannot
+run here raises :class:`~torch_trt_module.BackendUnavailable` with the fix. The choice and its
+reason are logged once at WARNING where the module will be slower than it could be.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 
-from .._errors import BackendUnavailable
+from .._errors import BackendUnavailable, EngineLoadError
+from .._spec import TensorSpec
 
-__all__ = ["BackendChoice", "backend_version", "gpu_identity", "normalize_device", "rtx_runs_on", "select_backend"]
+__all__ = ["RUNTIMES", "BackendChoice", "Runner", "RuntimeChoice", "backend_version", "can_run_plan",
+           "choose_runtime", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on", "select_backend"]
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
+
+#: What ``runtime=`` takes.
+RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
+
+
+class Runner(Protocol):
+    """What runs an engine: flat, validated, contiguous inputs on ``device`` in; new output tensors out.
+
+    Runners may also offer ``call_for(shapes)`` (a call planned for those input shapes),
+    ``dedicated()`` (a copy with state of its own, for CUDA graphs) and ``refit(weights)``.
+    """
+
+    backend: str
+    device: torch.device
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
 class BackendChoice:
     build: str  # "tensorrt" | "tensorrt_rtx" | "onnxruntime": what makes the engine
-    run: str  # what runs it here: the same, or "onnxruntime" when the engine cannot run here
+    run: str  # what compile() expects to run it here (see choose_runtime)
+    reason: str
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    runtime: str  # "tensorrt" | "tensorrt_rtx" | "onnxruntime" | "torch"
     reason: str
 
 
@@ -50,11 +92,11 @@ def rtx_runs_on(device: torch.device | str | None) -> bool:
     return (major, minor) in RTX_SUPPORTED
 
 
-def _importable(name: str) -> bool:
-    from ._trt_loader import import_tensorrt
+def _importable(name: str, *, runtime: bool = False) -> bool:
+    from ._trt_loader import import_runtime, import_tensorrt
 
     try:
-        import_tensorrt(name)
+        import_runtime(name) if runtime else import_tensorrt(name)
         return True
     except BackendUnavailable:
         return False
@@ -70,13 +112,141 @@ def backend_version(name: str) -> str:
     return str(import_tensorrt(name)[1].__version__)
 
 
-def select_backend(requested: str, device: torch.device | str | None, *, to_run: bool = True) -> BackendChoice:
-    """Pick the backend. ``to_run=False`` (build_engine) only needs to build, not run."""
+def ort_cuda_available() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def can_run_plan(backend: str, meta: dict[str, Any], device: torch.device | str) -> str | None:
+    """Why a ``backend`` plan with this metadata cannot run on ``device``, or None if it can."""
+    dev = torch.device(device)
+    if backend not in ("tensorrt", "tensorrt_rtx"):
+        return "the engine has no TensorRT plan"
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return "TensorRT plans run on a CUDA GPU, and the module is on " + str(dev)
+    if not _importable(backend, runtime=True):
+        return f"no {backend} runtime is importable here"
+    if backend == "tensorrt_rtx":
+        ident = gpu_identity(dev)
+        return None if rtx_runs_on(dev) else \
+            f"TensorRT-RTX does not support compute capability {ident['compute_capability'] if ident else '?'}"
+    return None if gpu_identity(dev) == meta.get("gpu") else "the plan was built for another GPU"
+
+
+def choose_runtime(backend: str, meta: dict[str, Any], device: torch.device | str, *, has_plan: bool,
+                   has_program: bool, runtime: str = "auto") -> RuntimeChoice:
+    """The runtime a module of this engine takes on ``device`` (this module's docstring says how)."""
+    dev = torch.device(device)
+    why_plan = can_run_plan(backend, meta, dev) if has_plan else "the engine has no TensorRT plan"
+    cuda = dev.type == "cuda"
+    if runtime != "auto":
+        if runtime in ("tensorrt", "tensorrt_rtx"):
+            if backend != runtime or why_plan:
+                raise BackendUnavailable(
+                    f"runtime={runtime!r} cannot run this engine here: "
+                    + (f"it was built with {backend}" if backend != runtime else str(why_plan))
+                    + ". Fix: leave runtime='auto', or compile where that runtime runs.")
+            return RuntimeChoice(runtime, "requested")
+        if runtime == "torch":
+            if not has_program:
+                raise BackendUnavailable(
+                    "runtime='torch' needs the PyTorch program that torch.export captures at compile time, and this "
+                    "engine has none (its graph came from the TorchScript exporter or an .onnx file). Fix: compile "
+                    "with exporter='dynamo', or use runtime='auto'.")
+            return RuntimeChoice("torch", "requested")
+        if runtime == "onnxruntime":
+            return RuntimeChoice("onnxruntime", "requested")
+        raise BackendUnavailable(f"runtime={runtime!r} is not one of {', '.join(map(repr, RUNTIMES))}")
+    if not cuda:
+        return RuntimeChoice("onnxruntime", "the module lives on the CPU")
+    if why_plan is None:
+        return RuntimeChoice(backend, f"{backend} runs the engine on this GPU")
+    if ort_cuda_available():
+        return RuntimeChoice("onnxruntime", f"{why_plan}; onnxruntime's CUDA provider runs the graph on the GPU")
+    if has_program:
+        return RuntimeChoice("torch", f"{why_plan}, and onnxruntime has no CUDA provider here (pip install "
+                                      "onnxruntime-gpu): PyTorch runs the program captured at compile time on the GPU")
+    return RuntimeChoice("onnxruntime", f"{why_plan}; onnxruntime has no CUDA provider and the engine has no PyTorch "
+                                        "program (TorchScript export), so ONNX Runtime runs on the CPU and CUDA "
+                                        "tensors are copied to the host and back: slow. Fix: pip install "
+                                        "onnxruntime-gpu, or export with exporter='dynamo'")
+
+
+def _announce(choice: RuntimeChoice, device: torch.device) -> None:
+    slow = choice.runtime in ("onnxruntime", "torch") and device.type == "cuda"
+    if choice.reason not in _announced and choice.reason != "requested" and slow:
+        _announced.add(choice.reason)
+        log.warning("the module on %s runs on %s: %s", device, choice.runtime, choice.reason)
+
+
+def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool = False,
+                allow_host_code: bool = False, prepared: Runner | None = None) -> tuple[Runner, str]:
+    """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses
+    at load time (another TensorRT version) moves the auto chain on, with a WARNING.
+    ``prepared``: a runner compile() already made for this engine and device (the cache's ORT session)."""
+    dev = normalize_device(device)
+    choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=engine.has_plan,
+                            has_program=engine.has_program, runtime=runtime)
+    if choice.runtime in ("tensorrt", "tensorrt_rtx"):
+        try:
+            runner: Runner = _tensorrt_runner(engine, dev, allow_host_code)
+        except EngineLoadError as e:
+            if runtime != "auto":
+                raise
+            log.warning("%s could not load the engine here (%s); taking the next runtime", engine.backend, e)
+            choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=False, has_program=engine.has_program)
+        else:
+            return _graphs(runner, dev, cuda_graphs), choice.reason
+    _announce(choice, dev)
+    if choice.runtime == "torch":
+        from ._torch import TorchRunner
+
+        runner = TorchRunner(engine, dev)
+        return _graphs(runner, dev, cuda_graphs), choice.reason
+    from ._onnxruntime import OnnxRuntimeRunner
+
+    if cuda_graphs and "cuda-graphs-ort" not in _announced:
+        _announced.add("cuda-graphs-ort")
+        log.warning("cuda_graphs=True applies to the TensorRT and PyTorch runtimes; this module runs on ONNX Runtime")
+    if isinstance(prepared, OnnxRuntimeRunner) and prepared.device == dev:
+        return prepared, choice.reason
+    ex = engine.exported
+    return OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32"), choice.reason
+
+
+def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -> Runner:
+    from ._tensorrt import TensorRTRunner
+    from ._trt_loader import deserialize, import_runtime
+
+    ex = engine.exported
+    plan = engine.plan
+    if plan is None:
+        raise EngineLoadError("the engine's plan could not be read")
+    trt_engine = deserialize(plan, backend=engine.backend, device=device, allow_host_code=allow_host_code)
+    return TensorRTRunner(trt_engine, ex.inputs, ex.outputs, device, trt=import_runtime(engine.backend)[1],
+                          backend=engine.backend)
+
+
+def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool) -> Runner:
+    if not cuda_graphs:
+        return runner
+    from ._cudagraphs import CudaGraphRunner
+
+    return CudaGraphRunner(runner, device=device)
+
+
+def select_backend(requested: str, device: torch.device | str | None, *, to_run: bool = True,
+                   runtime: str = "auto") -> BackendChoice:
+    """Pick what builds the engine (and say what will run it). ``to_run=False`` (build_engine)
+    only needs to build, not run."""
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
     if requested == "onnxruntime":
         backend_version("onnxruntime")  # raises with an install hint if missing
-        return BackendChoice("onnxruntime", "onnxruntime", "requested")
-    if requested == "tensorrt":
+        build, reason = "onnxruntime", "requested"
+    elif requested == "tensorrt":
         from ._trt_loader import import_tensorrt
 
         import_tensorrt("tensorrt")
@@ -85,8 +255,8 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
                 "backend 'tensorrt' needs a CUDA GPU and none is in use here (device="
                 f"{device}); pass device='cuda', use backend='onnxruntime', or build ahead of time "
                 "with build_engine(..., backend='tensorrt_rtx', targets=[...])")
-        return BackendChoice("tensorrt", "tensorrt", "requested")
-    if requested == "tensorrt_rtx":
+        build, reason = "tensorrt", "requested"
+    elif requested == "tensorrt_rtx":
         from ._trt_loader import import_tensorrt
 
         import_tensorrt("tensorrt_rtx")
@@ -96,26 +266,23 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
                 f"TensorRT-RTX does not support compute capability {ident['compute_capability']}"
             raise BackendUnavailable(
                 f"backend 'tensorrt_rtx' cannot run here: {why}. Use backend='auto' (builds the "
-                "engine ahead of time and runs on ONNX Runtime) or build_engine(..., targets=[...])")
-        return BackendChoice("tensorrt_rtx", "tensorrt_rtx" if to_run else "none", "requested")
-    # auto
-    if cuda and _importable("tensorrt"):
-        choice = BackendChoice("tensorrt", "tensorrt", "TensorRT is installed and a CUDA GPU is in use")
-    elif _importable("tensorrt_rtx") and rtx_runs_on(device):
-        choice = BackendChoice("tensorrt_rtx", "tensorrt_rtx", "TensorRT-RTX supports this GPU")
+                "engine ahead of time and runs on another runtime) or build_engine(..., targets=[...])")
+        build, reason = "tensorrt_rtx", "requested"
+    elif cuda and _importable("tensorrt"):
+        build, reason = "tensorrt", "TensorRT is installed and a CUDA GPU is in use"
     elif _importable("tensorrt_rtx"):
-        ident = gpu_identity(device)
-        why = "no CUDA GPU is in use" if ident is None else \
-            f"TensorRT-RTX cannot run on compute capability {ident['compute_capability']}"
-        choice = BackendChoice("tensorrt_rtx", "onnxruntime",
-                               f"{why}: the TensorRT-RTX engine is built ahead of time and kept, "
-                               "and the module runs on ONNX Runtime")
+        build, reason = "tensorrt_rtx", "TensorRT-RTX builds ahead of time, here or for any supported GPU"
     else:
-        choice = BackendChoice("onnxruntime", "onnxruntime",
-                               "neither tensorrt nor tensorrt_rtx is importable: running on ONNX Runtime "
-                               "(pip install 'torch_trt_module[rtx]' or '[tensorrt]')")
-    if choice.run != "tensorrt" and choice.reason not in _announced:
-        _announced.add(choice.reason)
-        log.warning("backend='auto' chose to build with %s and run on %s: %s",
-                    choice.build, choice.run, choice.reason)
-    return choice
+        build, reason = "onnxruntime", ("neither tensorrt nor tensorrt_rtx is importable (pip install "
+                                        "'torch_trt_module[rtx]' or '[tensorrt]')")
+    if not to_run:
+        return BackendChoice(build, "none", reason)
+    meta = {"gpu": gpu_identity(device)} if build == "tensorrt" else {}
+    run = choose_runtime(build, meta, device or "cpu", has_plan=build != "onnxruntime", has_program=True,
+                         runtime=runtime)
+    if build != run.runtime and f"build:{build}:{run.reason}" not in _announced:
+        _announced.add(f"build:{build}:{run.reason}")
+        log.info("backend=%r builds with %s (%s); the module runs on %s: %s", requested, build, reason,
+                 run.runtime, run.reason)
+    return BackendChoice(build, run.runtime, f"{reason}; runs on {run.runtime}: {run.reason}")
+

@@ -58,7 +58,7 @@ def _np_dtype(t: torch.dtype) -> Any:
     return np_t
 
 
-def _session_options(threads: int | None = None, half: bool = False) -> Any:
+def session_options(threads: int | None = None, half: bool = False) -> Any:
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3  # ORT's own warnings go to stderr, outside logging; keep errors only
@@ -101,7 +101,7 @@ def run_onnx_cpu(onnx: bytes, input_names: Sequence[str], output_names: Sequence
                  inputs: Sequence[torch.Tensor], *, half: bool = False) -> list[torch.Tensor]:
     """Run a graph once on the CPU provider with numpy copies (the reference path)."""
     ort = _ort()
-    sess = ort.InferenceSession(onnx, _session_options(half=half), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(onnx, session_options(half=half), providers=["CPUExecutionProvider"])
     feeds = {n: t.detach().cpu().contiguous().numpy() for n, t in zip(input_names, inputs)
              if n in {i.name for i in sess.get_inputs()}}
     outs = sess.run(list(output_names), feeds)
@@ -222,10 +222,10 @@ class OnnxRuntimeRunner:
                 _announced.add("no-cuda-ep")
                 log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
                             "CUDA inputs are copied to the CPU and back")
-        so = _session_options(threads, half)
+        so = session_options(threads, half)
         self.used_optimized = False
         if optimized is not None and not use_cuda:
-            pre = _session_options(threads, half)
+            pre = session_options(threads, half)
             pre.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done when it was saved
             try:
                 self.session = ort.InferenceSession(optimized, pre, providers=providers)

@@ -1,21 +1,23 @@
-"""A fast fingerprint of a module, for the warm path of compile().
+"""Keys: what the engine cache is indexed by.
 
-The content key (graph with weights, specs, settings, backend, GPU) can only be
-computed after an export. The fingerprint lets a warm compile() skip the export:
-it indexes into the content key and covers everything that can change what the
-model computes:
+- The **content key** (:func:`content_key`) is a sha256 over everything that changes the
+  engine and nothing else: the ONNX graph with its weights, the input and output specs and
+  profiles, the call and output structure, every :class:`Settings` field marked as changing
+  the engine, the backend and its full version, the builder flags, and the GPU identity
+  (TensorRT) or the target set (TensorRT-RTX). It can only be computed after an export.
+- The **fingerprint** (:func:`fingerprint`) lets a warm compile() skip the export: it
+  indexes into the content key, and covers what can change what the model computes:
+  - every parameter and buffer (names, dtypes, shapes and bytes);
+  - the code: for classes from an installed distribution (torch, torchvision,
+    transformers, ...) the distribution's name and version; for any other class
+    the whole source file it is defined in, so a change to a helper function next
+    to the class also misses, and the source files of the code under development
+    that file imports (transitively), so a helper in another file misses too;
+  - plain attributes of every submodule (``stride``, ``eps``, a ``scale`` float, ...)
+    and its hooks, which change the computation without being tensors;
+  - the call's structure, shapes and dtypes, the settings and the backend.
 
-- every parameter and buffer (names, dtypes, shapes and bytes);
-- the code: for classes from an installed distribution (torch, torchvision,
-  transformers, ...) the distribution's name and version; for any other class
-  the whole source file it is defined in, so a change to a helper function next
-  to the class also misses, and the source files of the code under development
-  that file imports (transitively), so a helper in another file misses too;
-- plain attributes of every submodule (``stride``, ``eps``, a ``scale`` float, ...)
-  and its hooks, which change the computation without being tensors.
-
-Any doubt is resolved towards a miss: a miss costs an export, a wrong hit
-serves a wrong engine.
+Any doubt is resolved towards a miss: a miss costs an export, a wrong hit serves a wrong engine.
 """
 
 from __future__ import annotations
@@ -31,7 +33,101 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["module_fingerprint"]
+from ._cache_files import CACHE_FORMAT_VERSION
+from ._io import canonical_json, sha256_bytes
+from ._settings import Settings
+from ._signature import bind_call, params_of
+from ._tree import flatten
+from .backends import BackendChoice, backend_version, gpu_identity
+
+__all__ = ["content_key", "fingerprint", "module_fingerprint", "stable_hash",
+           "target_part", "timing_cache_name"]
+
+def _canonical(obj: object, where: str) -> object:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"__bytes_sha256__": sha256_bytes(bytes(obj))}
+    if isinstance(obj, Mapping):
+        for k in obj:
+            if not isinstance(k, str):  # json would make 1 and "1" the same key
+                raise TypeError(f"stable_hash: key {k!r} in {where} is a {type(k).__name__}; only str keys hash stably")
+        return {k: _canonical(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"stable_hash: {where} is a {type(obj).__name__}; expected JSON data (dict with str keys, "
+                    "list, tuple, str, int, float, bool, None) or bytes")
+
+
+def stable_hash(obj: object) -> str:
+    """sha256 hex of the canonical JSON of ``obj``, identical in every process and on every machine.
+
+    ``bytes`` enter as ``{"__bytes_sha256__": <their sha256>}``.
+
+    Example:
+        >>> stable_hash({"w": b"weights", "shape": [1, 3]}) == stable_hash({"shape": (1, 3), "w": b"weights"})
+        True
+    """
+    try:
+        return sha256_bytes(canonical_json(_canonical(obj, "obj")))
+    except ValueError as e:
+        raise ValueError(f"stable_hash: {e}; NaN and infinity have no stable form") from e
+
+
+def timing_cache_name(choice: BackendChoice, device: torch.device) -> str | None:
+    if choice.build != "tensorrt":
+        return None
+    return "timing-" + stable_hash({"gpu": gpu_identity(device), "trt": backend_version("tensorrt")})[:32]
+
+
+def target_part(choice: BackendChoice, settings: Settings, device: torch.device) -> dict[str, Any]:
+    from ._build import engine_targets  # the build decides the targets; the key records them
+    from .backends._trt_build import builder_flags
+
+    part: dict[str, Any] = {"backend": choice.build, "backend_version": backend_version(choice.build)}
+    if choice.build != "onnxruntime":
+        part["builder_flags"] = builder_flags(choice.build, cuda_graphs=settings.cuda_graphs)
+    if choice.build == "tensorrt":
+        part["gpu"] = gpu_identity(device)
+    elif choice.build == "tensorrt_rtx":
+        targets = engine_targets(choice, settings)
+        part["targets"] = list(targets) if targets else "rtx-default"
+    return part
+
+
+def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, choice: BackendChoice,
+                device: torch.device) -> str:
+    """The cache key: a sha256 over everything that changes the engine and nothing else."""
+    return stable_hash({
+        "cache_format": CACHE_FORMAT_VERSION,
+        "graph": sha256_bytes(onnx),  # weights are inside the graph
+        "inputs": model_meta["inputs"],
+        "outputs": model_meta["outputs"],
+        "structure": [model_meta["call_tree"], model_meta["output_tree"], model_meta["user_input_dtypes"],
+                      model_meta["user_output_dtypes"]],
+        "settings": settings.engine_fields(),
+        **target_part(choice, settings, device),
+    })
+
+
+def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
+                choice: BackendChoice, device: torch.device) -> str:
+    """The warm-path index: module content + call structure + shapes + settings + backend."""
+    bound = bind_call(params_of(model.forward), args, kwargs)
+    leaves, tree = flatten(bound, what="input")
+    return stable_hash({
+        "cache_format": CACHE_FORMAT_VERSION,
+        "kind": "fingerprint",
+        "module": module_fingerprint(model),
+        "call": tree.to_json(),
+        "shapes": [[list(t.shape), str(t.dtype)] for t in leaves],
+        "settings": settings.engine_fields(),
+        "torch": torch.__version__,
+        **target_part(choice, settings, device),
+    })
+
+
+# --------------------------------------------------------------------------- module fingerprint
 
 _SIMPLE = (bool, int, float, str, type(None))
 

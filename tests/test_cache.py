@@ -23,17 +23,9 @@ from typing import Any, Iterator
 import pytest
 
 from torch_trt_module import _cache
-from torch_trt_module._cache import (
-    CACHE_FORMAT_VERSION,
-    DEFAULT_MAX_SIZE,
-    CacheEntry,
-    CacheLockTimeout,
-    EngineCache,
-    parse_size,
-    resolve_cache_dir,
-    sha256_bytes,
-    stable_hash,
-)
+from torch_trt_module._cache import CACHE_FORMAT_VERSION, DEFAULT_MAX_SIZE, EngineCache, parse_size, resolve_cache_dir
+from torch_trt_module._cache_files import CacheEntry
+from torch_trt_module._errors import CacheLockTimeout
 from torch_trt_module._errors import CacheError, TorchTRTError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -503,14 +495,14 @@ def test_sigkill_between_blobs_and_metadata(root: Path) -> None:
     code = f"""
         import os, signal
         from torch_trt_module import _cache
-        real = _cache._atomic_write
+        real = _cache.atomic_write
         def dying_write(path, data):
             if path.name.endswith(".json"):
                 with open(path.parent / f".{{path.name}}.crash.tmp", "wb") as f:
                     f.write(data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
             real(path, data)
-        _cache._atomic_write = dying_write
+        _cache.atomic_write = dying_write
         _cache.EngineCache({str(root)!r}).put({KEY!r}, {{"engine": b"E" * 4096, "onnx": b"O" * 100}}, {{}})
         print("survived")
     """
@@ -651,29 +643,6 @@ def test_info_clear_evict_and_listing(cache: EngineCache, root: Path) -> None:
 
 
 # ---------------------------------------------------------------- hashing, paths, sizes, names
-
-
-def test_stable_hash_is_canonical_and_process_independent() -> None:
-    obj = {"b": [1, 2.5, None, True], "a": "x\u00e9", "w": b"\x00\x01"}
-    text = ('{"a":"x\\u00e9","b":[1,2.5,null,true],"w":{"__bytes_sha256__":"%s"}}'
-            % hashlib.sha256(b"\x00\x01").hexdigest())
-    assert stable_hash(obj) == hashlib.sha256(text.encode()).hexdigest()
-    assert stable_hash({"w": b"\x00\x01", "a": "x\u00e9", "b": (1, 2.5, None, True)}) == stable_hash(obj)
-    assert stable_hash({"a": 1}) != stable_hash({"a": 1.5}) != stable_hash({"a": "1"})
-    assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
-    code = """
-        from torch_trt_module._cache import stable_hash
-        names = {"conv%d.weight" % i for i in range(50)}
-        print(stable_hash({"params": {n: [len(n), n.encode()] for n in names}, "order": sorted(names)}))
-    """
-    outs = {run_py(code, env={"PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "random")}
-    assert len(outs) == 1 and len(outs.pop()) == 64
-
-
-@pytest.mark.parametrize("bad", [{1: "x"}, {"s": {1, 2}}, object(), float("nan"), [float("inf")]])
-def test_stable_hash_rejects_unstable_values(bad: object) -> None:
-    with pytest.raises((TypeError, ValueError)):
-        stable_hash(bad)
 
 
 def test_resolve_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -33,3 +33,28 @@ class Sensitive(torch.nn.Module):
         centred = h - h.mean(-1, keepdim=True)
         var = (centred * centred).mean(-1, keepdim=True)      # a norm written by hand
         return self.down(centred / torch.sqrt(var + 1e-5)) + total * 1e-4
+
+
+class ItemBranch(torch.nn.Module):
+    """#19: ``.item()`` turns a tensor value into a Python number that picks a branch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 0:
+            return x * 2
+        return x - 1
+
+
+class TensorBranch(torch.nn.Module):
+    """#19: a Python ``if`` on a tensor (an implicit ``bool(tensor)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:
+            return x * 2
+        return x - 1
+
+
+class MaskedSelect(torch.nn.Module):
+    """#18: the output's length depends on the input's values."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0]

@@ -319,7 +319,7 @@ def test_real_cuda_graphs_threads_with_their_own_streams() -> None:
 def test_real_tensorrt_engine_under_cuda_graphs() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval().cuda()
     module = ttm.compile(model, torch.randn(4, 16, device="cuda"), cache=False)
-    inner = module._runner
+    inner = module.runner
     assert isinstance(inner, TensorRTRunner)
     graphs = CudaGraphRunner(inner, device=inner.device)
     for rows in (4, 4, 7):

@@ -28,7 +28,7 @@ def linear() -> tuple[torch.nn.Module, ttm.TRTModule]:
 
 
 def _planned(module: ttm.TRTModule) -> int:
-    return len(module._runner._plans)
+    return len(module.runner._plans)
 
 
 def test_repeated_calls_take_the_plan_and_return_fresh_outputs(linear: tuple) -> None:
@@ -110,7 +110,7 @@ def test_wrong_predicted_output_shape_falls_back_to_ort_allocation(caplog: pytes
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 8).eval()
     module = ttm.compile(model, torch.randn(2, 16), cache=False, backend="onnxruntime")
-    runner = module._runner
+    runner = module.runner
     runner._shapes = lambda shapes: [(shapes[0][0], 7)]  # a wrong symbolic shape from "the exporter"
     runner._shape_memo.clear(), runner._plans.clear()
     x = torch.randn(3, 16)

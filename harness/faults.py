@@ -13,7 +13,7 @@ and ``compile()`` is called after each fault. It counts into a :class:`Counts`:
 Children (``child_main``) are fresh processes: each imports torch and the package again, as a
 user's second run would. Models are tiny (an MLP) so a rebuild takes a fraction of a second, and
 they export with the TorchScript exporter (0.02 s instead of the dynamo exporter's ~3 s warm-up in
-every process); the dynamo path is covered by ``tests/test_compile_cache.py``.
+every process); the dynamo path is covered by ``tests/test_compile.py``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import _cache, _compile
-from torch_trt_module._cache import CACHE_FORMAT_VERSION, ORPHAN_AGE_S, EngineCache, stable_hash
+from torch_trt_module._cache import CACHE_FORMAT_VERSION, ORPHAN_AGE_S, EngineCache
+from torch_trt_module._keys import stable_hash
 
 EXPORTER = "torchscript"
 
@@ -350,8 +351,8 @@ def disk_full(root: Path) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- child processes
 
-# Children import this module under the name the parent uses ("tests.reliability.faults" under
-# pytest, "reliability.faults" from the benchmark), so TinyNet's fingerprint is the same in both.
+# Children import this module under the name the parent uses ("harness.faults"), so TinyNet's
+# fingerprint is the same in both.
 _IMPORT_ROOT = Path(__file__).resolve().parents[__name__.count(".")]
 _CHILD = (f"import sys; sys.path.insert(0, {str(_IMPORT_ROOT)!r}); "
           f"from {__name__} import child_main; child_main(sys.argv[1])")
@@ -384,13 +385,13 @@ def child_main(config: str) -> None:
             park("built")
         _compile._build = built  # type: ignore[assignment]
     elif hold == "put":
-        real_write = _cache._atomic_write
+        real_write = _cache.atomic_write
 
         def write(path: Path, data: bytes) -> None:
             if path.parent.name == "entries" and path.suffix == ".json":
                 park("put")
             real_write(path, data)
-        _cache._atomic_write = write  # type: ignore[assignment]
+        _cache.atomic_write = write  # type: ignore[assignment]
     if cfg.get("slow_build"):
         def slow(*args: Any, **kwargs: Any) -> Any:
             engine = real_build(*args, **kwargs)

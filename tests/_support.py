@@ -1,0 +1,58 @@
+"""Helpers shared by the test files that compile through the engine cache (test_keys, test_compile,
+test_entries): what is in a cache directory, what compile() did, and fresh Python processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from torch_trt_module import _compile
+from torch_trt_module._cache import EngineCache
+
+REPO = Path(__file__).resolve().parents[1]
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def keys(root: Path) -> set[str]:
+    return {e.key for e in EngineCache(root).entries()}
+
+
+def fingerprints(root: Path) -> set[str]:
+    return {p.stem for p in (root / "index").glob("*.json")}
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """The exports, builds and hits that happen inside the block."""
+    before = dict(_compile.STATS)
+    delta: dict[str, int] = {}
+    yield delta
+    delta.update({k: _compile.STATS[k] - before[k] for k in before})
+
+
+def assert_matches(module: torch.nn.Module, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    with torch.inference_mode():
+        got, want = module(*inputs), model(*inputs)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    tol = 1e-2 if module.engine.meta["model"]["precision"] == "fp16" else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def python(code: str, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
+    prelude = f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)], text=True, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def last_json(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])

@@ -1,0 +1,235 @@
+"""Cache keys (torch_trt_module._keys): the stable hash, what changes the content key and what does not,
+GPU identity and backend versions, and keys identical in every process. Through compile(), on real
+TensorRT-RTX builds and ONNX Runtime, with ``_compile.STATS`` counting exports and builds."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+from torch_trt_module import _compile, _keys
+from torch_trt_module._cache import EngineCache
+from torch_trt_module._cache_files import DeferredBlob
+from torch_trt_module._io import sha256_bytes
+from torch_trt_module._keys import stable_hash
+from torch_trt_module._settings import Settings
+from torch_trt_module.backends import BackendChoice
+
+from harness import faults
+from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outputs_ok
+
+from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python
+CHILD_PRELUDE = f"""
+import sys, types
+_pkg = types.ModuleType("torch_trt_module")
+_pkg.__path__ = [{str(REPO / "torch_trt_module")!r}]
+sys.modules["torch_trt_module"] = _pkg
+"""
+
+
+def child_argv(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code), *args]
+
+
+def run_py(code: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.run(child_argv(code), env=env, text=True, capture_output=True, timeout=60, **kw)
+
+
+def test_stable_hash_is_canonical_and_process_independent() -> None:
+    obj = {"b": [1, 2.5, None, True], "a": "x\u00e9", "w": b"\x00\x01"}
+    text = ('{"a":"x\\u00e9","b":[1,2.5,null,true],"w":{"__bytes_sha256__":"%s"}}'
+            % hashlib.sha256(b"\x00\x01").hexdigest())
+    assert stable_hash(obj) == hashlib.sha256(text.encode()).hexdigest()
+    assert stable_hash({"w": b"\x00\x01", "a": "x\u00e9", "b": (1, 2.5, None, True)}) == stable_hash(obj)
+    assert stable_hash({"a": 1}) != stable_hash({"a": 1.5}) != stable_hash({"a": "1"})
+    assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
+    code = """
+        from torch_trt_module._keys import stable_hash
+        names = {"conv%d.weight" % i for i in range(50)}
+        print(stable_hash({"params": {n: [len(n), n.encode()] for n in names}, "order": sorted(names)}))
+    """
+    outs = {run_py(code, env={"PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "random")}
+    assert len(outs) == 1 and len(outs.pop()) == 64
+
+
+@pytest.mark.parametrize("bad", [{1: "x"}, {"s": {1, 2}}, object(), float("nan"), [float("inf")]])
+def test_stable_hash_rejects_unstable_values(bad: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        stable_hash(bad)
+
+
+# --------------------------------------------------------------------------- what changes the key
+
+class WithBuffer(TinyNet):
+    def __init__(self, seed: int = 0, persistent: bool = True) -> None:
+        super().__init__(seed)
+        self.register_buffer("shift", torch.zeros(4), persistent=persistent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.shift
+
+
+class Relu(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Tanh(TinyNet):  # the same weights, another forward body
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class Casts(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.float())
+
+
+def _bumped(model: torch.nn.Module, edit: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        edit(other)
+    return other
+
+
+@contextlib.contextmanager
+def other_backend_version() -> Iterator[None]:
+    real = _keys.backend_version
+    with faults.patched(_keys, "backend_version", lambda name: real(name) + ".post1"):
+        yield
+
+
+X = example()
+INTS = torch.randint(0, 5, (3, 8))
+Variant = tuple[torch.nn.Module, tuple[torch.Tensor, ...], dict[str, Any]]
+
+# name -> (base, changed, a context the changed compile runs in)
+VARIANTS: dict[str, Callable[[], tuple[Variant, Variant, Any]]] = {
+    "one weight": lambda: ((m := TinyNet(0), (X,), {}),
+                           (_bumped(m, lambda o: o.fc1.weight[0, 0].add_(0.5)), (X,), {}), None),
+    "one buffer": lambda: ((m := WithBuffer(0), (X,), {}),
+                           (_bumped(m, lambda o: o.shift[1].fill_(0.25)), (X,), {}), None),
+    "one non-persistent buffer": lambda: ((m := WithBuffer(0, persistent=False), (X,), {}),
+                                          (_bumped(m, lambda o: o.shift[1].fill_(0.25)), (X,), {}), None),
+    "the module's code": lambda: ((Relu(0), (X,), {}), (Tanh(0), (X,), {}), None),
+    "an input's max batch": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"max_batch": 64}), None),
+    "an input's opt batch": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (example(5),), {}), None),
+    "an input's dim range": lambda: ((TinyNet(0), (X,), {"dynamic": {"x": {0: (1, 3, 16)}}}),
+                                     (TinyNet(0), (X,), {"dynamic": {"x": {0: (2, 3, 16)}}}), None),
+    "static shapes": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"dynamic": None}), None),
+    "an input dtype": lambda: ((m := Casts().eval(), (INTS,), {}), (m, (INTS.int(),), {}), None),
+    "the precision": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"precision": "fp16"}), None),
+    "the optimization level": lambda: ((TinyNet(0), (X,), {}),
+                                       (TinyNet(0), (X,), {"optimization_level": 1}), None),
+    "the workspace": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"workspace": 1 << 24}), None),
+    "tf32": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"tf32": False}), None),
+    "the backend version": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {}), other_backend_version()),
+    "the RTX targets": lambda: ((TinyNet(0), (X,), {}), (TinyNet(0), (X,), {"targets": ["sm86"]}), None),
+    "one more RTX target": lambda: ((TinyNet(0), (X,), {"targets": ["sm86"]}),
+                                    (TinyNet(0), (X,), {"targets": ["sm86", "sm89"]}), None),
+}
+
+
+@pytest.mark.parametrize("what", list(VARIANTS))
+def test_key_changes_with(what: str, tmp_path: Path) -> None:
+    (model, inputs, opts), (model2, inputs2, opts2), context = VARIANTS[what]()
+    model.eval()
+    model2.eval()
+    root = tmp_path / "cache"
+
+    def compile_(m: torch.nn.Module, i: tuple[torch.Tensor, ...], o: dict[str, Any]) -> ttm.TRTModule:
+        return ttm.compile(m, i, cache_dir=root, exporter=EXPORTER, **o)
+
+    with counting() as n:
+        base = compile_(model, inputs, opts)
+    assert n["builds"] == 1
+    keys0, fps0 = keys(root), fingerprints(root)
+    with counting() as n, context or contextlib.nullcontext():
+        changed = compile_(model2, inputs2, opts2)
+    # Both levels miss: the fingerprint (else a warm compile would serve the old engine without
+    # exporting) and the content key (a second entry, built for the change).
+    assert n == {"exports": 1, "builds": 1, "cache_hits": 0}
+    assert fingerprints(root) - fps0 and keys(root) - keys0 and keys0 <= keys(root)
+    assert_matches(changed, model2, inputs2)
+    # The first entry is still served to the first model, and to it only.
+    with counting() as n:
+        again = compile_(model, inputs, opts)
+    assert n == {"exports": 0, "builds": 0, "cache_hits": 1}
+    assert_matches(again, model, inputs)
+    assert again.engine.plan == base.engine.plan
+
+
+def test_what_does_not_change_the_engine_shares_the_entry(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first = compile_tiny(0, root)
+    for opts in ({"verify": False}, {"rtol": 0.1, "atol": 0.1}, {"cast_inputs": True}, {"max_rebuilds": 0},
+                 {"progress": False}, {"cache_max_size": 10**9}, {"allow_host_code": True}):
+        with counting() as n:
+            module = compile_tiny(0, root, **opts)  # a new instance of the same model, too
+        assert n == {"exports": 0, "builds": 0, "cache_hits": 1}, opts
+        assert module.engine.plan == first.engine.plan and outputs_ok(module, 0)
+    assert len(keys(root)) == 1
+
+
+def test_gpu_identity_and_backend_version_are_in_tensorrt_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    exported = ttm.export_onnx(TinyNet(0), X, exporter=EXPORTER)
+    settings = Settings.from_options()
+    trt = BackendChoice("tensorrt", "tensorrt", "test")
+    rtx = BackendChoice("tensorrt_rtx", "onnxruntime", "test")
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "sm_count": 132, "total_memory": 85 << 30}
+    gpus = {0: h100, 1: h100, 2: {**h100, "name": "NVIDIA H100 PCIe"}, 3: {**h100, "compute_capability": "9.1"},
+            4: {**h100, "sm_count": 114}, 5: {**h100, "total_memory": 80 << 30}}
+    versions = {"tensorrt": "10.13.0.35"}
+    # Test doubles: tensorrt and a GPU are not available here; the key must take what they report.
+    monkeypatch.setattr(_keys, "gpu_identity", lambda device: gpus[torch.device(device).index])
+    monkeypatch.setattr(_keys, "backend_version", lambda name: versions.get(name, "1.7.1.116"))
+
+    def key(choice: BackendChoice, gpu: int, s: Settings = settings) -> str:
+        return _keys.content_key(exported.onnx, exported.to_meta(), s, choice, torch.device("cuda", gpu))
+
+    trt_keys = [key(trt, g) for g in gpus]
+    assert trt_keys[0] == trt_keys[1]  # the same GPU model on another index: never the index
+    assert len(set(trt_keys[1:])) == 5  # name, compute capability, SM count and memory each count
+    versions["tensorrt"] = "10.13.1.2"
+    assert key(trt, 0) != trt_keys[0]
+    # RTX engines are portable across GPUs: their key takes the targets, not the GPU.
+    assert key(rtx, 0) == key(rtx, 2)
+    assert key(rtx, 0) != key(rtx, 0, settings.replace(targets=("sm86",)))
+    fp = [_keys.fingerprint(TinyNet(0), (X,), {}, settings, trt, torch.device("cuda", g)) for g in (0, 1, 2)]
+    assert fp[0] == fp[1] != fp[2]  # the warm-path index follows the same rule
+
+
+def test_key_is_identical_in_processes_with_different_hash_seeds(tmp_path: Path) -> None:
+    # The default exporter (dynamo), as users get it; each process has its own cache.
+    code = """
+        import json, os, sys
+        import torch_trt_module as ttm
+        from torch_trt_module._cache import EngineCache
+        from harness.faults import TinyNet, example
+        root = sys.argv[1] if len(sys.argv) > 1 else os.environ["ROOT"]
+        ttm.compile(TinyNet(0), example(), cache_dir=root)
+        print(json.dumps({"keys": [e.key for e in EngineCache(root).entries()],
+                          "fps": sorted(os.listdir(os.path.join(root, "index"))), "hash": hash("abc")}))
+    """
+    procs = [python(code, env={"PYTHONHASHSEED": seed, "ROOT": str(tmp_path / seed)}) for seed in ("1", "2")]
+    a, b = (last_json(p) for p in procs)
+    assert a["hash"] != b["hash"]  # the seeds did change str hashing
+    assert len(a["keys"]) == 1 and len(a["fps"]) == 1
+    assert (a["keys"], a["fps"]) == (b["keys"], b["fps"])

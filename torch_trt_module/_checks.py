@@ -1,0 +1,109 @@
+"""compile()'s own checks (``verify=True``): the exported graph against eager, at the example and
+at the profile's corners, and the compiled module against eager on the example inputs.
+
+Both use the tolerance policy of :mod:`._numerics` for what is compared (the user's
+``rtol=``/``atol=`` turn it into the plain elementwise check), and eager in strict fp32
+where it runs on a CUDA GPU (ONNX Runtime computes strict fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+
+from ._compare import ParityReport, compare_outputs, reference_numerics
+from ._errors import ExportError, VerificationError
+from ._export import ExportCheck
+from ._numerics import Tolerance, policy_for, strict_fp32
+from ._settings import Settings
+from ._spec import ExportedModel
+
+__all__ = ["check_compiled", "check_export", "check_tolerance"]
+
+log = logging.getLogger(__name__)
+
+_WHERE = {"example": "the example inputs", "min": "the profile's min", "max": "the profile's max",
+          "off": "a shape inside the profile (neither opt nor a bound)"}
+
+
+def check_tolerance(settings: Settings, numerics: str | None = None) -> Tolerance:
+    """The policy for ``numerics`` (default: the precision), with the user's ``rtol=``/``atol=``
+    turning it into the plain elementwise check."""
+    return policy_for(numerics or settings.precision, rtol=settings.rtol, atol=settings.atol)
+
+
+def describe(t: Tolerance) -> str:
+    parts = [f"rtol={t.rtol:g}", f"atol={t.atol:g}" + (f" or {t.atol_rms:g} x the output's rms" if t.atol_rms else "")]
+    if t.min_cosine:
+        parts.append(f"cosine >= {t.min_cosine:g}")
+    return ", ".join(parts)
+
+
+def _shapes(exported: ExportedModel, inputs: list[torch.Tensor]) -> str:
+    return ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(exported.inputs, inputs))
+
+
+def check_export(exported: ExportedModel, check: ExportCheck, settings: Settings) -> None:
+    """ONNX Runtime (CPU, strict fp32) on the graph against eager at every point of ``check``;
+    ExportError naming the point and its shapes if one differs or cannot run."""
+    from .backends._onnxruntime import run_onnx_cpu
+
+    tolerance = check_tolerance(settings)
+    numerics = (("eager in strict fp32 (TF32 off for the reference call)" if check.strict else "eager")
+                + f"; {settings.precision} tolerance policy")
+    reports: dict[str, ParityReport] = {}
+    for label, (inputs, expected) in check.points.items():
+        where = f"{_WHERE[label]} ({_shapes(exported, inputs)})"
+        try:
+            got = run_onnx_cpu(exported.onnx, exported.input_names, exported.output_names, inputs,
+                               half=exported.precision != "fp32")
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"ONNX Runtime could not run the exported graph at {where}: {e}"
+                              + _specialised_hint(label)) from e
+        report = compare_outputs(got, expected, tolerance=tolerance, names=exported.output_names,
+                                 what="onnxruntime", reference_name="eager")
+        report.numerics = numerics
+        reports[label] = report
+        if not report.passed:
+            exported.extra["export_reports"] = reports
+            raise ExportError(f"the exported ONNX graph does not match eager at {where} ({describe(tolerance)}):\n"
+                              f"{report}\nPass verify=False to skip this check, or report the model to us."
+                              + _specialised_hint(label))
+    exported.extra["export_reports"] = reports
+    if "example" in reports:
+        exported.extra["export_report"] = reports["example"]
+    for label, error in check.errors.items():
+        log.warning("export check: eager itself fails at %s, so the graph is not checked there: %s",
+                    _WHERE[label], error)
+    worst = max((o.max_abs for r in reports.values() for o in r.outputs), default=0.0)
+    log.info("export check: onnxruntime vs eager passed at %s (max abs err %.3g)", ", ".join(reports), worst)
+
+
+def _specialised_hint(label: str) -> str:
+    if label == "example":
+        return ""
+    return (" It matches at the example, so the graph was specialised for part of the declared range (an axis-less "
+            "squeeze(), a size-dependent branch). Fix: narrow that dim in dynamic= (or make it static), or remove "
+            "the specialisation from the model.")
+
+
+def check_compiled(module: Any, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   settings: Settings, device: torch.device) -> ParityReport:
+    """The compiled module against eager on the example inputs; VerificationError if it differs."""
+    strict = device.type == "cuda"
+    with torch.inference_mode():
+        with strict_fp32() if strict else contextlib.nullcontext():
+            ref = model(*args, **kwargs)
+        got = module(*args, **kwargs)
+    numerics, how = reference_numerics(module.numerics, eager_tf32=False, strict=strict)
+    report = compare_outputs(got, ref, tolerance=check_tolerance(settings, numerics),
+                             what=f"compiled ({module.backend})", reference_name="eager")
+    report.numerics = f"{how}; {numerics} tolerance policy"
+    if not report.passed:
+        raise VerificationError(f"the compiled module does not match eager on the example inputs:\n{report}\n"
+                                "Loosen rtol=/atol=, or pass verify=False to skip this check.", report)
+    log.info("%s", str(report).splitlines()[0])
+    return report

@@ -1,0 +1,160 @@
+"""Bytes that outlive the process: the one atomic writer and the one checksummed container.
+
+The container is what an engine file, a saved module's state and a cache entry are made
+of: a JSON header sealed with its own sha256, and named blobs, each indexed by size and
+sha256. An engine file and a module's state hold it as one byte string (:func:`pack`,
+:func:`unpack`); a cache entry keeps the header and each blob in files of their own (so
+that a blob can be read late, or never), with the same index and the same checks
+(:func:`blob_index`, :func:`blob_problem`, :func:`seal`, :func:`header_problem`). There is
+no pickle anywhere: reading a container runs no code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from ._errors import EngineLoadError
+
+__all__ = ["CONTAINER_FORMAT", "atomic_write", "blob_index", "blob_problem", "canonical_json", "header_problem",
+           "pack", "seal", "sha256_bytes", "unpack"]
+
+#: Bumped when the layout of :func:`pack` changes; other versions are refused with a clear error.
+CONTAINER_FORMAT = 3
+_MAGIC = b"TTMBOX03"
+_HEAD = len(_MAGIC) + 8
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: object) -> bytes:
+    """The one JSON form that is hashed: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
+    """Readers see the old file or all of the new one, never part of it: a temp file in the
+    same directory (mode 0o600, from mkstemp), fsync, ``os.replace``, then an fsync of the
+    directory so that the rename survives a crash. The temp file is removed on any failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# --------------------------------------------------------------------------- index and seal
+
+def blob_index(blobs: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size": n, "sha256": hex}}`` for each blob."""
+    return {name: {"size": len(data), "sha256": sha256_bytes(data)} for name, data in blobs.items()}
+
+
+def blob_problem(name: str, info: Mapping[str, Any], data: bytes) -> str | None:
+    """Why ``data`` is not the blob ``info`` indexes (truncated, or another checksum), or None."""
+    if len(data) != info["size"]:
+        return f"blob {name!r} is {len(data)} bytes, expected {info['size']} (truncated?)"
+    if sha256_bytes(data) != info["sha256"]:
+        return f"checksum mismatch for blob {name!r}"
+    return None
+
+
+def seal(header: Mapping[str, Any], field: str = "header_sha256") -> dict[str, Any]:
+    """``header`` plus ``field``: the sha256 of its canonical JSON."""
+    sealed = dict(header)
+    sealed.pop(field, None)
+    sealed[field] = sha256_bytes(canonical_json(sealed))
+    return sealed
+
+
+def header_problem(header: dict[str, Any], field: str = "header_sha256") -> str | None:
+    """Why a sealed header is not intact, or None. Removes ``field`` from ``header``."""
+    recorded = header.pop(field, None)
+    try:
+        ok = recorded == sha256_bytes(canonical_json(header))
+    except ValueError:  # a flipped digit can turn 1e-05 into 1e905, which is infinity
+        ok = False
+    return None if ok else "the header's checksum does not match its contents"
+
+
+# --------------------------------------------------------------------------- one byte string
+
+def pack(kind: str, header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> bytes:
+    """One byte string: magic, header length, the sealed JSON header (kind, format, user header,
+    blob index and order), then the blobs.
+
+    Example:
+        >>> data = pack("example", {"note": "hi"}, {"a": b"123"})
+        >>> unpack(data, kind="example")
+        ({'note': 'hi'}, {'a': b'123'})
+    """
+    head = seal({"kind": kind, "format": CONTAINER_FORMAT, "header": dict(header), "blobs": blob_index(blobs),
+                 "order": list(blobs)})
+    raw = canonical_json(head)
+    return b"".join([_MAGIC, struct.pack("<Q", len(raw)), raw, *(bytes(blobs[n]) for n in blobs)])
+
+
+def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "bytes",
+           what: str | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The header and blobs of a :func:`pack` result, every checksum verified first.
+
+    Raises :class:`~torch_trt_module.EngineLoadError` naming ``source`` and what is wrong.
+    """
+    what = what or f"torch_trt_module {kind}"
+    data = bytes(data)
+    if len(data) < _HEAD or not data.startswith(_MAGIC):
+        old = data[:8].startswith(b"TTMENG") or data[:8].startswith(b"TTMBOX")
+        raise EngineLoadError(f"{source} is not a {what} (bad header: bad magic)" + (
+            "; it was written by another version of torch_trt_module: build and save it again" if old else ""))
+    (n,) = struct.unpack("<Q", data[len(_MAGIC):_HEAD])
+    try:
+        head = json.loads(data[_HEAD:_HEAD + n])
+    except (ValueError, RecursionError) as e:
+        raise EngineLoadError(f"{source}: corrupt header (checksum mismatch in the header: not JSON)") from e
+    if not isinstance(head, dict):
+        raise EngineLoadError(f"{source}: corrupt header (checksum mismatch in the header: not an object)")
+    problem = header_problem(head)
+    if problem:
+        raise EngineLoadError(f"{source}: checksum mismatch in the header: {problem} (corrupt file)")
+    if head.get("kind") != kind or head.get("format") != CONTAINER_FORMAT:
+        raise EngineLoadError(f"{source} holds a {head.get('kind')!r} of format {head.get('format')}, not a {kind!r} "
+                              f"of format {CONTAINER_FORMAT}; write it again with this version")
+    blobs: dict[str, bytes] = {}
+    off = _HEAD + n
+    try:
+        for name in head["order"]:
+            info = head["blobs"][name]
+            blob = data[off:off + info["size"]]
+            off += info["size"]
+            problem = blob_problem(name, info, blob)
+            if problem:
+                raise EngineLoadError(f"{source}: checksum mismatch in the {name!r} blob ({problem}; corrupt file)")
+            blobs[name] = blob
+        return head["header"], blobs
+    except (KeyError, TypeError, ValueError) as e:  # a header that checks out but lacks a field
+        raise EngineLoadError(f"{source}: malformed header ({type(e).__name__}: {e})") from e
