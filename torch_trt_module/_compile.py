@@ -8,6 +8,7 @@ module; this one only sequences them.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,14 +19,14 @@ from ._engine import Engine
 from ._errors import InputError
 from ._export import export_with_settings
 from ._inputs import match_inputs
-from ._keys import content_key, fingerprint, timing_cache_name
+from ._keys import content_key, fingerprint, keyed_by_value, timing_cache_name
 from ._module import TRTModule
 from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, split_inputs
 from ._spec import ExportedModel
 from .backends import BackendChoice, Runner, select_backend
 
-__all__ = ["STATS", "compile", "compile_engine", "export_onnx"]
+__all__ = ["STATS", "Compiled", "compile", "compile_engine", "export_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,25 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
     device = _device_for(model, settings)
     choice = select_backend(settings.backend, device, runtime=settings.runtime)
     module_options = {"cast_inputs": settings.cast_inputs, "allow_host_code": settings.allow_host_code,
-                      "cuda_graphs": settings.cuda_graphs, "runtime": settings.runtime}
+                      "cuda_graphs": settings.cuda_graphs, "runtime": settings.runtime, "source": model,
+                      "weights": settings.weights}
     if example_inputs is None:
         state = {"settings": settings}
 
-        def build(args: tuple[Any, ...], kwargs: dict[str, Any], mod: TRTModule) -> tuple[Engine, Runner | None]:
+        def build(args: tuple[Any, ...], kwargs: dict[str, Any], mod: TRTModule) -> Compiled:
             if mod.engine is not None:  # a rebuild: widen the profile to cover the old one and this call
                 state["settings"] = state["settings"].replace(dynamic=freeze_dynamic(_widened(mod, args, kwargs)))
             return compile_engine(model, args, kwargs, state["settings"], choice, device)
 
         return TRTModule.lazy(build, device=device, max_rebuilds=settings.max_rebuilds, **module_options)
     args, kwargs = split_inputs(example_inputs)
-    engine, prepared = compile_engine(model, args, kwargs, settings, choice, device)
-    return TRTModule(engine, device=device, prepared=prepared, **module_options)
+    got = compile_engine(model, args, kwargs, settings, choice, device)
+
+    def rebuild() -> Engine:  # for an engine whose weights are folded into its graph (TorchScript export)
+        return compile_engine(model, args, kwargs, settings, choice, device).engine
+
+    return TRTModule(got.engine, device=device, prepared=got.prepared, refit_now=got.refit, rebuild=rebuild,
+                     **module_options)
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, *, dynamic: Any = "batch", precision: str = "fp32",
@@ -114,12 +121,22 @@ def _device_for(model: torch.nn.Module, settings: Settings) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class Compiled:
+    """What :func:`compile_engine` found or made: the engine, a runner made on the way (an ONNX Runtime
+    session, or a cache hit's loaded TensorRT engine) or None, and whether the engine holds other
+    weights than the model's (a ``weights="follow"`` hit of the same structure: refit it first)."""
+
+    engine: Engine
+    prepared: Runner | None = None
+    refit: bool = False
+
+
 def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
-                   choice: BackendChoice, device: torch.device) -> tuple[Engine, Runner | None]:
-    """Find the engine in the cache, or export, build and store it; also a runner made on the way
-    (an ONNX Runtime session, or the loaded TensorRT engine of a cache hit), or None."""
+                   choice: BackendChoice, device: torch.device) -> Compiled:
+    """Find the engine in the cache, or export, build and store it."""
     if not settings.cache:
-        return _export_and_build(model, args, kwargs, settings, choice, device), None
+        return Compiled(_export_and_build(model, args, kwargs, settings, choice, device))
     from ._cache import EngineCache
     from ._entries import read_entry, store_entry
 
@@ -128,29 +145,36 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     def rebuild(exported: ExportedModel) -> Engine:
         return _build(exported, settings, choice, device)[0]
 
+    # weights="follow": entries are keyed by structure, and a hit is refit to the model's weights.
+    follow = not keyed_by_value(settings)
     fp = fingerprint(model, args, kwargs, settings, choice, device)
     with cache.lock(fp):
         key = cache.lookup(fp)
-        hit = read_entry(cache, key, device, choice, rebuild) if key else None
+        hit = read_entry(cache, key, device, choice, rebuild, session=not follow) if key else None
+        if hit is not None and follow and not hit[0].exported.weights:
+            hit = None  # a TorchScript graph with its weights folded: found by structure, but not refittable
         if hit is not None:
             STATS["cache_hits"] += 1
-            log.info("engine cache hit %s (no export, no build)", key[:16] if key else "")
-            return hit
+            log.info("engine cache hit %s (no export, no build%s)", key[:16] if key else "",
+                     "; refit to the model's weights" if follow else "")
+            return Compiled(hit[0], hit[1], refit=follow)
         log.info("engine cache miss for fingerprint %s: exporting and building", fp[:16])
         exported = _export(model, args, kwargs, settings)
         key = content_key(exported.onnx, exported.to_meta(), settings, choice, device)
         with cache.lock(key):
-            hit = read_entry(cache, key, device, choice, rebuild)
-            if hit is None:
+            hit = read_entry(cache, key, device, choice, rebuild, session=not follow)
+            if hit is not None:
+                got = Compiled(hit[0], hit[1], refit=follow and bool(exported.weights))
+            else:
                 aux_name = timing_cache_name(choice, device)
                 engine, facts = _build(exported, settings, choice, device,
                                        cache.read_aux(aux_name) if aux_name else None)
                 _check_built(engine, model, args, kwargs, settings, device)
-                hit = engine, store_entry(cache, key, engine, device, choice)
+                got = Compiled(engine, store_entry(cache, key, engine, device, choice))
                 if aux_name and facts.get("timing_cache"):
                     cache.write_aux(aux_name, facts["timing_cache"])
         cache.record(fp, key)
-        return hit
+        return got
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings

@@ -124,6 +124,19 @@ class Engine:
         return (f"Engine(backend={self.backend} {m.get('backend_version', '?')}, precision="
                 f"{m['model']['precision']}, plan={self._size('plan') / 1e6:.1f} MB, for={where})")
 
+    def with_weights(self, values: Mapping[str, Any]) -> "Engine":
+        """A new engine whose ONNX graph and PyTorch program hold these weights (by initializer name).
+        The plan keeps the weights it was built with; its metadata says so, and a TensorRT runtime
+        refits it from the graph's weights when it loads it."""
+        from ._onnx import with_initializers
+        from ._program import replace_weights
+
+        program = self.program
+        meta = {**self.meta, "plan_weights_stale": self.has_plan}
+        deferred = {"plan": Deferred(self._size("plan"), lambda: self.plan)} if self.has_plan else None
+        return Engine(self.backend, None, with_initializers(self.onnx, values), meta,
+                      program=replace_weights(program, values) if program is not None else None, deferred=deferred)
+
     # ------------------------------------------------------------------ bytes and files
 
     def to_bytes(self) -> bytes:

@@ -37,16 +37,17 @@ Rebuild = Callable[[ExportedModel], Engine]
 
 
 def read_entry(cache: EngineCache, key: str, device: torch.device, choice: BackendChoice,
-               rebuild: Rebuild) -> tuple[Engine, Runner | None] | None:
+               rebuild: Rebuild, *, session: bool = True) -> tuple[Engine, Runner | None] | None:
     """The engine stored under ``key`` and, where compile() will run it on ONNX Runtime, its session;
     None on a miss. An entry that cannot be used here is evicted (a rebuild replaces it).
+    ``session=False``: make no ONNX Runtime session (the module makes one with other weights).
     ``rebuild`` builds the engine again from its export, for a deferred plan that fails its checksum."""
     runs_plan = choice.run in ("tensorrt", "tensorrt_rtx")
     defer = () if runs_plan else ("engine",)
     if choice.run != "torch":
         defer += ("program",)
     only = {"onnx", "engine", "program"}
-    if choice.run == "onnxruntime" and device.type == "cpu":
+    if choice.run == "onnxruntime" and device.type == "cpu" and session:
         # Read here, and checked while ONNX Runtime loads them (_onnx_and_session); ORT's
         # optimized copies made by other ORT versions or on other CPUs are left alone.
         mine = {n for n in (optimized_graph_name(half=False), optimized_graph_name(half=True)) if n}

@@ -188,7 +188,8 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         onnx=onnx_bytes, inputs=inputs, outputs=outputs, call_tree=call_tree, output_tree=out_tree,
         params=params, exporter=made.exporter, precision=settings.precision,
         user_input_dtypes=user_in_dtypes, user_output_dtypes=user_out_dtypes,
-        export_time_s=time.perf_counter() - t0, program=program)
+        export_time_s=time.perf_counter() - t0, program=program,
+        weights=_weight_map(model_proto, made.program, work_model))
     check = ExportCheck(strict=strict)
     if settings.verify:
         reference = work_model if target != torch.float32 else model
@@ -259,6 +260,27 @@ def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     reps = [1] * t.dim()
     reps[dim] = -(-size // have)
     return t.repeat(*reps).narrow(dim, 0, size).contiguous()
+
+
+def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module
+                ) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """``{initializer: (source name, dtype, shape)}`` for the weights the graph holds by name
+    (``_exporters._optimize_keeping_weights`` keeps them so); empty without a program."""
+    if program is None:
+        return {}
+    from ._dtypes import by_onnx
+    from ._exporters import weight_names
+    from ._precision import MixedPrecisionModel
+
+    # The wrapper (_Flat) holds the model as ``model``; a mixed-precision copy holds it as ``model`` too.
+    prefix = "model.model." if isinstance(work_model, MixedPrecisionModel) else "model."
+    names = weight_names(program)
+    out = {}
+    for init in model_proto.graph.initializer:
+        row = by_onnx(init.data_type)
+        if init.name in names and init.name.startswith(prefix) and row is not None:
+            out[init.name] = (init.name[len(prefix):], row.name, tuple(int(d) for d in init.dims))
+    return out
 
 
 def _widen_example(names: list[str], leaves: list[torch.Tensor], profiles: dict[str, Any]) -> list[torch.Tensor]:

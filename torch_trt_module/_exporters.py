@@ -138,10 +138,46 @@ def _to_onnx(program: Any, leaves: Sequence[torch.Tensor], names: list[str], out
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             program, tuple(leaves), None, dynamo=True, input_names=names, output_names=out_names,
-            opset_version=settings.opset or DEFAULT_OPSET, verbose=False, optimize=True, external_data=False)
+            opset_version=settings.opset or DEFAULT_OPSET, verbose=False, optimize=False, external_data=False)
+        assert onnx_program is not None
+        onnx_program.model = _optimize_keeping_weights(onnx_program.model, weight_names(program))
     log.debug("ONNX translation output:\n%s", sink.getvalue())
-    assert onnx_program is not None
     return onnx_program.model_proto.SerializeToString()  # type: ignore[no-any-return]
+
+
+def weight_names(program: Any) -> set[str]:
+    """The program's parameters and buffers, by fully qualified name (the names their ONNX
+    initializers get)."""
+    sig = program.graph_signature
+    return set(sig.inputs_to_parameters.values()) | set(sig.inputs_to_buffers.values())
+
+
+def _optimize_keeping_weights(model: Any, weights: set[str]) -> Any:
+    """The ONNX optimizer (constant folding, fusions, dead code) with the model's weights hidden from
+    it: each stays an initializer of its own, under its own name, holding exactly the weight's
+    values. Folding a weight into another constant (BatchNorm into the Conv before it, or a zero
+    bias dropped) would tie the graph's structure and constants to the weights' values; TensorRT
+    and ONNX Runtime make those fusions themselves, and a refit can then replace any weight by name."""
+    from onnxscript import optimizer
+
+    hidden = {}
+    for name in list(model.graph.initializers):
+        if name in weights:
+            value = model.graph.initializers[name]
+            hidden[name] = value.const_value
+            value.const_value = None
+            del model.graph.initializers[name]
+            model.graph.inputs.append(value)
+    model = optimizer.optimize(model)
+    by_name = {v.name: v for v in model.graph.inputs}
+    for name, tensor in hidden.items():
+        value = by_name.get(name)
+        if value is None:
+            continue  # a weight the graph does not use
+        model.graph.inputs.remove(value)
+        value.const_value = tensor
+        model.graph.register_initializer(value)
+    return model
 
 
 def _export_torchscript(wrapper: torch.nn.Module, names: list[str], leaves: list[torch.Tensor],

@@ -40,7 +40,7 @@ from ._signature import bind_call, params_of
 from ._tree import flatten
 from .backends import BackendChoice, backend_version, gpu_identity
 
-__all__ = ["content_key", "fingerprint", "module_fingerprint", "stable_hash",
+__all__ = ["content_key", "fingerprint", "keyed_by_value", "module_fingerprint", "stable_hash",
            "target_part", "timing_cache_name"]
 
 def _canonical(obj: object, where: str) -> object:
@@ -97,10 +97,14 @@ def target_part(choice: BackendChoice, settings: Settings, device: torch.device)
 
 def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, choice: BackendChoice,
                 device: torch.device) -> str:
-    """The cache key: a sha256 over everything that changes the engine and nothing else."""
+    """The cache key: a sha256 over everything that changes the engine and nothing else. With
+    ``weights="follow"`` the weights' values are left out (an entry of the same structure is refit
+    to the source's weights at the hit); with ``"snapshot"`` they are in (inside the graph)."""
+    follow = settings.weights == "follow" and bool(model_meta.get("weights"))
     return stable_hash({
         "cache_format": CACHE_FORMAT_VERSION,
-        "graph": sha256_bytes(onnx),  # weights are inside the graph
+        "graph": structure_hash(onnx, set(model_meta["weights"])) if follow else sha256_bytes(onnx),
+        "weights": "follow" if follow else "in the graph",
         "inputs": model_meta["inputs"],
         "outputs": model_meta["outputs"],
         "structure": [model_meta["call_tree"], model_meta["output_tree"], model_meta["user_input_dtypes"],
@@ -110,15 +114,38 @@ def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, cho
     })
 
 
+def keyed_by_value(settings: Settings) -> bool:
+    """Whether the fingerprint holds the weights' values: unless ``weights="follow"``, and always for the
+    TorchScript exporter, whose graphs fold their weights (so its engines cannot be refit)."""
+    return settings.weights != "follow" or settings.exporter == "torchscript"
+
+
+def structure_hash(onnx: bytes, weights: set[str]) -> str:
+    """sha256 of the graph with the values of the initializers ``weights`` left out (names, dtypes and
+    shapes stay in)."""
+    from ._onnx import load
+
+    model = load(onnx)
+    for init in model.graph.initializer:
+        if init.name in weights:
+            name, dims, dtype = init.name, list(init.dims), init.data_type
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+    return sha256_bytes(model.SerializeToString(deterministic=True))
+
+
 def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
                 choice: BackendChoice, device: torch.device) -> str:
-    """The warm-path index: module content + call structure + shapes + settings + backend."""
+    """The warm-path index: module content + call structure + shapes + settings + backend. With
+    ``weights="follow"`` the weights' values are left out, as in :func:`content_key`."""
     bound = bind_call(params_of(model.forward), args, kwargs)
     leaves, tree = flatten(bound, what="input")
     return stable_hash({
         "cache_format": CACHE_FORMAT_VERSION,
         "kind": "fingerprint",
-        "module": module_fingerprint(model),
+        "module": module_fingerprint(model, values=keyed_by_value(settings)),
+        "weights": settings.weights,
         "call": tree.to_json(),
         "shapes": [[list(t.shape), str(t.dtype)] for t in leaves],
         "settings": settings.engine_fields(),
@@ -132,8 +159,10 @@ def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 _SIMPLE = (bool, int, float, str, type(None))
 
 
-def module_fingerprint(model: torch.nn.Module) -> str:
+def module_fingerprint(model: torch.nn.Module, *, values: bool = True) -> str:
     """sha256 over the module's tensors, code and attributes (see the module docstring).
+    ``values=False``: the parameters' and buffers' names, dtypes and shapes, not their values
+    (``weights="follow"``: an engine of the same structure is refit to them).
 
     Example:
         >>> a = module_fingerprint(torch.nn.Linear(2, 2))
@@ -143,7 +172,7 @@ def module_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
-        _hash_tensor(h, name, t)
+        _hash_tensor(h, name, t, values=values)
     seen_classes: set[type] = set()
     for mod_name, mod in model.named_modules(remove_duplicate=False):
         cls = type(mod)
@@ -163,10 +192,10 @@ def module_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+def _hash_tensor(h: Any, name: str, t: torch.Tensor, *, values: bool = True) -> None:
     t = t.detach()
     h.update(f"\0tensor {name} {t.dtype} {tuple(t.shape)}".encode())
-    if t.numel() == 0:
+    if t.numel() == 0 or not values:
         return
     data = t.contiguous().cpu()
     h.update(memoryview(data.view(-1).view(torch.uint8).numpy()))

@@ -7,24 +7,26 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch.nn.modules import module as _nn_module
 
 from ._engine import Engine
-from ._errors import EngineLoadError, InputError, TorchTRTError
+from ._errors import EngineLoadError, InputError, RuntimeFailure, SettingsError, TorchTRTError
 from ._inputs import match_inputs, safe_cast, widen_hint
 from ._signature import bind_call
 from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
+from ._weights import WEIGHT_MODES, WeightWatch, read_weights, weights_hash
 from .backends import Runner, can_run_plan, make_runner, normalize_device
 
 __all__ = ["LazyBuild", "TRTModule", "engine_of_state", "load", "save"]
 
 log = logging.getLogger(__name__)
 _STATE_FORMAT = 3  # 3: one container (the engine's bytes), checked by its own checksums
-#: Builds (or finds) the engine for a call: (args, kwargs, the module) -> (engine, a prepared runner or None).
-LazyBuild = Callable[[tuple[Any, ...], dict[str, Any], "TRTModule"], tuple[Engine, Any]]
+#: Builds (or finds) the engine for a call: (args, kwargs, the module) -> an object with ``engine``,
+#: ``prepared`` (a runner made on the way, or None) and ``refit`` (the engine holds other weights).
+LazyBuild = Callable[[tuple[Any, ...], dict[str, Any], "TRTModule"], Any]
 #: input shapes that passed every check -> the runner's call for them (TRTModule.__call__)
 _FastCalls = dict[tuple[torch.Size, ...], Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]]
 _Tensor, _grad_enabled = torch.Tensor, torch.is_grad_enabled
@@ -42,6 +44,12 @@ class TRTModule(torch.nn.Module):
     already made for this engine (compile()'s ONNX Runtime session), used where the chain
     picks that runtime on that device.
 
+    ``source`` links the module to the model it was compiled from (weakly). With
+    ``weights="follow"`` (the default) a change to the source's parameters or buffers is seen at
+    the next call and the engine is refit to them first (:mod:`torch_trt_module._weights` says
+    how); ``weights="snapshot"`` keeps the compiled weights and warns once when the source's
+    change. :meth:`refit` takes new weights explicitly.
+
     Example:
         >>> trt_model = TRTModule(engine)            # doctest: +SKIP
         >>> trt_model(torch.randn(4, 3, 224, 224)).shape  # doctest: +SKIP
@@ -50,8 +58,20 @@ class TRTModule(torch.nn.Module):
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
                  cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False,
-                 runtime: str = "auto", runner: Runner | None = None, prepared: Runner | None = None) -> None:
+                 runtime: str = "auto", runner: Runner | None = None, prepared: Runner | None = None,
+                 source: torch.nn.Module | None = None, weights: str = "follow", refit_now: bool = False,
+                 rebuild: Callable[[], Engine] | None = None) -> None:
         super().__init__()
+        if weights not in WEIGHT_MODES:
+            raise SettingsError(f"option 'weights' got {weights!r}; expected one of {', '.join(map(repr, WEIGHT_MODES))}")
+        self.weights = weights
+        #: How many times the engine's weights were replaced (follow mode, or refit()).
+        self.weights_version = 0
+        self.__dict__["_source"] = source  # not a submodule: the source's weights are not this module's state
+        self._watch: WeightWatch | None = None
+        self._current: dict[str, torch.Tensor] | None = None  # weights the runner has, where not the engine's
+        self._rebuild = rebuild
+        self._warned_weights = False
         self.cast_inputs = cast_inputs
         self.cuda_graphs = cuda_graphs
         self.allow_host_code = allow_host_code
@@ -70,11 +90,12 @@ class TRTModule(torch.nn.Module):
         self._lock = threading.Lock()
         self.eval()
         if engine is not None:
-            self._load(engine, device, runner=runner, prepared=prepared)
+            self._load(engine, device, runner=runner, prepared=prepared, refit_now=refit_now)
 
     @classmethod
     def lazy(cls, build: LazyBuild, *, device: str | torch.device, max_rebuilds: int, cast_inputs: bool = False,
-             allow_host_code: bool = False, cuda_graphs: bool = False, runtime: str = "auto") -> "TRTModule":
+             allow_host_code: bool = False, cuda_graphs: bool = False, runtime: str = "auto",
+             source: torch.nn.Module | None = None, weights: str = "follow") -> "TRTModule":
         """A module that builds its engine at its first call, with ``build(args, kwargs, module)``, and again
         (with the profile widened to the new shape) for a call outside it, up to ``max_rebuilds`` times.
 
@@ -82,21 +103,26 @@ class TRTModule(torch.nn.Module):
             >>> module = TRTModule.lazy(my_build, device="cuda", max_rebuilds=4)   # doctest: +SKIP
         """
         module = cls(cast_inputs=cast_inputs, allow_host_code=allow_host_code, cuda_graphs=cuda_graphs,
-                     runtime=runtime)
+                     runtime=runtime, source=source, weights=weights)
         module._lazy, module._lazy_device, module._max_rebuilds = build, torch.device(device), max_rebuilds
         return module
 
     # ------------------------------------------------------------------ loading
 
     def _load(self, engine: Engine, device: str | torch.device | None, *, runner: Runner | None = None,
-              prepared: Runner | None = None) -> None:
+              prepared: Runner | None = None, refit_now: bool = False) -> None:
         exported = engine.exported
+        self._watch_source(exported)
+        values = None
+        if refit_now and self._watch is not None and exported.weights:
+            values = self._watch.read(exported.weights)  # the engine was built for other weights
         if runner is not None:
             reason = "given"
         else:
             dev = normalize_device(device if device is not None else _default_device(engine))
             runner, reason = make_runner(engine, dev, runtime=self.runtime, cuda_graphs=self.cuda_graphs,
-                                         allow_host_code=self.allow_host_code, prepared=prepared)
+                                         allow_host_code=self.allow_host_code, prepared=prepared, weights=values)
+        self._current = values
         self.engine = engine
         self.runtime_reason = reason
         self._exported = exported
@@ -179,6 +205,9 @@ class TRTModule(torch.nn.Module):
         # successful one (plain positional tensors of the compiled dtypes, contiguous, on this
         # module's device, no grad needed, input shapes that passed the profile check) goes
         # straight to the runner's call planned for those shapes. Anything else takes the full path.
+        watch = self._watch
+        if watch is not None and watch.changed():
+            self._weights_changed()
         fast = self._fast
         if (fast is None or kwargs or self.training or len(args) != self._n_positional
                 or self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
@@ -188,16 +217,22 @@ class TRTModule(torch.nn.Module):
         for t, dtype in zip(args, self._user_in):
             if (type(t) is not _Tensor or t.dtype is not dtype or (grad and t.requires_grad)
                     or not t.is_contiguous() or not (t.is_cpu if on_cpu else t.device == self._runner.device)):
-                return self.forward(*args)
+                return self._forward(args, {})
         call = fast.get((args[0].shape,) if len(args) == 1 else tuple([t.shape for t in args]))
         if call is None:
-            return self.forward(*args)
+            return self._forward(args, {})
         outs = call(args)
         if self._any_cast:
             outs = self._cast_outputs(outs)
         return outs[0] if self._single_out else unflatten(self._exported.output_tree, outs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        watch = self._watch
+        if watch is not None and watch.changed():
+            self._weights_changed()
+        return self._forward(args, kwargs)
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.training:
             raise InputError("TRTModule is inference-only and is in training mode; call .eval() on it")
         if self.engine is None:
@@ -215,7 +250,7 @@ class TRTModule(torch.nn.Module):
             if self._lazy is None:
                 raise InputError(str(e)) from None
             self._widen(args, kwargs, e)
-            return self.forward(*args, **kwargs)
+            return self._forward(args, kwargs)
         outs = self._runner.run(prepared)
         if self._fast is not None and len(self._fast) < 64 and all(a is b for a, b in zip(prepared, leaves)):
             # Shapes _prepare passed, and inputs it left as they were: later calls like this one
@@ -265,14 +300,111 @@ class TRTModule(torch.nn.Module):
             out.append(t.contiguous())
         return out
 
+    # ------------------------------------------------------------------ weights
+
+    def _watch_source(self, exported: ExportedModel) -> None:
+        source = self.__dict__.get("_source")
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        if source is None:
+            return
+        names = sorted({src for src, _, _ in exported.weights.values()})
+        if not names:  # no map (a TorchScript graph): watch every tensor, to rebuild or to warn
+            names = [n for n, _ in source.named_parameters()] + [n for n, _ in source.named_buffers()]
+        if names:
+            self._watch = WeightWatch(source, names)
+            self._watch.read({})  # the engine has the source's weights as they are now
+
+    def _weights_changed(self) -> None:
+        """Called by a call that found the source's weights changed (follow or snapshot mode)."""
+        with self._lock:
+            watch = self._watch
+            if watch is None or not watch.changed():
+                return
+            if not watch.alive:
+                self._watch = None  # the source is gone: nothing can change any more
+                return
+            if self.weights == "snapshot":
+                if not self._warned_weights:
+                    self._warned_weights = True
+                    log.warning("the source module's weights changed, and this module keeps the weights it was "
+                                "compiled with (weights='snapshot'). Compile with weights='follow' to follow them, "
+                                "or call refit(model)")
+                self._watch = None  # warned once: stop paying for the check
+                return
+            ex = self._exported
+            if not ex.weights:
+                self._rebuild_for_weights(watch)
+                return
+            values = watch.read(ex.weights)
+            if values is not None:
+                self._apply(values)
+
+    def _rebuild_for_weights(self, watch: WeightWatch) -> None:
+        if self._rebuild is None:
+            if not self._warned_weights:
+                self._warned_weights = True
+                log.warning("the source module's weights changed, but this engine's graph has its constants folded "
+                            "(TorchScript export) and this module cannot rebuild itself: it keeps the old weights. "
+                            "Compile again, with exporter='dynamo' to follow weights by refitting")
+            self._watch = None
+            return
+        log.info("the source module's weights changed; this engine's graph has them folded (TorchScript "
+                 "export), so it is rebuilt")
+        watch.read({})
+        engine = self._rebuild()
+        self._load(engine, self.device)
+        self.weights_version += 1
+
+    def _apply(self, values: dict[str, torch.Tensor]) -> None:
+        refit = getattr(self._runner, "refit", None)
+        if refit is None:
+            raise RuntimeFailure(f"the {self.backend} runner cannot take new weights")
+        self._runner = refit(values)
+        self._current = {**(self._current or {}), **values}
+        if self._fast is not None:
+            self._fast = {}  # planned calls hold the old runner
+        self.weights_version += 1
+
+    def refit(self, weights: Mapping[str, torch.Tensor] | torch.nn.Module) -> None:
+        """Replace the engine's weights with ``weights`` (a ``state_dict``, or a module of the same
+        architecture), on whatever runtime runs this module, without exporting or building.
+
+        Every name, shape and dtype is checked before anything changes: a mismatch raises InputError
+        naming the tensor, and nothing is half-applied.
+
+        Example:
+            >>> fast = torch_trt_module.compile(model, x)              # doctest: +SKIP
+            >>> fast.refit(torch.load("checkpoint.pt"))               # doctest: +SKIP
+        """
+        ex = self._require()
+        if not ex.weights:
+            raise RuntimeFailure("this engine's graph has its constants folded (TorchScript export), so its weights "
+                                 "cannot be replaced. Fix: compile with exporter='dynamo'")
+        state = dict(weights.state_dict(keep_vars=True)) if isinstance(weights, torch.nn.Module) else dict(weights)
+        values = read_weights(ex.weights, state)
+        with self._lock:
+            self._apply(values)
+
+    def weights_hash(self) -> str:
+        """sha256 of the weights this module computes with (its engine's, or what it was refit to)."""
+        ex = self._require()
+        assert self.engine is not None
+        from ._onnx import initializer_values
+
+        values = initializer_values(self.engine.onnx, set(ex.weights))
+        values.update(self._current or {})
+        return weights_hash(values)
+
     # ------------------------------------------------------------------ lazy mode
 
     def _build_lazily(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         assert self._lazy is not None
         with self._lock:
             if self.engine is None:
-                engine, prepared = self._lazy(args, kwargs, self)
-                self._load(engine, self._lazy_device, prepared=prepared)
+                got = self._lazy(args, kwargs, self)
+                self._load(got.engine, self._lazy_device, prepared=got.prepared, refit_now=got.refit)
 
     def _widen(self, args: tuple[Any, ...], kwargs: dict[str, Any], err: "_OutOfProfile") -> None:
         with self._lock:
@@ -282,8 +414,8 @@ class TRTModule(torch.nn.Module):
             self._rebuilds += 1
             log.info("input %r shape %s is outside the profile %s: rebuilding with a wider profile (%d/%d)",
                      err.spec.name, err.shape, err.spec.profile_str(), self._rebuilds, self._max_rebuilds)
-            engine, prepared = self._lazy(args, kwargs, self)  # type: ignore[misc]
-            self._load(engine, self._lazy_device, prepared=prepared)
+            got = self._lazy(args, kwargs, self)  # type: ignore[misc]
+            self._load(got.engine, self._lazy_device, prepared=got.prepared, refit_now=got.refit)
 
     # ------------------------------------------------------------------ reference and devices
 
@@ -303,7 +435,10 @@ class TRTModule(torch.nn.Module):
     def to(self, *args: Any, **kwargs: Any) -> "TRTModule":  # type: ignore[override]
         device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and self.engine is not None and torch.device(device) != self.device:
+            current = self._current
             self._load(self.engine, device)
+            if current:
+                self._apply(current)  # the weights it was refit to, not the engine's
         if device is not None and self._lazy is not None:
             self._lazy_device = torch.device(device)
         return self
@@ -323,7 +458,8 @@ class TRTModule(torch.nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         if self.engine is None:
             raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
-        return {"format": _STATE_FORMAT, "engine": _to_u8(self.engine.to_bytes())}
+        engine = self.engine if not self._current else self.engine.with_weights(self._current)
+        return {"format": _STATE_FORMAT, "engine": _to_u8(engine.to_bytes())}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:

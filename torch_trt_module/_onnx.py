@@ -16,8 +16,8 @@ from ._signature import Param
 from ._spec import ExportedModel, TensorSpec
 from ._tree import TreeSpec
 
-__all__ = ["check_graph", "exported_from_onnx", "graph_dims", "graph_dtype", "load", "normalize_einsum", "onnx_io",
-           "op_summary"]
+__all__ = ["check_graph", "exported_from_onnx", "graph_dims", "graph_dtype", "initializer_values", "load",
+           "normalize_einsum", "onnx_io", "op_summary", "with_initializers"]
 
 Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
 IO = list[tuple[str, torch.dtype, tuple[Any, ...]]]
@@ -73,6 +73,31 @@ def exported_from_onnx(data: bytes, profiles: Mapping[str, Profile], source: str
         output_tree=TreeSpec("dict", [TreeSpec("tensor") for _ in outputs], [s.name for s in outputs]),
         params=tuple(Param(s.name, "keyword_only") for s in inputs), exporter="onnx-file", precision=precision,
         user_input_dtypes=tuple(s.dtype for s in inputs), user_output_dtypes=tuple(s.dtype for s in outputs))
+
+
+def initializer_values(data: bytes, names: set[str]) -> dict[str, torch.Tensor]:
+    """The graph's initializers ``names`` as tensors."""
+    from onnx import numpy_helper
+
+    return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in load(data).graph.initializer
+            if i.name in names}
+
+
+def with_initializers(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
+    """The graph with these initializers' values replaced (same names, dtypes and shapes)."""
+    from onnx import numpy_helper
+
+    model = load(data)
+    for init in model.graph.initializer:
+        t = values.get(init.name)
+        if t is None:
+            continue
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its bits, as ONNX stores them
+            init.raw_data = t.view(torch.uint16).numpy().tobytes()
+        else:
+            init.CopyFrom(numpy_helper.from_array(t.numpy(), init.name))
+    return model.SerializeToString()  # type: ignore[no-any-return]
 
 
 def op_summary(data: bytes) -> str:

@@ -18,7 +18,7 @@ import torch
 from ._errors import EngineLoadError
 from ._io import pack, unpack
 
-__all__ = ["load_program", "save_program"]
+__all__ = ["load_program", "replace_weights", "save_program"]
 
 _KIND = "torch-program"
 
@@ -41,6 +41,26 @@ def _tensors(data: bytes, what: str) -> Any:
     except Exception as e:  # noqa: BLE001 - an archive holding more than tensors and plain data
         raise EngineLoadError(f"the saved PyTorch program's {what} hold more than tensors and plain data, or are "
                               f"corrupt ({type(e).__name__}: {str(e)[:200]}); compile the model again") from e
+
+
+def replace_weights(data: bytes, values: Any) -> bytes:
+    """The saved program with the weights in ``values`` (``{name: tensor}``, names as in its state dict
+    or constants) replaced; the graph is not read."""
+    header, blobs = unpack(data, kind=_KIND, source="the saved PyTorch program")
+    for part in ("state_dict", "constants"):
+        state = _tensors(blobs[part], part)
+        hit = {k: v for k, v in values.items() if k in state}
+        if not hit:
+            continue
+        for k, v in hit.items():
+            old = state[k]
+            new = v.detach().to(old.device, old.dtype).clone()
+            state[k] = torch.nn.Parameter(new, requires_grad=old.requires_grad) \
+                if isinstance(old, torch.nn.Parameter) else new
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        blobs[part] = buf.getvalue()
+    return pack(_KIND, header, blobs)
 
 
 def load_program(data: bytes, *, source: str = "the saved PyTorch program") -> Any:

@@ -69,6 +69,7 @@ class Settings:
     # --- fields that only change how the engine is used ---
     backend: str = _runtime("auto")  # the resolved backend and its version enter the key instead
     runtime: str = _runtime("auto")  # what runs the engine here (backends.choose_runtime)
+    weights: str = _runtime("follow")  # follow the source's weights (refit on change) or keep a snapshot
     device: str | None = _runtime(None)  # the GPU identity enters the key, never the index
     verify: bool = _runtime(True)
     rtol: float | None = _runtime(None)
@@ -86,6 +87,7 @@ class Settings:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("runtime", self.runtime, RUNTIMES)
+        _check_choice("weights", self.weights, ("follow", "snapshot"))
         _check_choice("exporter", self.exporter, EXPORTERS)
         if isinstance(self.dynamic, str) and self.dynamic != "batch":
             raise SettingsError(

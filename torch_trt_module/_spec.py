@@ -103,6 +103,9 @@ class ExportedModel:
             (they differ from the graph's dtypes under fp16/bf16 precision).
         program: torch.export's program of the same computation, serialized (the PyTorch
             runtime runs it where no engine can); None when the TorchScript exporter made the graph.
+        weights: ``{initializer name: (source name, dtype, shape)}``: each of the model's parameters
+            and buffers that the graph holds as an initializer of its own (what a refit replaces;
+            ``_weights`` says how). Empty when the graph's constants are folded (TorchScript).
     """
 
     onnx: bytes
@@ -118,6 +121,7 @@ class ExportedModel:
     export_time_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     program: bytes | None = field(default=None, repr=False)  # torch.export's program (_program.save_program)
+    weights: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -139,6 +143,7 @@ class ExportedModel:
             "precision": self.precision,
             "user_input_dtypes": list(self.user_input_dtypes),
             "user_output_dtypes": list(self.user_output_dtypes),
+            "weights": {k: [src, dt, list(shape)] for k, (src, dt, shape) in self.weights.items()},
         }
 
     @classmethod
@@ -154,4 +159,5 @@ class ExportedModel:
             precision=meta["precision"],
             user_input_dtypes=tuple(meta["user_input_dtypes"]),
             user_output_dtypes=tuple(meta["user_output_dtypes"]),
+            weights={k: (v[0], v[1], tuple(v[2])) for k, v in meta.get("weights", {}).items()},
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -183,16 +183,22 @@ def _announce(choice: RuntimeChoice, device: torch.device) -> None:
 
 
 def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool = False,
-                allow_host_code: bool = False, prepared: Runner | None = None) -> tuple[Runner, str]:
+                allow_host_code: bool = False, prepared: Runner | None = None,
+                weights: Mapping[str, torch.Tensor] | None = None) -> tuple[Runner, str]:
     """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses
     at load time (another TensorRT version) moves the auto chain on, with a WARNING.
-    ``prepared``: a runner compile() already made for this engine and device (the cache's ORT session)."""
+    ``prepared``: a runner compile() already made for this engine and device (the cache's ORT session).
+    ``weights``: values for the engine's weights by name, applied before the runner is returned."""
     dev = normalize_device(device)
+    if weights is None and engine.meta.get("plan_weights_stale") and engine.backend != "onnxruntime":
+        weights = _onnx_weights(engine)  # a saved module refit after its plan was built
     choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=engine.has_plan,
                             has_program=engine.has_program, runtime=runtime)
     if choice.runtime in ("tensorrt", "tensorrt_rtx"):
         try:
             runner: Runner = _tensorrt_runner(engine, dev, allow_host_code)
+            if weights:
+                runner = runner.refit(weights)  # type: ignore[attr-defined]
         except EngineLoadError as e:
             if runtime != "auto":
                 raise
@@ -205,16 +211,26 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
         from ._torch import TorchRunner
 
         runner = TorchRunner(engine, dev)
+        if weights:
+            runner = runner.refit(weights)
         return _graphs(runner, dev, cuda_graphs), choice.reason
     from ._onnxruntime import OnnxRuntimeRunner
 
     if cuda_graphs and "cuda-graphs-ort" not in _announced:
         _announced.add("cuda-graphs-ort")
         log.warning("cuda_graphs=True applies to the TensorRT and PyTorch runtimes; this module runs on ONNX Runtime")
-    if isinstance(prepared, OnnxRuntimeRunner) and prepared.device == dev:
+    if isinstance(prepared, OnnxRuntimeRunner) and prepared.device == dev and not weights:
         return prepared, choice.reason
     ex = engine.exported
-    return OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32"), choice.reason
+    return OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32",
+                             initializers=weights), choice.reason
+
+
+def _onnx_weights(engine: Any) -> dict[str, torch.Tensor]:
+    """The values of the engine's mapped weights as its ONNX graph holds them."""
+    from .._onnx import initializer_values
+
+    return initializer_values(engine.onnx, set(engine.exported.weights))
 
 
 def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -> Runner:

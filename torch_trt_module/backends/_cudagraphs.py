@@ -209,6 +209,15 @@ class CudaGraphRunner:
             self.stats["replays"] += 1
             return outs
 
+    def refit(self, values: Any) -> "CudaGraphRunner":
+        """New weights for the wrapped runner; the graphs captured over the old ones are dropped."""
+        refit = getattr(self.inner, "refit", None)
+        if refit is None:
+            raise RuntimeFailure(f"the {self.backend} runner cannot take new weights")
+        self.reset()
+        self.inner = refit(values)
+        return self
+
     def reset(self) -> None:
         """Drop every graph (and its buffers and context)."""
         with self._lock:

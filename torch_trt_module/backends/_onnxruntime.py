@@ -17,7 +17,7 @@ import operator
 import os
 import platform
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -200,14 +200,20 @@ class OnnxRuntimeRunner:
     (made with ``save_optimized`` by the same ONNX Runtime on the same kind of CPU, see
     :func:`optimized_graph_name`): it loads with graph optimizations off, about twice as
     fast. ``save_optimized`` is a path where ONNX Runtime writes that copy.
+
+    ``initializers`` replace graph initializers by name (new weights: :meth:`refit`); ONNX
+    Runtime optimizes the graph with them as if they were the graph's own.
     """
 
     backend = "onnxruntime"
 
     def __init__(self, onnx: bytes, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  device: torch.device | str = "cpu", *, threads: int | None = None, half: bool = False,
-                 optimized: bytes | None = None, save_optimized: str | os.PathLike[str] | None = None) -> None:
+                 optimized: bytes | None = None, save_optimized: str | os.PathLike[str] | None = None,
+                 initializers: Mapping[str, torch.Tensor] | None = None) -> None:
         ort = _ort()
+        self._config = (onnx, threads, half)
+        self.initializers = dict(initializers or {})
         self.device = torch.device(device)
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -223,6 +229,13 @@ class OnnxRuntimeRunner:
                 log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
                             "CUDA inputs are copied to the CPU and back")
         so = session_options(threads, half)
+        self._values = []  # the OrtValues ONNX Runtime reads the overriding initializers from
+        for name, t in self.initializers.items():
+            value = ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().contiguous().numpy())
+            self._values.append(value)
+            so.add_initializer(name, value)
+        if self.initializers:
+            optimized = save_optimized = None  # ORT's optimized copy holds the old weights, folded
         self.used_optimized = False
         if optimized is not None and not use_cuda:
             pre = session_options(threads, half)
@@ -252,6 +265,13 @@ class OnnxRuntimeRunner:
         self._used = [(i, s.name, np_t) for i, (s, np_t) in enumerate(zip(self.inputs, self._np_in))
                       if s.name in graph_inputs]
         self._local = threading.local()
+
+    def refit(self, values: Mapping[str, torch.Tensor]) -> "OnnxRuntimeRunner":
+        """A new runner (a new session) over the same graph with these initializers replaced; this one
+        keeps working until the caller swaps it out."""
+        onnx, threads, half = self._config
+        return OnnxRuntimeRunner(onnx, self.inputs, self.outputs, self.device, threads=threads, half=half,
+                                 initializers={**self.initializers, **values})
 
     def _state(self) -> "_BindState":
         # An IOBinding is not thread-safe; the session is, so each thread gets its own binding.

@@ -22,11 +22,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from .._dtypes import by_trt
+from .._dtypes import by_name, by_trt, dtype_name as _dtype_name
 from .._errors import EngineLoadError, InputError, RuntimeFailure
 from .._spec import TensorSpec
 from . import normalize_device
@@ -192,6 +192,7 @@ class TensorRTRunner:
                                             else _HostStreams())
         self._local = threading.local()
         self._out_dtypes = {s.name: s.torch_dtype for s in self.outputs}
+        self._refit_lock = threading.Lock()  # no enqueue while the engine's weights are replaced
         self._check_io()
 
     def dedicated(self) -> tuple["TensorRTRunner", _OneContext]:
@@ -246,8 +247,45 @@ class TensorRTRunner:
         other work too early.
         """
         st = self._state()
-        with device_guard(self.device):
+        with self._refit_lock, device_guard(self.device):
             return self._run(st, inputs)
+
+    def refit(self, values: Mapping[str, torch.Tensor]) -> "TensorRTRunner":
+        """Replace the engine's weights by name with TensorRT's Refitter (the engine must have been built
+        with ``BuilderFlag.REFIT``: ``weights="follow"``). Waits for the device's pending work first
+        (refitting an engine with work in flight is undefined) and checks every return value; a
+        refit that fails part-way leaves the engine unusable, and says so."""
+        from ._trt_loader import capture_log, logger
+
+        if not self.engine.refittable:
+            raise RuntimeFailure("this TensorRT engine was built without BuilderFlag.REFIT (weights='snapshot'), so "
+                                 "its weights cannot change. Fix: compile with weights='follow'")
+        with self._refit_lock, device_guard(self.device), capture_log() as captured:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            refitter = self.trt.Refitter(self.engine, logger(self.trt))
+            known = set(refitter.get_all_weights())
+            folded = sorted(set(values) - known)
+            if folded:
+                raise RuntimeFailure(f"TensorRT folded weights {folded[:5]} into the engine at build time, so they "
+                                     "cannot be refit. Fix: compile the model again for its new weights")
+            keep = []
+            for name, t in values.items():
+                host = t.detach().cpu().contiguous()
+                keep.append(host)
+                weights = self.trt.Weights(getattr(self.trt.DataType, by_name(_dtype_name(host.dtype)).trt),
+                                           host.data_ptr(), host.numel())
+                if not refitter.set_named_weights(name, weights):
+                    raise RuntimeFailure(f"TensorRT refused the new weights for {name!r} (shape {tuple(host.shape)}, "
+                                         f"{host.dtype}): {captured.said()}")
+            missing = list(refitter.get_missing_weights())
+            if missing:
+                raise RuntimeFailure(f"TensorRT needs new values for weights {missing[:8]} too before it can refit")
+            if not refitter.refit_cuda_engine():
+                raise RuntimeFailure("TensorRT's refit_cuda_engine failed; the engine may hold a mix of old and new "
+                                     f"weights and must not be used: {captured.said()}. Fix: compile the model again")
+            del keep  # TensorRT copied them: "weights can be released after refit_cuda_engine returns"
+        return self
 
     def _run(self, st: _ThreadState, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         ctx = st.ctx

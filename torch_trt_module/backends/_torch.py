@@ -11,7 +11,7 @@ ONNX Runtime CUDA provider can run on a GPU, this keeps a compiled module as fas
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -84,11 +84,14 @@ class TorchRunner:
         outs = list(outs) if self._all_out else [outs[i] for i in self._user_out]
         return _unaliased(outs, inputs, self._weight_ptrs)
 
-    def refit(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy new values into the program's weights (names as :attr:`weight_names`)."""
-        for name, w in zip(self.weight_names, self._weights):
-            if name in weights:
-                w.copy_(weights[name])
+    def refit(self, values: Mapping[str, torch.Tensor]) -> "TorchRunner":
+        """Use these values for the program's weights (by name, as :attr:`weight_names`). The list is
+        swapped whole, so a call in another thread sees the old weights or the new ones, never a mix."""
+        weights = [values[n].to(self.device, w.dtype).contiguous() if n in values else w
+                   for n, w in zip(self.weight_names, self._weights)]
+        self._weights = weights
+        self._weight_ptrs = frozenset(w.untyped_storage().data_ptr() for w in weights if w.numel())
+        return self
 
 
 def _unaliased(outs: list[torch.Tensor], inputs: Sequence[torch.Tensor], weights: frozenset[int]) -> list[torch.Tensor]:
