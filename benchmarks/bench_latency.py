@@ -93,7 +93,7 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], dict[str,
 
 def bench_model(name: str, backends: list[str], batches: list[int], device: torch.device,
                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    from torch_trt_module._cli_models import make_candidates, time_candidates
+    from torch_trt_module._bench import make_candidates, time_candidates
 
     factory, inputs = MODELS[name]
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def bench_model(name: str, backends: list[str], batches: list[int], device: torc
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    from torch_trt_module._cli_models import markdown_table
+    from torch_trt_module._bench import markdown_table
 
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):

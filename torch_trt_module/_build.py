@@ -19,7 +19,7 @@ from ._settings import Settings, normalize_targets
 from ._spec import ExportedModel
 from .backends import BackendChoice, backend_version, gpu_identity, select_backend
 
-__all__ = ["build_engine", "build_with_choice", "engine_targets"]
+__all__ = ["build_engine", "build_with_choice", "engine_flags", "engine_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,10 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
     }
     if choice.build == "onnxruntime":
         return Engine("onnxruntime", None, exported.onnx, meta, program=exported.program), {}
-    from .backends._trt_build import build_serialized, builder_flags
+    from .backends._trt_build import build_serialized
 
     targets = engine_targets(choice, settings)
-    flags = builder_flags(choice.build, cuda_graphs=settings.cuda_graphs)
+    flags = engine_flags(choice, settings)
     meta["targets"] = list(targets) if targets else None
     meta["gpu"] = gpu_identity(device) if choice.build == "tensorrt" else None
     meta["builder_flags"] = flags
@@ -95,6 +95,22 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
     log.info("built a %s engine in %.2f s (%.1f MB)", choice.build, meta["build_time_s"], len(plan) / 1e6)
     engine = Engine(choice.build, plan, exported.onnx, meta, program=exported.program)
     return engine, {k: v for k, v in facts.items() if k == "timing_cache"}
+
+
+def engine_flags(choice: BackendChoice, settings: Settings) -> list[str]:
+    """The builder flags of this build beyond precision (the cache key records them).
+
+    ``weights="follow"`` builds refittable engines (``REFIT``), except TensorRT-RTX on a machine
+    without a CUDA device: TensorRT-RTX 1.7 accepts the flag there, but every build that keeps a
+    weight refittable then fails inside its code generator (``MyelinCheckException: graph_jit.cpp:
+    CHECK(status == CUDA_SUCCESS)``, for REFIT, REFIT_IDENTICAL, STRIP_PLAN and marked
+    REFIT_INDIVIDUAL weights alike; tests/test_refit.py pins it). Such an engine follows new
+    weights on the next runtime of the chain (``EngineNotRefittable``), never stale.
+    """
+    from .backends._trt_build import builder_flags
+
+    refit = settings.weights == "follow" and (choice.build != "tensorrt_rtx" or torch.cuda.is_available())
+    return builder_flags(choice.build, cuda_graphs=settings.cuda_graphs, refit=refit)
 
 
 def engine_targets(choice: BackendChoice, settings: Settings) -> tuple[str, ...] | None:

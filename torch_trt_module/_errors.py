@@ -11,6 +11,7 @@ derive from the matching built-in so that generic handlers keep working::
     ├── BackendUnavailable (ImportError)   a backend that was asked for cannot run on this machine
     ├── InputError (ValueError)            call inputs that do not match what the module was built for
     ├── RuntimeFailure (RuntimeError)      the backend reported a failure while running
+    │   └── EngineNotRefittable            the engine's weights cannot be replaced (built without REFIT)
     ├── VerificationError (AssertionError) outputs differ from the reference beyond tolerance
     ├── EngineLoadError                    a serialized engine or saved module cannot be loaded
     ├── CacheError                         an explicit cache operation failed (compile() never raises it)
@@ -30,6 +31,7 @@ __all__ = [
     "CacheError",
     "CacheLockTimeout",
     "EngineLoadError",
+    "EngineNotRefittable",
     "ExportError",
     "InputError",
     "PrecisionError",
@@ -73,6 +75,11 @@ class InputError(TorchTRTError, ValueError):
 
 class RuntimeFailure(TorchTRTError, RuntimeError):
     """The backend reported a failure while running the engine."""
+
+
+class EngineNotRefittable(RuntimeFailure):
+    """The engine cannot take new weights (a TensorRT plan built without ``BuilderFlag.REFIT``, or one
+    that folded a weight); a following module moves to the next runtime with the new weights."""
 
 
 class VerificationError(TorchTRTError, AssertionError):

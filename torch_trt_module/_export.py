@@ -189,7 +189,8 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         params=params, exporter=made.exporter, precision=settings.precision,
         user_input_dtypes=user_in_dtypes, user_output_dtypes=user_out_dtypes,
         export_time_s=time.perf_counter() - t0, program=program,
-        weights=_weight_map(model_proto, made.program, work_model))
+        weights=(weights := _weight_map(model_proto, made.program, work_model)),
+        unsaved=_unsaved(model, {src for src, _, _ in weights.values()}))
     check = ExportCheck(strict=strict)
     if settings.verify:
         reference = work_model if target != torch.float32 else model
@@ -281,6 +282,12 @@ def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module
         if init.name in names and init.name.startswith(prefix) and row is not None:
             out[init.name] = (init.name[len(prefix):], row.name, tuple(int(d) for d in init.dims))
     return out
+
+
+def _unsaved(model: torch.nn.Module, mapped: set[str]) -> tuple[str, ...]:
+    """The mapped buffers a ``state_dict`` leaves out (registered with ``persistent=False``)."""
+    saved = set(model.state_dict(keep_vars=True))
+    return tuple(sorted(n for n, _ in model.named_buffers() if n in mapped and n not in saved))
 
 
 def _widen_example(names: list[str], leaves: list[torch.Tensor], profiles: dict[str, Any]) -> list[torch.Tensor]:

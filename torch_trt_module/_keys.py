@@ -81,12 +81,11 @@ def timing_cache_name(choice: BackendChoice, device: torch.device) -> str | None
 
 
 def target_part(choice: BackendChoice, settings: Settings, device: torch.device) -> dict[str, Any]:
-    from ._build import engine_targets  # the build decides the targets; the key records them
-    from .backends._trt_build import builder_flags
+    from ._build import engine_flags, engine_targets  # the build decides them; the key records them
 
     part: dict[str, Any] = {"backend": choice.build, "backend_version": backend_version(choice.build)}
     if choice.build != "onnxruntime":
-        part["builder_flags"] = builder_flags(choice.build, cuda_graphs=settings.cuda_graphs)
+        part["builder_flags"] = engine_flags(choice, settings)
     if choice.build == "tensorrt":
         part["gpu"] = gpu_identity(device)
     elif choice.build == "tensorrt_rtx":

@@ -13,7 +13,7 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from ._engine import Engine
-from ._errors import EngineLoadError, InputError, RuntimeFailure, SettingsError, TorchTRTError
+from ._errors import EngineLoadError, EngineNotRefittable, InputError, RuntimeFailure, SettingsError, TorchTRTError
 from ._inputs import match_inputs, safe_cast, widen_hint
 from ._signature import bind_call
 from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
@@ -361,7 +361,17 @@ class TRTModule(torch.nn.Module):
         refit = getattr(self._runner, "refit", None)
         if refit is None:
             raise RuntimeFailure(f"the {self.backend} runner cannot take new weights")
-        self._runner = refit(values)
+        try:
+            self._runner = refit(values)
+        except EngineNotRefittable:
+            if self.runtime != "auto":
+                raise
+            # make_runner says why at WARNING and takes the next runtime in the chain, with every weight
+            # this module was refit to so far
+            assert self.engine is not None
+            self._runner, self.runtime_reason = make_runner(
+                self.engine, self.device, runtime=self.runtime, cuda_graphs=self.cuda_graphs,
+                allow_host_code=self.allow_host_code, weights={**(self._current or {}), **values})
         self._current = {**(self._current or {}), **values}
         if self._fast is not None:
             self._fast = {}  # planned calls hold the old runner
@@ -382,20 +392,38 @@ class TRTModule(torch.nn.Module):
         if not ex.weights:
             raise RuntimeFailure("this engine's graph has its constants folded (TorchScript export), so its weights "
                                  "cannot be replaced. Fix: compile with exporter='dynamo'")
-        state = dict(weights.state_dict(keep_vars=True)) if isinstance(weights, torch.nn.Module) else dict(weights)
-        values = read_weights(ex.weights, state)
+        if isinstance(weights, torch.nn.Module):  # every parameter and buffer, non-persistent ones too
+            state = {**dict(weights.named_parameters()), **dict(weights.named_buffers())}
+        else:
+            state = dict(weights)
+        values = read_weights(ex.weights, state, optional=ex.unsaved)
         with self._lock:
             self._apply(values)
 
+    @property
+    def weight_names(self) -> list[str]:
+        """The source module's parameters and buffers this engine holds as weights, by their
+        ``state_dict`` names (what a refit replaces and what :meth:`weights_hash` covers)."""
+        return sorted({src for src, _, _ in self._require().weights.values()})
+
     def weights_hash(self) -> str:
-        """sha256 of the weights this module computes with (its engine's, or what it was refit to)."""
+        """sha256 of the weights this module computes with (its engine's, or what it was refit to),
+        keyed by the source's names: equal to ``weights_hash(model.state_dict())`` over
+        :attr:`weight_names` when the module is current.
+
+        Example:
+            >>> from torch_trt_module._weights import weights_hash              # doctest: +SKIP
+            >>> sd = model.state_dict()                                          # doctest: +SKIP
+            >>> fast.weights_hash() == weights_hash({n: sd[n] for n in fast.weight_names})  # doctest: +SKIP
+            True
+        """
         ex = self._require()
         assert self.engine is not None
         from ._onnx import initializer_values
 
         values = initializer_values(self.engine.onnx, set(ex.weights))
         values.update(self._current or {})
-        return weights_hash(values)
+        return weights_hash({ex.weights[k][0]: v for k, v in values.items()})
 
     # ------------------------------------------------------------------ lazy mode
 

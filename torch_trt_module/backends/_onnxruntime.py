@@ -201,8 +201,11 @@ class OnnxRuntimeRunner:
     :func:`optimized_graph_name`): it loads with graph optimizations off, about twice as
     fast. ``save_optimized`` is a path where ONNX Runtime writes that copy.
 
-    ``initializers`` replace graph initializers by name (new weights: :meth:`refit`); ONNX
-    Runtime optimizes the graph with them as if they were the graph's own.
+    ``initializers`` replace graph initializers by name (new weights: :meth:`refit`). They are
+    written into the graph's bytes, not passed with ``SessionOptions.add_initializer``: ONNX
+    Runtime 1.32's graph optimizer fuses a BatchNormalization into its Conv from the graph's own
+    values and ignores such an override (a stale result, pinned by tests/test_refit.py), and the
+    bytes are as fast to load (benchmarks/bench_refit.py).
     """
 
     backend = "onnxruntime"
@@ -229,12 +232,10 @@ class OnnxRuntimeRunner:
                 log.warning("onnxruntime has no CUDA provider here (install onnxruntime-gpu); "
                             "CUDA inputs are copied to the CPU and back")
         so = session_options(threads, half)
-        self._values = []  # the OrtValues ONNX Runtime reads the overriding initializers from
-        for name, t in self.initializers.items():
-            value = ort.OrtValue.ortvalue_from_numpy(t.detach().cpu().contiguous().numpy())
-            self._values.append(value)
-            so.add_initializer(name, value)
         if self.initializers:
+            from .._onnx import with_initializers
+
+            onnx = with_initializers(onnx, self.initializers)
             optimized = save_optimized = None  # ORT's optimized copy holds the old weights, folded
         self.used_optimized = False
         if optimized is not None and not use_cuda:

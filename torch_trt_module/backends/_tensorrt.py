@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 
 from .._dtypes import by_name, by_trt, dtype_name as _dtype_name
-from .._errors import EngineLoadError, InputError, RuntimeFailure
+from .._errors import EngineLoadError, EngineNotRefittable, InputError, RuntimeFailure
 from .._spec import TensorSpec
 from . import normalize_device
 from ._trt_loader import device_guard
@@ -258,8 +258,10 @@ class TensorRTRunner:
         from ._trt_loader import capture_log, logger
 
         if not self.engine.refittable:
-            raise RuntimeFailure("this TensorRT engine was built without BuilderFlag.REFIT (weights='snapshot'), so "
-                                 "its weights cannot change. Fix: compile with weights='follow'")
+            raise EngineNotRefittable(
+                "this TensorRT engine was built without BuilderFlag.REFIT (weights='snapshot', or a TensorRT-RTX "
+                "build on a machine without a GPU), so its weights cannot change. Fix: compile with "
+                "weights='follow' on a machine with a GPU")
         with self._refit_lock, device_guard(self.device), capture_log() as captured:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -267,8 +269,8 @@ class TensorRTRunner:
             known = set(refitter.get_all_weights())
             folded = sorted(set(values) - known)
             if folded:
-                raise RuntimeFailure(f"TensorRT folded weights {folded[:5]} into the engine at build time, so they "
-                                     "cannot be refit. Fix: compile the model again for its new weights")
+                raise EngineNotRefittable(f"TensorRT folded weights {folded[:5]} into the engine at build time, so "
+                                          "they cannot be refit. Fix: compile the model again for its new weights")
             keep = []
             for name, t in values.items():
                 host = t.detach().cpu().contiguous()
