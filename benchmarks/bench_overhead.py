@@ -53,13 +53,40 @@ def pct(xs: list[int], q: float) -> float:
     return float(s[min(len(s) - 1, int(round((len(s) - 1) * q / 100)))])
 
 
-def setup(device: torch.device) -> tuple[Any, torch.Tensor, dict[str, Callable[[], Any]], str]:
+def per_call_events(fns: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, list[int]]:
+    """Like :func:`per_call_ns`, timed with CUDA events on the current stream (GPU time between the
+    call's first and last enqueued work, in ns): host-side overhead shows only where it leaves the
+    GPU idle."""
+    samples: dict[str, list[int]] = {k: [] for k in fns}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            out = samples[name]
+            for _ in range(calls):
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                out.append(int(start.elapsed_time(end) * 1e6))
+    return samples
+
+
+def _model(name: str, device: torch.device) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resnet18":
+        import torchvision
+
+        return torchvision.models.resnet18().eval().to(device), torch.randn(1, 3, 224, 224, device=device)
+    return torch.nn.Linear(16, 16).eval().to(device), torch.randn(1, 16, device=device)
+
+
+def setup(device: torch.device, model_name: str = "linear"
+          ) -> tuple[Any, torch.Tensor, dict[str, Callable[[], Any]], str]:
     """The module, its input, the variants to time, and what the direct call is."""
     import torch_trt_module as ttm
 
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16).eval().to(device)
-    x = torch.randn(1, 16, device=device)
+    model, x = _model(model_name, device)
     module = ttm.compile(model, x, cache=False, backend="auto" if device.type == "cuda" else "onnxruntime")
     runner = module.runner
     variants: dict[str, Callable[[], Any]] = {"timer only (empty call)": lambda: None}
@@ -68,15 +95,20 @@ def setup(device: torch.device) -> tuple[Any, torch.Tensor, dict[str, Callable[[
 
         sess = runner.session
         binding = sess.io_binding()
-        out = torch.empty(1, 16, device=runner._run_device)
+        out = torch.empty(tuple(model(x).shape), device=runner._run_device)
         xin = x.to(runner._run_device)
         where = "cuda" if runner._run_device.type == "cuda" else "cpu"
-        binding.bind_input(module.input_names[0], where, 0, np.float32, (1, 16), xin.data_ptr())
-        binding.bind_output(module.output_names[0], where, 0, np.float32, (1, 16), out.data_ptr())
+        binding.bind_input(module.input_names[0], where, 0, np.float32, tuple(x.shape), xin.data_ptr())
+        binding.bind_output(module.output_names[0], where, 0, np.float32, tuple(out.shape), out.data_ptr())
         # The buffers must outlive the binding: the lambda holds them (ORT writes into `out`).
         variants["direct: ORT run_with_iobinding (pre-bound)"] = \
             lambda bufs=(xin, out): sess.run_with_iobinding(binding)
         direct = "ONNX Runtime session.run_with_iobinding with input and output bound once"
+    elif module.backend == "torch":  # the chain's PyTorch runtime (a GPU without TensorRT)
+        raw = runner.raw
+        variants["direct: the PyTorch program's graph module(*weights, x) + sync"] = \
+            lambda: (raw([x]), torch.cuda.current_stream(device).synchronize())
+        direct = "the PyTorch runtime's program (torch.export's lifted graph module) called with its weights"
     else:  # a TensorRT runtime runs here: the context with addresses set once
         keep = runner.run([x])  # sets shapes and addresses; keep the outputs they point to alive
         ctx = runner._state().ctx
@@ -96,7 +128,7 @@ def setup(device: torch.device) -> tuple[Any, torch.Tensor, dict[str, Callable[[
         variants["runner's call planned for x's shape (what TRTModule(x) reaches)"] = lambda: (planned([x]), sync())
     variants["TRTModule.forward(x) (the full path: every check)"] = lambda: (module.forward(x), sync())
     variants["TRTModule(x) (nn.Module __call__)"] = lambda: (module(x), sync())
-    variants["eager nn.Linear(x) (for scale)"] = lambda: (model(x), sync())
+    variants[f"eager {model_name}(x) (for scale)"] = lambda: (model(x), sync())
     return module, x, variants, direct
 
 
@@ -254,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--calls", type=int, default=1000, help="timed calls per variant per round")
     p.add_argument("--no-profile", action="store_true", help="skip cProfile and the stage breakdown")
+    p.add_argument("--model", default="linear", choices=["linear", "resnet18"],
+                   help="linear: nn.Linear(16, 16), batch 1 (the target's model); resnet18: batch 1 at 224x224")
     p.add_argument("--out", default=str(OUT_DIR))
     p.add_argument("--results", action="store_true", help="write RESULTS.md's 'Per-call overhead' section")
     p.add_argument("--note", action="append", default=[], help="a note for the section (repeatable)")
@@ -261,9 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     device = torch.device(args.device)
     info = machine()
-    module, x, variants, direct_desc = setup(device)
+    module, x, variants, direct_desc = setup(device, args.model)
     with torch.inference_mode():
         samples = per_call_ns(variants, args.rounds, args.calls)
+        events = per_call_events(variants, args.rounds, args.calls) if device.type == "cuda" else {}
     grad = per_call_ns({"TRTModule(x) outside inference_mode (grad mode on)": lambda: module(x)},
                        max(1, args.rounds // 4), args.calls)
     samples.update(grad)
@@ -283,7 +318,17 @@ def main(argv: list[str] | None = None) -> int:
                f"{'met' if fwd <= 5000 else 'NOT met'}.** Runtime here: {module.backend}; direct call: {direct_desc}.")
     command = command_line("bench_overhead.py", argv if argv is not None else sys.argv[1:])
     body = f"Machine: {machine_line(info)}.\n\nCommand: `{command.strip()}`\n\n{verdict}\n\n{table}\n"
-    extra = {}
+    extra: dict[str, Any] = {}
+    if events:
+        ebase = pct(events[direct_name], 50)
+        erows = [[name, f"{pct(s, 50) / 1e3:.2f}", f"{pct(s, 90) / 1e3:.2f}",
+                  "-" if name.startswith(("timer", "direct", "eager")) else f"{(pct(s, 50) - ebase) / 1e3:+.2f}"]
+                 for name, s in events.items()]
+        efwd = pct(events["TRTModule(x) (nn.Module __call__)"], 50) - ebase
+        body += (f"\nThe same calls timed with CUDA events (GPU time from the call's start to its end on the current "
+                 f"stream): **TRTModule(x) {efwd / 1e3:+.1f} us over the direct call.**\n\n"
+                 + markdown_table(["variant", "median us", "p90 us", "overhead over direct (median) us"], erows) + "\n")
+        extra["cuda_events"] = {k: {"median_ns": pct(v, 50), "p90_ns": pct(v, 90)} for k, v in events.items()}
     if not args.no_profile and module.backend == "onnxruntime":
         stages = breakdown(module, x, 20000)
         body += "\nWhere the time goes (median ns per call; layers by difference, then pieces replayed alone):\n\n" \
@@ -295,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_text, extra["weights_watch"] = watch_cost(device, max(1, args.rounds // 2), args.calls)
     body += "\nThe weights check:\n\n" + watch_text
     body += "".join(f"\nNote: {n}\n" for n in args.note)
-    label = machine_label(info)
+    label = machine_label(info) + ("" if args.model == "linear" else f", {args.model}")
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     out = __import__("pathlib").Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Helpers shared by the test files that compile through the engine cache (test_keys, test_compile,
-test_entries): what is in a cache directory, what compile() did, and fresh Python processes."""
+test_entries): what is in a cache directory, what compile() did, and fresh Python processes; and
+``require_rtx``, the one rule for tests that need TensorRT-RTX (skip here, fail in CI)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import torch
 
 from torch_trt_module import _compile
@@ -56,3 +59,31 @@ def last_json(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, An
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- TensorRT-RTX
+
+@functools.lru_cache(maxsize=1)
+def rtx_missing() -> str | None:
+    """Why tensorrt_rtx cannot build here (the library's own import check), or None if it can."""
+    from torch_trt_module.backends._trt_loader import import_tensorrt
+
+    try:
+        import_tensorrt("tensorrt_rtx")
+    except Exception as e:  # noqa: BLE001 - BackendUnavailable, with the reason
+        return str(e)
+    return None
+
+
+def require_rtx() -> None:
+    """Skip the calling test where tensorrt_rtx cannot build, except in CI (``CI`` set), which installs
+    the 'rtx' extra: there a missing TensorRT-RTX is a broken environment, and the test fails.
+
+    Use it (or the ``rtx_required`` fixture of conftest.py) in every test that builds with
+    TensorRT-RTX, directly or through ``backend="auto"``, and relies on getting a plan."""
+    why = rtx_missing()
+    if why is None:
+        return
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"tensorrt_rtx is not importable, but CI installs the 'rtx' extra: {why}")
+    pytest.skip(f"needs tensorrt_rtx (pip install 'torch_trt_module[rtx]'): {why}")

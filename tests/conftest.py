@@ -43,3 +43,11 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
 @pytest.fixture
 def cache_dir(tmp_path: "os.PathLike[str]") -> str:
     return os.fspath(tmp_path / "engines")
+
+
+@pytest.fixture
+def rtx_required() -> None:
+    """Skips a test that needs TensorRT-RTX where it is not installed; fails it in CI (see _support.require_rtx)."""
+    from ._support import require_rtx
+
+    require_rtx()

@@ -104,8 +104,8 @@ def test_build_from_factory_then_inspect_shows_io_profiles(engine_file: Path) ->
         assert "layer information needs a GPU runtime" in text
 
 
+@pytest.mark.usefixtures("rtx_required")
 def test_build_with_rtx_targets_records_them(models_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("tensorrt_rtx")
     path = tmp_path / "t.ttm"
     code, out, err = run("build", "ttm_cli_models:factory", "--shapes", SHAPES, "-o", str(path),
                          "--target", "sm89,sm86", "--no-progress", "-q")

@@ -18,7 +18,6 @@ from torch_trt_module._compare import (
     ParityReport,
     assert_parity,
     compare_outputs,
-    split_inputs,
     verify,
 )
 from torch_trt_module._errors import VerificationError
@@ -444,24 +443,3 @@ def test_assert_parity() -> None:
         assert_parity(model, _perturbed(model, 1e-2), x, rtol=1e-6)
     assert isinstance(e.value, VerificationError)
     assert str(e.value).startswith("parity: compiled vs eager: FAIL (0/1 outputs pass)\noutput")
-
-
-# ------------------------------------------------------------ split_inputs
-
-def test_split_inputs_forms() -> None:
-    x, y = torch.ones(1), torch.zeros(1)
-    assert split_inputs(x) == ((x,), {})
-    args, kwargs = split_inputs((x, y))
-    assert args[0] is x and args[1] is y and kwargs == {}
-    assert split_inputs(((x, y), {"mask": None}))[1] == {"mask": None}
-    assert split_inputs(([x], {}))[0][0] is x
-    args, kwargs = split_inputs((x, {"k": y}))  # a 2-tuple ending in a dict means (args, kwargs)
-    assert args[0] is x and kwargs["k"] is y
-    lst = [x, y]
-    assert split_inputs(lst) == ((lst,), {})
-    assert split_inputs(()) == ((), {})
-
-
-def test_split_inputs_rejects_non_str_keywords() -> None:
-    with pytest.raises(TypeError, match=r"^keyword argument names must be str; got \[1\]$"):
-        split_inputs(((), {1: torch.ones(1)}))

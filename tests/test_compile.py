@@ -49,7 +49,8 @@ def test_warm_compile_in_a_new_process_does_no_export_and_no_build(tmp_path: Pat
     assert (warm["exports"], warm["builds"], warm["cache_hits"]) == (0, 0, 1) and warm["ok"]
     assert "engine cache hit" in warm_log and "(no export, no build)" in warm_log
     assert "engine cache hit" not in cold_log
-    assert warm["plan_sha"] == cold["plan_sha"]
+    # The one engine, served: its plan (TensorRT-RTX) and its graph (always there).
+    assert (warm["plan_sha"], warm["onnx_sha"]) == (cold["plan_sha"], cold["onnx_sha"])
 
 
 MODEL_PY = """
@@ -131,7 +132,7 @@ def test_four_processes_compile_the_same_model_at_once(tmp_path: Path) -> None:
     assert sum(r["builds"] for r in results) == 1 and sum(r["exports"] for r in results) == 1
     assert sum(r["cache_hits"] for r in results) == 3
     assert all(r["ok"] for r in results)
-    assert len({r["plan_sha"] for r in results}) == 1  # all four load the one engine
+    assert len({(r["plan_sha"], r["onnx_sha"]) for r in results}) == 1  # all four load the one engine
     assert max(r["t_enter"] for r in results) < min(r["t_exit"] for r in results)  # they did overlap
     assert len(keys(root)) == 1
 
@@ -178,6 +179,7 @@ def _other_format_version(tr: faults.Tracker) -> None:
     path.write_text(json.dumps(meta))
 
 
+@pytest.mark.usefixtures("rtx_required")  # damages the entry's plan blob ("engine")
 @pytest.mark.parametrize(("damage", "why"), [
     (_truncate_engine, "(truncated?)"),
     (_flip_engine_byte, "checksum mismatch for blob 'engine'"),
@@ -271,6 +273,7 @@ def test_cache_false_writes_nothing(tmp_path: Path) -> None:
     assert outputs_ok(module, 0) and not root.exists()
 
 
+@pytest.mark.usefixtures("rtx_required")
 def test_rtx_hit_that_this_gpu_rejects_is_evicted_and_rebuilt(monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture,
                                                                 cache_dir: str) -> None:
@@ -292,10 +295,12 @@ def test_rtx_hit_that_this_gpu_rejects_is_evicted_and_rebuilt(monkeypatch: pytes
     ttm.assert_parity(model, again, torch.randn(5, 8))
 
 
+@pytest.mark.usefixtures("rtx_required")
 def test_rtx_hit_is_served_when_the_gpu_accepts_it(monkeypatch: pytest.MonkeyPatch, cache_dir: str) -> None:
     model = torch.nn.Linear(8, 4).eval()
     x = torch.randn(2, 8)
-    ttm.compile(model, x, cache_dir=cache_dir)
+    first = ttm.compile(model, x, cache_dir=cache_dir)
+    assert first.engine is not None and first.engine.backend == "tensorrt_rtx"  # else there is no RTX hit to check
     import torch_trt_module.backends._trt_loader as trt_backend
 
     monkeypatch.setattr(_entries, "rtx_runs_on", lambda device: True)

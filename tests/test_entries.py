@@ -31,6 +31,7 @@ from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, key
 
 # --------------------------------------------------------------------------- the deferred plan
 
+@pytest.mark.usefixtures("rtx_required")  # a plan this machine cannot run: an RTX plan without a GPU
 def test_a_warm_hit_that_cannot_run_the_plan_reads_it_only_when_used(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     tr = faults.Tracker(tmp_path / "cache")

@@ -31,7 +31,7 @@ from torch_trt_module.backends import BackendChoice
 from harness import faults
 from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outputs_ok
 
-from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python
+from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python, require_rtx
 CHILD_PRELUDE = f"""
 import sys, types
 _pkg = types.ModuleType("torch_trt_module")
@@ -149,6 +149,8 @@ VARIANTS: dict[str, Callable[[], tuple[Variant, Variant, Any]]] = {
 
 @pytest.mark.parametrize("what", list(VARIANTS))
 def test_key_changes_with(what: str, tmp_path: Path) -> None:
+    if "RTX" in what:
+        require_rtx()  # without it compile() builds for ONNX Runtime, where targets mean nothing
     (model, inputs, opts), (model2, inputs2, opts2), context = VARIANTS[what]()
     model.eval()
     model2.eval()
@@ -173,7 +175,8 @@ def test_key_changes_with(what: str, tmp_path: Path) -> None:
         again = compile_(model, inputs, opts)
     assert n == {"exports": 0, "builds": 0, "cache_hits": 1}
     assert_matches(again, model, inputs)
-    assert again.engine.plan == base.engine.plan
+    assert (again.engine.backend, again.engine.plan, again.engine.onnx) == \
+        (base.engine.backend, base.engine.plan, base.engine.onnx)
 
 
 def test_what_does_not_change_the_engine_shares_the_entry(tmp_path: Path) -> None:
@@ -184,7 +187,8 @@ def test_what_does_not_change_the_engine_shares_the_entry(tmp_path: Path) -> Non
         with counting() as n:
             module = compile_tiny(0, root, **opts)  # a new instance of the same model, too
         assert n == {"exports": 0, "builds": 0, "cache_hits": 1}, opts
-        assert module.engine.plan == first.engine.plan and outputs_ok(module, 0)
+        assert (module.engine.plan, module.engine.onnx) == (first.engine.plan, first.engine.onnx)
+        assert outputs_ok(module, 0)
     assert len(keys(root)) == 1
 
 

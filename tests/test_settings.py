@@ -55,9 +55,3 @@ def test_targets_are_normalised() -> None:
     assert normalize_targets(["SM89", "8.6", "sm86"]) == ("sm86", "sm89")
     with pytest.raises(SettingsError, match="expected compute capabilities like 'sm86'"):
         normalize_targets(["ampere"])
-
-
-def test_public_all_is_sorted_and_complete() -> None:
-    assert ttm.__all__ == sorted(ttm.__all__)
-    for name in ttm.__all__:
-        assert hasattr(ttm, name), name

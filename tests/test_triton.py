@@ -22,6 +22,8 @@ from torch_trt_module._triton import TritonExportError, TritonRepoExists, export
 
 from harness.models import Conv
 
+from ._support import require_rtx
+
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="pip install 'torch_trt_module[triton]' (tritonclient[grpc])")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -56,11 +58,11 @@ def _compile(model: torch.nn.Module, example: Any, **options: Any) -> ttm.TRTMod
 @pytest.fixture(scope="module")
 def two_inputs() -> ttm.TRTModule:
     """A TensorRT-RTX engine (built on the CPU) with two inputs sharing a dynamic batch 1..8, opt 4."""
+    require_rtx()  # no plan to export without it
     torch.manual_seed(0)
     dyn = {"x": {0: (1, 4, 8)}, "ids": {0: (1, 4, 8)}}
     mod = _compile(TwoInputs(), (torch.randn(4, 8), torch.randint(0, 50, (4, 5))), dynamic=dyn)
-    if mod.engine is None or mod.engine.plan is None:
-        pytest.skip("tensorrt_rtx is not installed: no plan to export")
+    assert mod.engine is not None and mod.engine.backend == "tensorrt_rtx" and mod.engine.plan
     return mod
 
 

@@ -56,7 +56,8 @@ def measure(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 5, iters: int
     Each callable: its first call timed alone (torch.compile compiles there), ``warmup - 1``
     more calls, then up to 5 rounds in turn; a round is one untimed call (other backends'
     thread pools settle) and a block of timed calls, until ``iters`` are timed, or until
-    ``max_seconds`` per callable have passed and ``min_iters`` are done. ``cuda[name]``:
+    ``max_seconds`` per callable have passed and ``min_iters`` are done (checked before every
+    timed call, so a long round does not overrun the budget). ``cuda[name]``:
     time that callable with CUDA events on its device's current stream, else perf_counter.
     A callable that raises gets its error message instead of a :class:`Timing`.
 
@@ -80,17 +81,28 @@ def measure(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 5, iters: int
     per_round = -(-iters // rounds)
     start = time.perf_counter()
     budget = None if max_seconds is None else max_seconds * max(len(times), 1)
+    need = min(min_iters, iters)
+
+    def done(name: str) -> bool:
+        """Out of time and ``min_iters`` timed: checked before each timed call, not only between
+        rounds, since one round of a slow callable can take far longer than the budget."""
+        return budget is not None and len(times[name]) >= need and time.perf_counter() - start > budget
+
     while times and any(len(v) < iters for v in times.values()):
         for name in list(times):
+            if done(name):  # a callable that still lacks min_iters gets its calls; this one is finished
+                continue
             try:
                 fns[name]()
                 for _ in range(min(per_round, iters - len(times[name]))):
+                    if done(name):
+                        break
                     times[name].append(_timed(fns[name], cuda.get(name)))
             except Exception as e:  # noqa: BLE001
                 out[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                 del times[name]
         if budget is not None and time.perf_counter() - start > budget and \
-                all(len(v) >= min(min_iters, iters) for v in times.values()):
+                all(len(v) >= need for v in times.values()):
             break
     for name, ts in times.items():
         out[name] = Timing(percentile(ts, 50), percentile(ts, 90), percentile(ts, 99), sum(ts) / len(ts), min(ts), len(ts),

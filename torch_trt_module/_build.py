@@ -69,11 +69,12 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
         "device": torch.device(device).type,  # where the module was compiled: a saved one loads there again
         "torch_version": torch.__version__,
     }
+    # Before the ONNX Runtime return: targets= that no backend here can honour is refused, never ignored.
+    targets = engine_targets(choice, settings)
     if choice.build == "onnxruntime":
         return Engine("onnxruntime", None, exported.onnx, meta, program=exported.program), {}
     from .backends._trt_build import build_serialized
 
-    targets = engine_targets(choice, settings)
     flags = engine_flags(choice, settings)
     meta["targets"] = list(targets) if targets else None
     meta["gpu"] = gpu_identity(device) if choice.build == "tensorrt" else None
@@ -115,7 +116,13 @@ def engine_flags(choice: BackendChoice, settings: Settings) -> list[str]:
 
 def engine_targets(choice: BackendChoice, settings: Settings) -> tuple[str, ...] | None:
     """RTX targets: the user's, else None (RTX's portable default) — or the current GPU's when
-    the engine runs here on a supported GPU."""
+    the engine runs here on a supported GPU. Targets for any other backend raise BuildError."""
+    if choice.build == "onnxruntime" and settings.targets:
+        # An ONNX Runtime engine is the graph itself, so there is nothing to build for a GPU.
+        raise BuildError(f"targets= needs backend='tensorrt_rtx'; got targets={list(settings.targets)} with "
+                         "backend 'onnxruntime', which builds nothing ahead of time (its engine is the ONNX graph, "
+                         "run on whatever device loads it). Drop targets=, or pass backend='tensorrt_rtx' "
+                         "(pip install 'torch_trt_module[rtx]' if it is not installed)")
     if choice.build != "tensorrt_rtx":
         if settings.targets:
             raise BuildError("targets= needs backend='tensorrt_rtx'; TensorRT builds for the GPU it runs on")

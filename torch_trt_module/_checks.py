@@ -61,6 +61,13 @@ def check_export(exported: ExportedModel, check: ExportCheck, settings: Settings
             got = run_onnx_cpu(exported.onnx, exported.input_names, exported.output_names, inputs,
                                half=exported.precision != "fp32")
         except Exception as e:  # noqa: BLE001
+            if exported.precision == "bf16" and "bfloat16" in str(e):
+                # ONNX Runtime's CPU provider has bf16 kernels for few ops (no Conv, no MatMul): the
+                # graph cannot be checked here. The built module is, against eager, after the build.
+                log.warning("export check skipped: ONNX Runtime's CPU provider cannot run this bf16 graph (%s); "
+                            "the compiled module is checked against eager after the build instead",
+                            str(e).splitlines()[0][:200])
+                return
             raise ExportError(f"ONNX Runtime could not run the exported graph at {where}: {e}"
                               + _specialised_hint(label)) from e
         report = compare_outputs(got, expected, tolerance=tolerance, names=exported.output_names,

@@ -70,6 +70,10 @@ class Engine:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"Engine is immutable; cannot set {name!r}")
 
+    def __delattr__(self, name: str) -> None:
+        # Blocked like __setattr__: a deleted slot would make the engine fail later, far from the del.
+        raise AttributeError(f"Engine is immutable; cannot delete {name!r}")
+
     def _blob(self, name: str) -> bytes | None:
         if name in self._deferred:
             with self._lock:

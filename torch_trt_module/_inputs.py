@@ -70,4 +70,15 @@ def match_inputs(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:
 
 
 def safe_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    return torch.can_cast(src, dst) or (src.is_floating_point and dst.is_floating_point)
+    """Whether ``cast_inputs`` may convert a ``src`` tensor to the engine's ``dst`` dtype.
+
+    Floats may change width (a float engine input is meant to take any float). An integer (or bool)
+    destination must hold every ``src`` value: ``torch.can_cast`` only checks the kind and allows
+    int64 -> int32, which would wrap values >= 2**31 silently, so the destination must be what the
+    two promote to.
+    """
+    if not torch.can_cast(src, dst):
+        return src.is_floating_point and dst.is_floating_point
+    if not dst.is_floating_point and not dst.is_complex:
+        return torch.promote_types(src, dst) == dst
+    return True

@@ -128,6 +128,13 @@ def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "by
     what = what or f"torch_trt_module {kind}"
     data = bytes(data)
     if len(data) < _HEAD or not data.startswith(_MAGIC):
+        # This version's magic with too few bytes after it is a cut-off file of this version, not
+        # another version's (whose magic starts with the same TTMBOX/TTMENG prefix).
+        if data.startswith(_MAGIC):
+            raise EngineLoadError(
+                f"{source} is not a {what} (bad header: bad magic); it is truncated: expected at least {_HEAD} "
+                f"bytes (magic and header length), found {len(data)}. The file is incomplete (an interrupted copy "
+                "or download): copy it again, or build and save it again")
         old = data[:8].startswith(b"TTMENG") or data[:8].startswith(b"TTMBOX")
         raise EngineLoadError(f"{source} is not a {what} (bad header: bad magic)" + (
             "; it was written by another version of torch_trt_module: build and save it again" if old else ""))
@@ -155,6 +162,12 @@ def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "by
             if problem:
                 raise EngineLoadError(f"{source}: checksum mismatch in the {name!r} blob ({problem}; corrupt file)")
             blobs[name] = blob
-        return head["header"], blobs
     except (KeyError, TypeError, ValueError) as e:  # a header that checks out but lacks a field
         raise EngineLoadError(f"{source}: malformed header ({type(e).__name__}: {e})") from e
+    # pack() writes nothing after the last blob: extra bytes mean a damaged file (two containers
+    # concatenated, a bad copy), which must not load as if it were whole.
+    if off != len(data):
+        raise EngineLoadError(f"{source}: {len(data) - off} unexpected bytes after the last blob (expected the data "
+                              f"to end at byte {off}, where the blobs end; found {len(data)} bytes). The file is "
+                              "corrupt: save it again, or build it again")
+    return head["header"], blobs

@@ -15,6 +15,7 @@ from torch.nn.modules import module as _nn_module
 from ._engine import Engine
 from ._errors import EngineLoadError, EngineNotRefittable, InputError, RuntimeFailure, SettingsError, TorchTRTError
 from ._inputs import match_inputs, safe_cast, widen_hint
+from ._numerics import eager_uses_tf32
 from ._signature import bind_call
 from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
 from ._weights import WEIGHT_MODES, WeightWatch, read_weights, weights_hash
@@ -155,13 +156,17 @@ class TRTModule(torch.nn.Module):
     @property
     def numerics(self) -> str:
         """What the module computes in: ``fp16``, ``bf16``, ``tf32`` (fp32 on a TensorRT runtime
-        whose engine was built with ``tf32=True``) or ``fp32`` (strict, e.g. ONNX Runtime)."""
+        whose engine was built with ``tf32=True``, or on the PyTorch runtime on a GPU where PyTorch's
+        flags let cuDNN or cuBLAS use TF32, as they do by default for convolutions) or ``fp32``
+        (strict, e.g. ONNX Runtime)."""
         ex = self._require()
         if ex.precision != "fp32":
             return ex.precision
         if self.backend in ("tensorrt", "tensorrt_rtx") and self.engine is not None \
                 and self.engine.meta.get("settings", {}).get("tf32", True):
             return "tf32"
+        if self.backend == "torch" and eager_uses_tf32(self.device):
+            return "tf32"  # the program runs under the caller's flags, as eager does
         return "fp32"
 
     @property

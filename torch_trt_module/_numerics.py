@@ -141,25 +141,48 @@ def strict_fp32() -> Iterator[None]:
                     _set(p, v)
 
 
-def _effective(chain: tuple[str, ...], default: bool) -> bool:
+def _decided(chain: tuple[str, ...]) -> bool | None:
+    """The first flag of ``chain`` that is set ("ieee"/"tf32") decides; None when all say "none"."""
     for p in chain:
         v = _get(p)
         if isinstance(v, str) and v != "none":
             return v == "tf32"
-    return default
+    return None
+
+
+def _effective(chain: tuple[str, ...], default: bool) -> bool:
+    decided = _decided(chain)
+    return default if decided is None else decided
+
+
+def _legacy_matmul_tf32() -> bool:
+    """Whether ``torch.get_float32_matmul_precision()`` allows TF32; asked only when no precision
+    flag of the matmul chain decides.
+
+    torch raises RuntimeError from that getter once it considers the legacy and the new API mixed,
+    which happens as soon as any new ``fp32_precision`` flag was set (even one of cuDNN's). Every
+    legacy setter writes through to ``cuda.matmul.fp32_precision``, so with the whole matmul chain
+    at "none" nothing has asked for TF32 on matmuls and torch runs them in IEEE fp32: answer False.
+    Only read here; the user's flags are never changed to make the getter answer.
+    """
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
 
 
 def tf32_state() -> dict[str, bool]:
     """Whether fp32 convolutions (cuDNN) and matmuls (cuBLAS) may use TF32, as configured now.
 
     Read without the legacy ``allow_tf32`` getters, which raise once the legacy and the newer
-    API have both been used.
+    API have both been used; ``torch.get_float32_matmul_precision()`` (which raises then too) is
+    consulted only when no ``fp32_precision`` flag decides for matmuls.
     """
     if _new_api():
-        matmul_default = torch.get_float32_matmul_precision() != "highest"
+        matmul = _decided(("cuda.matmul.fp32_precision", "fp32_precision"))
         return {"cudnn_conv": _effective(("cudnn.conv.fp32_precision", "cudnn.fp32_precision", "fp32_precision"),
                                          False),
-                "cuda_matmul": _effective(("cuda.matmul.fp32_precision", "fp32_precision"), matmul_default)}
+                "cuda_matmul": _legacy_matmul_tf32() if matmul is None else matmul}
     return {"cudnn_conv": bool(_get("cudnn.allow_tf32")), "cuda_matmul": bool(_get("cuda.matmul.allow_tf32"))}
 
 

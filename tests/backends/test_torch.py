@@ -137,3 +137,39 @@ def test_a_corrupt_program_in_the_cache_is_rebuilt_never_run(tmp_path: Path) -> 
     assert any("checksum mismatch for blob 'program'" in w for w in warned), warned
     y = torch.randn(3, 3, 16, 16)
     assert torch.equal(module(y)[0], model(y)[0].detach())
+
+
+class MaskFromPositions(torch.nn.Module):
+    """Builds tensors with device= in the graph (arange, a bool cast), as BERT's mask code does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1], device=x.device)
+        keep = (pos < 3).to(torch.bool)
+        return x * keep
+
+
+def test_every_device_argument_of_a_cpu_captured_program_is_moved() -> None:
+    # move_to_device_pass rewrites the nodes but not the graph module's code, and BERT's program then
+    # failed on the lent H200 ("Tensor device mismatch! Expected: cpu, Got: cuda:0").
+    from torch_trt_module._program import load_program
+    from torch_trt_module.backends._torch import _retarget
+
+    module = ttm.compile(MaskFromPositions().eval(), torch.randn(2, 5), runtime="torch", cache=False)
+    assert module.engine is not None and module.engine.program is not None
+    program = load_program(module.engine.program)
+    before = [n.kwargs["device"] for n in program.graph.nodes if n.op == "call_function" and "device" in n.kwargs]
+    assert before and all(d == torch.device("cpu") for d in before)
+    _retarget(program.graph_module, torch.device("meta"))
+    after = [n.kwargs["device"] for n in program.graph.nodes if n.op == "call_function" and "device" in n.kwargs]
+    assert after == [torch.device("meta")] * len(before)
+    assert "device(type='meta')" in program.graph_module.code
+
+
+def test_a_cpu_captured_program_runs_on_another_device() -> None:
+    # "meta" stands in for a GPU here: a device= argument left on the CPU fails as it did on CUDA.
+    from torch_trt_module.backends._torch import TorchRunner
+
+    module = ttm.compile(MaskFromPositions().eval(), torch.randn(2, 5), runtime="torch", cache=False)
+    runner = TorchRunner(module.engine, "meta")
+    (out,) = runner.run([torch.randn(3, 5, device="meta")])
+    assert out.device.type == "meta" and out.shape == (3, 5)

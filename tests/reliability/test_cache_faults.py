@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
 from harness import faults
 from harness.faults import Counts
 
@@ -25,6 +27,7 @@ def clean(n: int) -> Counts:
     return Counts(injected=n, recovered=n)
 
 
+@pytest.mark.usefixtures("rtx_required")  # truncates the entry's plan blob ("engine")
 def test_truncated_engine_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
     counts, d = run(faults.truncated_engine, tmp_path)
     assert counts == clean(1)
@@ -33,6 +36,7 @@ def test_truncated_engine_is_rebuilt_with_a_warning(tmp_path: Path) -> None:
     assert "blob 'engine'" in msg and "(truncated?)" in msg and "evicting it and rebuilding" in msg
 
 
+@pytest.mark.usefixtures("rtx_required")  # the plan blob ("engine") is one of the kinds flipped
 def test_100_random_byte_flips_never_serve_a_corrupt_entry(tmp_path: Path) -> None:
     counts, d = run(faults.byte_flips, tmp_path)
     assert counts == clean(100), d

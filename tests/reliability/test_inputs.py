@@ -282,6 +282,7 @@ def test_nan_and_inf_pass_through() -> None:
 
 # --------------------------------------------------------------------------- bad models
 
+@pytest.mark.usefixtures("rtx_required")  # the TensorRT-RTX ONNX parser's own message
 def test_unsupported_op_names_the_node_the_op_and_the_parser_message() -> None:
     from torch_trt_module import BuildError
     from torch_trt_module.backends._trt_build import build_serialized

@@ -33,6 +33,8 @@ from torch_trt_module.backends import BackendChoice, _tensorrt, _trt_loader
 from harness import faults
 from harness.faults import compile_tiny, example, outputs_ok
 
+from .._support import require_rtx
+
 
 def saved(tmp_path: Path, module: ttm.TRTModule, name: str = "m.pt") -> Path:
     path = tmp_path / name
@@ -67,7 +69,9 @@ def test_saved_module_loads_with_weights_only(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(torch, "load", spy)
     loaded = ttm.load(path)
     assert [c.get("weights_only") for c in calls] == [True]
-    assert outputs_ok(loaded, 0) and loaded.engine.plan == module.engine.plan
+    assert outputs_ok(loaded, 0)
+    assert (loaded.engine.backend, loaded.engine.plan, loaded.engine.onnx) == \
+        (module.engine.backend, module.engine.plan, module.engine.onnx)
     # What is in the file: plain data and uint8 tensors, nothing else.
     state = real_load(path, weights_only=True)["_extra_state"]
     assert {type(v) for v in state.values()} <= {int, str, torch.Tensor}
@@ -275,6 +279,7 @@ def install_fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]
     return seen
 
 
+@pytest.mark.usefixtures("rtx_required")  # an entry with a plan to deserialize
 def test_an_entry_whose_checksum_fails_is_never_deserialized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
     tr = faults.Tracker(root)
@@ -309,12 +314,18 @@ def test_a_corrupt_engine_file_is_never_deserialized(tmp_path: Path, monkeypatch
 
 # --------------------------------------------------------------------------- host code
 
-def test_allow_host_code_is_off_unless_opted_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_allow_host_code_is_off_unless_opted_in(tmp_path: Path) -> None:
     assert ttm.TRTModule().allow_host_code is False
     assert ttm.Settings().allow_host_code is False
     module = compile_tiny(0, tmp_path / "cache")
     assert module.allow_host_code is False
     assert compile_tiny(0, tmp_path / "cache", allow_host_code=True).allow_host_code is True
+
+
+@pytest.mark.usefixtures("rtx_required")  # a plan to hand to deserialization
+def test_trtmodule_hands_allow_host_code_to_deserialization(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = compile_tiny(0, tmp_path / "cache")
+    assert module.engine.has_plan
     seen = install_fake_gpu(monkeypatch)
     ttm.TRTModule(module.engine)
     ttm.TRTModule(module.engine, allow_host_code=True)
@@ -325,7 +336,9 @@ def test_deserialize_sets_host_code_to_the_given_flag(monkeypatch: pytest.Monkey
     # The real runtime segfaults deserializing without a GPU, so a strict double of it stands in
     # (tests/trt_double.py): it takes only what the real tensorrt_rtx.Runtime takes, and the engine
     # it returns refuses new attributes as the real one does.
-    trt = pytest.importorskip("tensorrt_rtx")
+    require_rtx()  # the double is derived from the real tensorrt_rtx.Runtime
+    import tensorrt_rtx as trt
+
     from ..backends.trt_double import runtime_double
 
     seen: list[bool] = []
@@ -357,6 +370,19 @@ def test_compile_never_loads_engine_files_it_finds(tmp_path: Path, monkeypatch: 
     assert outputs_ok(ttm.TRTModule(Engine.load(root / "model.ttm")), 1) and opened == ["x"]
 
 
+@pytest.mark.usefixtures("rtx_required")  # an engine file with a plan
+def test_a_flipped_plan_byte_in_an_engine_file_is_named(tmp_path: Path) -> None:
+    engine = compile_tiny(0, tmp_path / "cache").engine
+    assert engine.has_plan and not engine.has_program  # the plan is the blob just before the graph
+    path = tmp_path / "e.ttm"
+    engine.save(path)
+    data = path.read_bytes()
+    bad = data[:-len(engine.onnx) - 10] + b"\0" + data[-len(engine.onnx) - 9:]
+    (tmp_path / "bad.ttm").write_bytes(bad)
+    with pytest.raises(EngineLoadError, match="'plan' blob"):
+        Engine.load(tmp_path / "bad.ttm")
+
+
 def test_corrupt_engine_files_raise_engine_load_error(tmp_path: Path) -> None:
     engine = compile_tiny(0, tmp_path / "cache").engine
     path = tmp_path / "e.ttm"
@@ -367,7 +393,6 @@ def test_corrupt_engine_files_raise_engine_load_error(tmp_path: Path) -> None:
         "bad magic": (b"NOTANENG" + data[8:], "bad magic"),
         "truncated": (data[: len(data) // 2], "checksum mismatch in the"),
         "header flip": (data[:40] + bytes([data[40] ^ 0x20]) + data[41:], "header"),
-        "plan flip": (data[:-len(engine.onnx) - 10] + b"\0" + data[-len(engine.onnx) - 9:], "'plan' blob"),
     }
     for name, (bad, why) in cases.items():
         (tmp_path / "bad.ttm").write_bytes(bad)

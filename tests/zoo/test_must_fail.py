@@ -3,8 +3,6 @@ engine must fail clearly (or run correctly on a fallback), never give a wrong re
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -12,6 +10,8 @@ import torch_trt_module as ttm
 from torch_trt_module._compare import compare_outputs
 
 from harness.models import ItemBranch, MaskedSelect, TensorBranch
+
+from .._support import require_rtx
 
 
 # --------------------------------------------------------------------------- #19
@@ -75,8 +75,7 @@ def test_data_dependent_output_tensorrt_rtx_build() -> None:
     the op; should a later RTX parse it, the build must yield an engine (the runtime
     adapter then binds the output through IOutputAllocator).
     """
-    if importlib.util.find_spec("tensorrt_rtx") is None:
-        pytest.skip("tensorrt_rtx is not installed")
+    require_rtx()
     exported = ttm.export_onnx(MaskedSelect().eval(), torch.randn(2, 8))
     try:
         engine = ttm.build_engine(exported, backend="tensorrt_rtx")
@@ -93,8 +92,7 @@ def test_data_dependent_output_with_auto_backend_is_never_silent() -> None:
     compile() then raises (naming the op) instead of returning a module; either way no
     wrong result can come out of it. A module, if one is returned, must be right.
     """
-    if importlib.util.find_spec("tensorrt_rtx") is None:
-        pytest.skip("tensorrt_rtx is not installed")
+    require_rtx()
     x = torch.randn(2, 8)
     try:
         module = ttm.compile(MaskedSelect().eval(), x, backend="auto", cache=False)

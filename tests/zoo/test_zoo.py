@@ -13,8 +13,6 @@ One export, one build and one compile per case are shared by all its tests
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module._compare import compare_outputs  # not re-exported by the package (yet)
+from .._support import require_rtx, rtx_missing
 from harness.cases import (CASES, CORE_IDS, Case, class_failures, classifier_facts, classifier_names,
                              sweep_one)
 
@@ -42,10 +41,7 @@ SWEEP_XFAIL: dict[str, str] = {
 
 def _rtx_required() -> None:
     """Skip where tensorrt_rtx is not installed, except in CI, which installs the rtx extra."""
-    if importlib.util.find_spec("tensorrt_rtx") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tensorrt_rtx is not importable, but CI installs the 'rtx' extra")
-        pytest.skip("tensorrt_rtx is not installed (pip install 'torch_trt_module[rtx]')")
+    require_rtx()
 
 
 def _case_params() -> list[Any]:
@@ -81,7 +77,7 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     args, kwargs = case.inputs("example")
     exported = ttm.export_onnx(model, (args, kwargs), dynamic=case.dynamic, precision=case.precision)
     engine, error = None, None
-    if importlib.util.find_spec("tensorrt_rtx") is not None:
+    if rtx_missing() is None:
         try:
             engine = ttm.build_engine(exported, backend="tensorrt_rtx")
         except ttm.BuildError as e:  # reported by test_tensorrt_rtx_build, not here

@@ -50,6 +50,7 @@ class TorchRunner:
             from torch.export.passes import move_to_device_pass
 
             program = move_to_device_pass(program, self.device)  # device= arguments in the graph too
+            _retarget(program.graph_module, self.device)
         sig = program.graph_signature
         state = {**program.state_dict, **program.constants}
         self._weights: list[torch.Tensor] = []
@@ -71,40 +72,74 @@ class TorchRunner:
             raise EngineLoadError(f"the PyTorch program returns {len(self._user_out)} outputs; the engine's metadata "
                                   f"has {len(self.outputs)}")
         self._graph = program.graph_module
+        self._call = self._graph.forward  # no nn.Module dispatch: the graph has no hooks of its own
         self._all_out = len(self._user_out) == len(sig.output_specs)
-        self._weight_ptrs = frozenset(w.untyped_storage().data_ptr() for w in self._weights if w.numel())
+        self._weight_ids = frozenset(id(_root(w)) for w in self._weights)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
         try:
-            outs = self._graph(*self._weights, *inputs)
+            outs = self._call(*self._weights, *inputs)
         except Exception as e:  # noqa: BLE001 - a kernel's own error, with the shapes that caused it
             shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(self.inputs, inputs))
             raise RuntimeFailure(f"the PyTorch program failed for input shapes {shapes}: {e}") from e
         outs = list(outs) if self._all_out else [outs[i] for i in self._user_out]
-        return _unaliased(outs, inputs, self._weight_ptrs)
+        return _unaliased(outs, inputs, self._weight_ids)
+
+    def raw(self, inputs: Sequence[torch.Tensor]) -> Any:
+        """The program's graph module called with the weights and ``inputs``, and nothing else: the
+        runtime's own call, which ``benchmarks/bench_overhead.py`` measures this runner against."""
+        return self._call(*self._weights, *inputs)
 
     def refit(self, values: Mapping[str, torch.Tensor]) -> "TorchRunner":
         """Use these values for the program's weights (by name, as :attr:`weight_names`). The list is
         swapped whole, so a call in another thread sees the old weights or the new ones, never a mix."""
         weights = [values[n].to(self.device, w.dtype).contiguous() if n in values else w
                    for n, w in zip(self.weight_names, self._weights)]
+        self._weight_ids = frozenset(id(_root(w)) for w in weights)
         self._weights = weights
-        self._weight_ptrs = frozenset(w.untyped_storage().data_ptr() for w in weights if w.numel())
         return self
+
+
+def _retarget(graph_module: Any, device: torch.device) -> None:
+    """Finish what ``move_to_device_pass`` starts: point every device argument of the graph, and of
+    the graphs nested in it, at ``device``, and regenerate their code. The pass rewrites the nodes'
+    arguments but not the code the graph module runs (torch 2.11 and 2.14), so a program captured
+    on the CPU still ran ``aten.to.device(x, device(type='cpu'))`` on the GPU and failed with
+    "Tensor device mismatch" (BERT's mask code, on the lent H200)."""
+    from torch.fx.node import map_aggregate
+
+    def move(value: Any) -> Any:
+        return device if isinstance(value, torch.device) and value != device else value
+
+    for gm in graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                node.args, node.kwargs = map_aggregate(node.args, move), map_aggregate(node.kwargs, move)
+        gm.recompile()
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory ``t`` views (``_base`` is always the root: views of views collapse)."""
+    base = t._base
+    return t if base is None else base
 
 
 def _unaliased(outs: list[torch.Tensor], inputs: Sequence[torch.Tensor], weights: frozenset[int]) -> list[torch.Tensor]:
     """Outputs that share memory with an input (``return x``, a view of it), a weight, or each other
-    are copied: a compiled module returns new tensors, as an engine does."""
+    are copied: a compiled module returns new tensors, as an engine does. torch.export's programs
+    are functional, so an output aliases something only as that tensor or a view of it: comparing
+    roots (identity, through ``_base``) finds every case, at a fraction of reading storages."""
     seen = set(weights)
-    seen.update(t.untyped_storage().data_ptr() for t in inputs if t.numel())
+    seen.update(id(_root(t)) for t in inputs)
     result = []
     for o in outs:
-        ptr = o.untyped_storage().data_ptr() if o.numel() else None
-        if ptr is not None and ptr in seen:
+        key = id(_root(o))
+        if key in seen:
             o = o.clone()
-        elif ptr is not None:
-            seen.add(ptr)
+        else:
+            seen.add(key)
         result.append(o)
     return result

@@ -1,0 +1,157 @@
+"""torch_trt_module._checks: compile()'s own checks. check_export runs the exported graph on ONNX
+Runtime at the example and at the profile's corners and names the point that fails (a graph
+specialised for part of the range fails at a corner, not at the example); check_compiled compares
+the compiled module with eager; both say the tolerance they used and how to get past the check."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+from torch_trt_module import ExportError, VerificationError
+from torch_trt_module._checks import check_compiled, check_export, check_tolerance, describe
+from torch_trt_module._export import ExportCheck, export_with_settings
+from torch_trt_module._numerics import POLICY
+from torch_trt_module._settings import Settings
+
+HINT = (" It matches at the example, so the graph was specialised for part of the declared range (an axis-less "
+        "squeeze(), a size-dependent branch). Fix: narrow that dim in dynamic= (or make it static), or remove the "
+        "specialisation from the model.")
+FP32 = "rtol=0.001, atol=1e-05 or 0.001 x the output's rms, cosine >= 0.99999"
+
+
+class LastIntoFirst(torch.nn.Module):
+    """Copies the last column into the first. ``squeeze()`` without an axis drops the batch dim too
+    when the batch is 1, so torch.export's graph (which assumes batch != 1) only holds for batch >= 2."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = ids.clone()
+        out[:, 0] = ids[:, -1:].squeeze()
+        return out
+
+
+def exported(model: torch.nn.Module, *args: torch.Tensor, **options: Any) -> tuple[ttm.ExportedModel, ExportCheck,
+                                                                                   Settings]:
+    settings = Settings.from_options(**options)
+    ex, check = export_with_settings(model.eval(), args, {}, settings)
+    return ex, check, settings
+
+
+@pytest.fixture(scope="module")
+def linear() -> tuple[ttm.ExportedModel, ExportCheck, Settings]:
+    torch.manual_seed(0)
+    return exported(torch.nn.Linear(4, 3), torch.randn(2, 4), exporter="torchscript")
+
+
+def test_a_good_graph_passes_at_every_point(linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, settings = linear
+    assert {label: tuple(p[0][0].shape) for label, p in check.points.items()} == \
+        {"example": (2, 4), "min": (1, 4), "max": (32, 4), "off": (17, 4)}
+    check_export(ex, check, settings)
+    reports = ex.extra["export_reports"]
+    assert list(reports) == ["example", "min", "max", "off"] and all(r.passed for r in reports.values())
+    assert ex.extra["export_report"] is reports["example"]
+    assert reports["min"].numerics == "eager; fp32 tolerance policy"  # eager on the CPU: no TF32 to turn off
+
+
+def test_the_graph_specialised_for_part_of_the_range_fails_at_the_corner() -> None:
+    ids = torch.randint(0, 100, (2, 5), dtype=torch.int64)
+    ex, check, settings = exported(LastIntoFirst(), ids, exporter="dynamo")
+    assert ex.exporter == "dynamo" and ex.inputs[0].min == (1, 5)  # the default batch profile: 1..32
+    with pytest.raises(ExportError) as info:
+        check_export(ex, check, settings)
+    msg = str(info.value)
+    # What happens: at batch 1 the graph's Unsqueeze gets a rank-0 tensor, and ONNX Runtime refuses it.
+    assert msg.startswith("ONNX Runtime could not run the exported graph at the profile's min (ids=(1, 5)): ")
+    assert "Unsqueeze" in msg and msg.endswith(HINT)
+    assert list(ex.extra.get("export_reports", {})) in ([], ["example"])  # the example itself passed
+
+
+def test_the_tracer_s_graph_of_the_same_model_holds_at_every_corner() -> None:
+    # TorchScript's Squeeze is computed at run time, so the same model exports correctly that way.
+    ids = torch.randint(0, 100, (2, 5), dtype=torch.int64)
+    ex, check, settings = exported(LastIntoFirst(), ids, exporter="torchscript")
+    check_export(ex, check, settings)
+    assert list(ex.extra["export_reports"]) == ["example", "min", "max", "off"]
+
+
+def test_a_wrong_result_at_a_corner_names_the_point_the_tolerance_and_the_fix(
+        linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, settings = linear
+    points = dict(check.points)
+    inputs, outputs = points["max"]
+    points["max"] = (inputs, [outputs[0] + 1])  # what eager would say if the graph were wrong at batch 32
+    with pytest.raises(ExportError) as info:
+        check_export(ex, ExportCheck(points=points), settings)
+    msg = str(info.value)
+    assert msg.startswith(f"the exported ONNX graph does not match eager at the profile's max (input=(32, 4)) "
+                          f"({FP32}):\nparity: onnxruntime vs eager: FAIL (0/1 outputs pass)\n")
+    assert msg.endswith("\nPass verify=False to skip this check, or report the model to us." + HINT)
+    assert [(k, r.passed) for k, r in ex.extra["export_reports"].items()] == \
+        [("example", True), ("min", True), ("max", False)]  # kept for the caller, up to the failing point
+
+
+def test_a_wrong_result_at_the_example_has_no_specialisation_hint(
+        linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, settings = linear
+    inputs, outputs = check.points["example"]
+    with pytest.raises(ExportError) as info:
+        check_export(ex, ExportCheck(points={"example": (inputs, [outputs[0] * 2])}), settings)
+    assert str(info.value).startswith("the exported ONNX graph does not match eager at the example inputs (input=(2, 4))")
+    assert str(info.value).endswith("or report the model to us.")
+
+
+def test_a_point_where_eager_itself_fails_is_logged_not_raised(linear: tuple[ttm.ExportedModel, ExportCheck, Settings],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    ex, check, settings = linear
+    with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
+        check_export(ex, ExportCheck(points={"example": check.points["example"]},
+                                     errors={"max": "RuntimeError: out of memory"}), settings)
+    assert ("export check: eager itself fails at the profile's max, so the graph is not checked there: "
+            "RuntimeError: out of memory") in caplog.text
+
+
+def test_the_user_s_tolerances_make_the_plain_check(linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, _ = linear
+    assert check_tolerance(Settings()) is POLICY["fp32"]
+    assert check_tolerance(Settings(), "tf32") is POLICY["tf32"]
+    loose = Settings.from_options(rtol=2.0, atol=2.0)
+    assert describe(check_tolerance(loose)) == "rtol=2, atol=2"
+    assert describe(check_tolerance(Settings())) == FP32
+    inputs, outputs = check.points["max"]
+    check_export(ex, ExportCheck(points={"max": (inputs, [outputs[0] + 1])}), loose)  # within atol=2: passes
+
+
+# --------------------------------------------------------------------------- the compiled module
+
+@pytest.fixture(scope="module")
+def compiled() -> tuple[torch.nn.Module, ttm.TRTModule]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).eval()
+    return model, ttm.compile(model, torch.randn(2, 4), backend="onnxruntime", cache=False, exporter="torchscript")
+
+
+def test_check_compiled_passes_and_returns_its_report(compiled: tuple[torch.nn.Module, ttm.TRTModule]) -> None:
+    model, module = compiled
+    report = check_compiled(module, model, (torch.randn(3, 4),), {}, Settings(), torch.device("cpu"))
+    assert report.passed and report.numerics == "eager as configured (no TF32); fp32 tolerance policy"
+
+
+def test_check_compiled_raises_with_the_report_when_they_differ(compiled: tuple[torch.nn.Module, ttm.TRTModule]
+                                                                 ) -> None:
+    model, module = compiled
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.weight.add_(0.5)  # other weights: what a stale engine would be checked against
+    with pytest.raises(VerificationError) as info:
+        check_compiled(module, other, (torch.randn(3, 4),), {}, Settings(), torch.device("cpu"))
+    msg = str(info.value)
+    assert msg.startswith("the compiled module does not match eager on the example inputs:\n"
+                          "parity: compiled (onnxruntime) vs eager: FAIL")
+    assert msg.endswith("\nLoosen rtol=/atol=, or pass verify=False to skip this check.")
+    assert info.value.report is not None and not info.value.report.passed

@@ -1,0 +1,191 @@
+"""torch_trt_module._exporters: the exporters in order (torch.export then the TorchScript tracer) and
+how their failures are judged. Data-dependent control flow is recognised only from torch.export's
+own evidence (its exception chain), dims the model ties together are refined into one, a dim the
+model fixes is an ExportError with no fallback, and when every exporter fails each one's error is
+reported, the first exporter's first."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+
+from torch_trt_module import ExportError
+from torch_trt_module import _exporters
+from torch_trt_module._exporters import capture, dynamic_dims, is_data_dependent, run_exporters, sanitize, summary
+from torch_trt_module._settings import Settings
+
+# The wrapper _export hands the exporters takes flat tensors and returns a tuple of tensors.
+BATCH = ((1, 4), (2, 4), (8, 4))
+
+
+class Add(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (xs[0] + xs[1],)
+
+
+class Double(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (xs[0] * 2,)
+
+
+class Branch(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if xs[0].sum() > 0:  # a Python branch on a tensor's value
+            return (xs[0] * 2,)
+        return (xs[0],)
+
+
+class Where(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (torch.where(xs[0].sum() > 0, xs[0] * 2, xs[0]),)  # the same, in tensor ops
+
+
+class FixedBatch(torch.nn.Module):
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (xs[0].view(2, -1),)  # hard-codes the batch size
+
+
+def export(model: torch.nn.Module, exporter: str = "auto", n: int = 1) -> _exporters.Exported:
+    names = ["x", "y"][:n]
+    return run_exporters(model, names, [torch.randn(2, 4) for _ in names], ["out"], dict.fromkeys(names, BATCH),
+                         Settings.from_options(exporter=exporter))
+
+
+def test_torch_export_comes_first_and_its_program_is_kept() -> None:
+    made = export(Double())
+    assert made.exporter == "dynamo" and made.program is not None and made.onnx.startswith(b"\x08")
+    forced = export(Double(), exporter="torchscript")
+    assert forced.exporter == "torchscript" and forced.program is None
+
+
+def test_helpers() -> None:
+    assert sanitize("input.0/a b") == "input_0_a_b"
+    assert dynamic_dims(["x", "s"], {"x": ((1, 3), (4, 3), (8, 3)), "s": ((2,), (2,), (2,))}) == \
+        {"x": {0: (1, 8)}, "s": {}}
+
+
+# --------------------------------------------------------------------------- data-dependent control flow
+
+def test_a_branch_on_a_value_is_an_export_error_with_torch_export_s_words() -> None:
+    with pytest.raises(ExportError) as info:
+        capture(Branch(), ["x"], [torch.randn(2, 4)], {"x": BATCH})
+    msg = str(info.value)
+    assert msg.startswith("the model has data-dependent control flow (a Python branch or .item()/int() on a tensor "
+                          "value), which cannot be captured in a static graph. torch.export said: Could not guard on "
+                          "data-dependent expression")
+    assert msg.endswith("Fix: replace the branch with tensor ops (torch.where, torch.cond) or move it outside the "
+                        "compiled module.")
+    assert is_data_dependent(info.value.__cause__)  # the verdict came from torch.export's exception
+
+
+def test_the_same_computation_in_tensor_ops_is_captured() -> None:
+    program = capture(Where(), ["x"], [torch.randn(2, 4)], {"x": BATCH})
+    x = -torch.rand(3, 4)
+    torch.testing.assert_close(program.module()(x)[0], x)  # both branches are in the graph
+    torch.testing.assert_close(program.module()(-x)[0], -2 * x)
+
+
+def test_data_dependence_found_by_torch_export_is_never_retried_with_the_tracer(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    traced: list[str] = []
+    monkeypatch.setattr(_exporters, "_export_torchscript", lambda *a, **k: traced.append("tracer") or b"graph")
+    with pytest.raises(ExportError, match="data-dependent control flow"):
+        export(Branch())  # the tracer would bake in the branch taken for the example
+    assert traced == []
+
+
+@pytest.mark.parametrize("error,data_dependent", [
+    (RuntimeError("Could not guard on data-dependent expression u0 > 0"), True),
+    (type("GuardOnDataDependentSymNode", (RuntimeError,), {})("guard"), True),
+    (RuntimeError("Could not extract specialized integer from data-dependent expression u0"), True),
+    (RuntimeError("aten::nonzero is not supported by the exporter"), False),
+    (ValueError("shape mismatch: 3 vs 4"), False),
+])
+def test_is_data_dependent_reads_the_exception_chain(error: BaseException, data_dependent: bool) -> None:
+    assert is_data_dependent(error) is data_dependent
+    try:
+        try:
+            raise error
+        except BaseException as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as outer:
+        assert is_data_dependent(outer) is data_dependent  # found through __cause__ as well
+
+
+def test_another_torch_export_failure_falls_back_to_the_tracer(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.export does not support this module")
+
+    monkeypatch.setattr(torch.export, "export", fails)
+    with caplog.at_level(logging.INFO, logger="torch_trt_module"):
+        made = export(Double())
+    assert made.exporter == "torchscript" and made.program is None
+    assert "dynamo exporter failed: torch.export does not support this module" in caplog.text
+
+
+# --------------------------------------------------------------------------- dims tied or fixed by the model
+
+def test_dims_the_model_ties_together_are_refined_into_one(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="torch_trt_module"):
+        program = capture(Add(), ["x", "y"], [torch.randn(2, 4), torch.randn(2, 4)], {"x": BATCH, "y": BATCH})
+    dims = [n.meta["val"].shape[0] for n in program.graph.nodes if n.op == "placeholder"]
+    assert len(dims) == 2 and str(dims[0]) == str(dims[1]) and not isinstance(dims[0], int)  # one symbol
+    (constraint,) = program.range_constraints.values()
+    assert (constraint.lower, constraint.upper) == (1, 8)  # the profile's range survives the refinement
+    assert "torch.export: tied dynamic dims" in caplog.text
+
+
+def test_a_dim_the_model_fixes_is_an_export_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    traced: list[str] = []
+    monkeypatch.setattr(_exporters, "_export_torchscript", lambda *a, **k: traced.append("tracer") or b"graph")
+    with pytest.raises(ExportError) as info:
+        export(FixedBatch())
+    assert str(info.value).startswith("a dynamic dimension was specialised by the model (x_0 = 2): ")
+    assert "Fix: make that dimension static (dynamic=None, or leave it out of dynamic=), or compute the size from " \
+           "x.shape." in str(info.value)
+    assert traced == []  # the tracer would bake the size in silently
+
+
+def test_the_tracer_refuses_a_branch_it_would_bake_in() -> None:
+    with pytest.raises(ExportError) as info:
+        export(Branch(), exporter="torchscript")
+    msg = str(info.value)
+    assert msg.startswith("the TorchScript tracer turned a traced value into a Python value (Converting a tensor to a "
+                          "Python boolean")
+    assert "the graph would hold only the branch taken for the example, so it is refused" in msg
+
+
+# --------------------------------------------------------------------------- every exporter fails
+
+def test_every_exporter_s_error_is_reported_the_first_exporter_s_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = RuntimeError("dynamo broke\nwith a long second line")
+    monkeypatch.setattr(_exporters, "capture", lambda *a, **k: (_ for _ in ()).throw(first))
+    monkeypatch.setattr(_exporters, "_export_torchscript",
+                        lambda *a, **k: (_ for _ in ()).throw(TypeError("tracer broke")))
+    with pytest.raises(ExportError) as info:
+        export(Double())
+    assert str(info.value) == "could not export the model to ONNX (dynamo: dynamo broke; torchscript: tracer broke)."
+    assert info.value.__cause__ is first
+
+
+@pytest.mark.parametrize("detail,hint", [
+    ("aten::foo is not supported", "The model uses an operator the ONNX exporters cannot translate"),
+    ("No decomposition for aten::bar", "The model uses an operator the ONNX exporters cannot translate"),
+    ("Constraints violated (x_0)", "A dynamic dimension was specialised by the model"),
+])
+def test_a_hint_follows_the_reported_errors(monkeypatch: pytest.MonkeyPatch, detail: str, hint: str) -> None:
+    monkeypatch.setattr(_exporters, "capture", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(detail)))
+    with pytest.raises(ExportError) as info:
+        export(Double(), exporter="dynamo")
+    assert str(info.value).startswith(f"could not export the model to ONNX (dynamo: {detail}). {hint}")
+
+
+def test_summary_keeps_the_first_meaningful_line() -> None:
+    assert summary(RuntimeError("\n\n  first line  \nsecond")) == "first line"
+    assert summary(RuntimeError("preamble\n## Exception summary\n\n\x1b[31mthe cause\x1b[0m\nmore")) == "the cause"
+    assert summary(KeyError()) == "KeyError"
+    assert len(summary(RuntimeError("x" * 1000))) == 400
