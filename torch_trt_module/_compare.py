@@ -400,7 +400,8 @@ def reference_numerics(compiled_numerics: str, *, eager_tf32: bool, strict: bool
     else:
         how = "eager as configured (no TF32)"
     if compiled_numerics == "tf32":
-        how += "; the engine computes fp32 in TF32 (tf32=True)"
+        how += ("; the compiled module computes fp32 in TF32 (a TensorRT engine built with tf32=True, or the "
+                "PyTorch runtime under TF32 flags)")
     return numerics, how
 
 
