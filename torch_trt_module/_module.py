@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn.modules import module as _nn_module
 
 from ._engine import Engine
-from ._errors import EngineLoadError, EngineNotRefittable, InputError, RuntimeFailure, SettingsError, TorchTRTError
+from ._errors import EngineLoadError, InputError, SettingsError, TorchTRTError
 from ._inputs import match_inputs, safe_cast, widen_hint
 from ._numerics import eager_uses_tf32
 from ._signature import bind_call
 from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
-from ._weights import WEIGHT_MODES, WeightWatch, read_weights, weights_hash
+from ._following import FollowsWeights
+from ._weights import WEIGHT_MODES
 from .backends import Runner, can_run_plan, make_runner, normalize_device
 
 __all__ = ["LazyBuild", "TRTModule", "engine_of_state", "load", "save"]
@@ -36,7 +37,7 @@ _G_FWD_PRE, _G_FWD = _nn_module._global_forward_pre_hooks, _nn_module._global_fo
 _G_BWD_PRE, _G_BWD = _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks
 
 
-class TRTModule(torch.nn.Module):
+class TRTModule(FollowsWeights, torch.nn.Module):
     """A compiled module: call it like the original (same arguments, same output structure).
 
     Build one with :func:`torch_trt_module.compile`, or wrap an :class:`Engine`. ``runtime``
@@ -69,7 +70,7 @@ class TRTModule(torch.nn.Module):
         #: How many times the engine's weights were replaced (follow mode, or refit()).
         self.weights_version = 0
         self.__dict__["_source"] = source  # not a submodule: the source's weights are not this module's state
-        self._watch: WeightWatch | None = None
+        self._watch = None  # a WeightWatch on the source (_following.FollowsWeights)
         self._current: dict[str, torch.Tensor] | None = None  # weights the runner has, where not the engine's
         self._rebuild = rebuild
         self._warned_weights = False
@@ -304,131 +305,6 @@ class TRTModule(torch.nn.Module):
                 t = t.to(spec.torch_dtype)
             out.append(t.contiguous())
         return out
-
-    # ------------------------------------------------------------------ weights
-
-    def _watch_source(self, exported: ExportedModel) -> None:
-        source = self.__dict__.get("_source")
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        if source is None:
-            return
-        names = sorted({src for src, _, _ in exported.weights.values()})
-        if not names:  # no map (a TorchScript graph): watch every tensor, to rebuild or to warn
-            names = [n for n, _ in source.named_parameters()] + [n for n, _ in source.named_buffers()]
-        if names:
-            self._watch = WeightWatch(source, names)
-            self._watch.read({})  # the engine has the source's weights as they are now
-
-    def _weights_changed(self) -> None:
-        """Called by a call that found the source's weights changed (follow or snapshot mode)."""
-        with self._lock:
-            watch = self._watch
-            if watch is None or not watch.changed():
-                return
-            if not watch.alive:
-                self._watch = None  # the source is gone: nothing can change any more
-                return
-            if self.weights == "snapshot":
-                if not self._warned_weights:
-                    self._warned_weights = True
-                    log.warning("the source module's weights changed, and this module keeps the weights it was "
-                                "compiled with (weights='snapshot'). Compile with weights='follow' to follow them, "
-                                "or call refit(model)")
-                self._watch = None  # warned once: stop paying for the check
-                return
-            ex = self._exported
-            if not ex.weights:
-                self._rebuild_for_weights(watch)
-                return
-            values = watch.read(ex.weights)
-            if values is not None:
-                self._apply(values)
-
-    def _rebuild_for_weights(self, watch: WeightWatch) -> None:
-        if self._rebuild is None:
-            if not self._warned_weights:
-                self._warned_weights = True
-                log.warning("the source module's weights changed, but this engine's graph has its constants folded "
-                            "(TorchScript export) and this module cannot rebuild itself: it keeps the old weights. "
-                            "Compile again, with exporter='dynamo' to follow weights by refitting")
-            self._watch = None
-            return
-        log.info("the source module's weights changed; this engine's graph has them folded (TorchScript "
-                 "export), so it is rebuilt")
-        watch.read({})
-        engine = self._rebuild()
-        self._load(engine, self.device)
-        self.weights_version += 1
-
-    def _apply(self, values: dict[str, torch.Tensor]) -> None:
-        refit = getattr(self._runner, "refit", None)
-        if refit is None:
-            raise RuntimeFailure(f"the {self.backend} runner cannot take new weights")
-        try:
-            self._runner = refit(values)
-        except EngineNotRefittable:
-            if self.runtime != "auto":
-                raise
-            # make_runner says why at WARNING and takes the next runtime in the chain, with every weight
-            # this module was refit to so far
-            assert self.engine is not None
-            self._runner, self.runtime_reason = make_runner(
-                self.engine, self.device, runtime=self.runtime, cuda_graphs=self.cuda_graphs,
-                allow_host_code=self.allow_host_code, weights={**(self._current or {}), **values})
-        self._current = {**(self._current or {}), **values}
-        if self._fast is not None:
-            self._fast = {}  # planned calls hold the old runner
-        self.weights_version += 1
-
-    def refit(self, weights: Mapping[str, torch.Tensor] | torch.nn.Module) -> None:
-        """Replace the engine's weights with ``weights`` (a ``state_dict``, or a module of the same
-        architecture), on whatever runtime runs this module, without exporting or building.
-
-        Every name, shape and dtype is checked before anything changes: a mismatch raises InputError
-        naming the tensor, and nothing is half-applied.
-
-        Example:
-            >>> fast = torch_trt_module.compile(model, x)              # doctest: +SKIP
-            >>> fast.refit(torch.load("checkpoint.pt"))               # doctest: +SKIP
-        """
-        ex = self._require()
-        if not ex.weights:
-            raise RuntimeFailure("this engine's graph has its constants folded (TorchScript export), so its weights "
-                                 "cannot be replaced. Fix: compile with exporter='dynamo'")
-        if isinstance(weights, torch.nn.Module):  # every parameter and buffer, non-persistent ones too
-            state = {**dict(weights.named_parameters()), **dict(weights.named_buffers())}
-        else:
-            state = dict(weights)
-        values = read_weights(ex.weights, state, optional=ex.unsaved)
-        with self._lock:
-            self._apply(values)
-
-    @property
-    def weight_names(self) -> list[str]:
-        """The source module's parameters and buffers this engine holds as weights, by their
-        ``state_dict`` names (what a refit replaces and what :meth:`weights_hash` covers)."""
-        return sorted({src for src, _, _ in self._require().weights.values()})
-
-    def weights_hash(self) -> str:
-        """sha256 of the weights this module computes with (its engine's, or what it was refit to),
-        keyed by the source's names: equal to ``weights_hash(model.state_dict())`` over
-        :attr:`weight_names` when the module is current.
-
-        Example:
-            >>> from torch_trt_module._weights import weights_hash              # doctest: +SKIP
-            >>> sd = model.state_dict()                                          # doctest: +SKIP
-            >>> fast.weights_hash() == weights_hash({n: sd[n] for n in fast.weight_names})  # doctest: +SKIP
-            True
-        """
-        ex = self._require()
-        assert self.engine is not None
-        from ._onnx import initializer_values
-
-        values = initializer_values(self.engine.onnx, set(ex.weights))
-        values.update(self._current or {})
-        return weights_hash({ex.weights[k][0]: v for k, v in values.items()})
 
     # ------------------------------------------------------------------ lazy mode
 
