@@ -96,3 +96,39 @@ def test_an_optimized_graph_from_another_machine_kind_is_left_alone(tmp_path: Pa
     assert n["builds"] == 0, n
     assert read == ["onnx"] and not module.runner.used_optimized
     assert outputs_ok(module, 0) and theirs.exists()  # left in place for the machine that made it
+
+
+# --------------------------------------------------------------------------- the PyTorch program blob
+
+def _program_blob(root: Path) -> Path:
+    (path,) = (root / "entries").glob("*+program+*.blob")
+    return path
+
+
+def test_a_corrupt_program_read_at_first_use_is_refused_and_rebuilt_by_the_next_compile(tmp_path: Path) -> None:
+    # On the CPU the module runs on ONNX Runtime, so a hit defers the program until it is used
+    # (state_dict(), save(), or the PyTorch runtime); a flipped byte fails its checksum there.
+    root = tmp_path / "cache"
+    module = compile_tiny(0, root, exporter="dynamo")
+    assert module.engine is not None and module.engine.program is not None
+    faults.flip_byte(_program_blob(root), random.Random(3))
+    with counting() as n, faults.capture_warnings() as warned:
+        module = compile_tiny(0, root, exporter="dynamo")
+        assert outputs_ok(module, 0)
+        assert module.engine is not None and module.engine.program is None  # never the corrupt bytes
+    assert n["cache_hits"] == 1 and n["builds"] == 0
+    assert any("checksum mismatch for blob 'program'" in w for w in warned), warned
+    with counting() as n:
+        module = compile_tiny(0, root, exporter="dynamo")
+    assert n["builds"] == 1 and module.engine is not None and module.engine.program is not None
+
+
+def test_a_corrupt_program_the_runtime_needs_at_once_is_rebuilt(tmp_path: Path) -> None:
+    # runtime="torch" reads the program at the hit, checked like every eager blob.
+    root = tmp_path / "cache"
+    compile_tiny(0, root, exporter="dynamo", runtime="torch")
+    faults.flip_byte(_program_blob(root), random.Random(4))
+    with counting() as n, faults.capture_warnings() as warned:
+        module = compile_tiny(0, root, exporter="dynamo", runtime="torch")
+    assert n["builds"] == 1 and module.backend == "torch" and outputs_ok(module, 0)
+    assert any("program" in w for w in warned), warned
