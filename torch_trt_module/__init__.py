@@ -34,6 +34,7 @@ from ._errors import (
     TorchTRTError,
     TritonExportError,
     TritonRepoExists,
+    UnsupportedOutput,
     UsageError,
     VerificationError,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "TorchTRTError",
     "TritonExportError",
     "TritonRepoExists",
+    "UnsupportedOutput",
     "UsageError",
     "VerificationError",
     "assert_parity",

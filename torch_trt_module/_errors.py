@@ -7,6 +7,7 @@ derive from the matching built-in so that generic handlers keep working::
     ├── SettingsError (ValueError)        an option of compile() has a value it cannot take
     │   └── PrecisionError                 a mixed-precision conversion was asked for wrongly
     ├── ExportError                        the model cannot be exported to ONNX, or the export is wrong
+    │   └── UnsupportedOutput (TypeError)  the model returns something an engine cannot (a cache, a string)
     ├── BuildError                         the backend cannot build an engine from the graph
     ├── BackendUnavailable (ImportError)   a backend that was asked for cannot run on this machine
     ├── InputError (ValueError)            call inputs that do not match what the module was built for
@@ -40,6 +41,7 @@ __all__ = [
     "TorchTRTError",
     "TritonExportError",
     "TritonRepoExists",
+    "UnsupportedOutput",
     "UsageError",
     "VerificationError",
 ]
@@ -59,6 +61,11 @@ class PrecisionError(SettingsError):
 
 class ExportError(TorchTRTError):
     """The model could not be exported to ONNX (or the export is wrong)."""
+
+
+class UnsupportedOutput(ExportError, TypeError):
+    """The model returns a value an engine cannot return: a cache object (a Hugging Face ``DynamicCache``
+    holds state that grows from call to call), a constant, or an object that is not a tensor nest."""
 
 
 class BuildError(TorchTRTError):

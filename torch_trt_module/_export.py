@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._errors import ExportError, InputError
+from ._errors import ExportError, InputError, UnsupportedOutput
 from ._exporters import run_exporters, sanitize
 from ._numerics import strict_fp32
 from ._onnx import check_graph, graph_dims, graph_dtype, normalize_einsum
@@ -60,7 +60,7 @@ def _output_names(tree: TreeSpec) -> list[str]:
     if tree.kind == "tensor":
         return ["output"]
     names = _leaf_names(tree)
-    if tree.kind in ("tuple", "list"):
+    if tree.kind in ("tuple", "list") or (tree.kind == "node" and not tree.keys):
         names = [f"output_{n}" for n in names]
     return _dedupe(names)
 
@@ -123,7 +123,7 @@ class _Flat(torch.nn.Module):
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         bound = unflatten(self.call_tree, flat)
         args, kwargs = to_call(self.params, bound)
-        out, _ = flatten(self.model(*args, **kwargs), what="output", allow_const=False)
+        out, _ = flatten(self.model(*args, **kwargs), what="output", allow_const=False, error=UnsupportedOutput)
         return tuple(out)
 
 
@@ -137,7 +137,8 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         raise ExportError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     params = params_of(model.forward)
     bound = bind_call(params, args, kwargs)
-    leaves, call_tree = flatten(bound, what="input")
+    # Inputs stay tuples, lists and dicts: the call-time checks (_inputs.match_inputs) know only those.
+    leaves, call_tree = flatten(bound, what="input", nodes=False)
     names = _dedupe(_leaf_names(call_tree))
     for name, t in zip(names, leaves):
         dtype_name(t.dtype)  # raises a clear error for unsupported dtypes
@@ -160,7 +161,7 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     strict = _on_cuda(model, leaves)
     with torch.inference_mode(), (strict_fp32() if strict else contextlib.nullcontext()):
         eager_out = model(*args, **kwargs)
-    out_leaves, out_tree = flatten(eager_out, what="output", allow_const=False)
+    out_leaves, out_tree = flatten(eager_out, what="output", allow_const=False, error=UnsupportedOutput)
     if not out_leaves:
         raise ExportError("the model returned no tensors; there is nothing to compile")
     user_out_dtypes = tuple(dtype_name(t.dtype) for t in out_leaves)

@@ -3,10 +3,13 @@ TorchScript tracer as a fallback. Their errors are kept and reported truthfully.
 
 The torch.export path comes first because it refuses data-dependent control flow instead of
 silently baking one branch into the graph, and honours ``Dim`` ranges; its program is kept
-(the PyTorch runtime runs it where no engine can). When it fails for any other reason the
-TorchScript tracer is tried; its warnings that a traced value became a Python bool or number
-are errors, since the graph would hold only the branch taken for the example. When every
-exporter fails, each one's error is reported, the first exporter's first.
+(the PyTorch runtime runs it where no engine can). Attention is captured as its math
+(``_lowering``). When it fails for any other reason the TorchScript tracer is tried; its warnings
+that a traced value became a Python bool or number are errors, since the graph would hold only
+the branch taken for the example. The tracer cannot tell a branch on data from a check on a shape,
+so only torch.export's evidence (a guard on a data-dependent value) is ever called data-dependent
+control flow. When every exporter fails, each one's error is reported, the first exporter's first,
+and the first one's is chained.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from ._errors import ExportError
+from ._lowering import lowered_attention
 from ._settings import Settings
 
 __all__ = ["Exported", "run_exporters"]
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
 _DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "DataDependent",
                    "Could not guard on data-dependent", "Could not extract specialized integer from data-dependent")
+_TRACER_FIX = ("Fix: compute it with tensor ops (torch.where, torch.cond), make the dimension it depends on static "
+               "(dynamic=None), or fix what stops the dynamo exporter (exporter='dynamo' shows its error).")
 _FIX_BRANCH = ("Fix: replace the branch with tensor ops (torch.where, torch.cond) or move it outside the compiled "
                "module.")
 
@@ -67,6 +74,8 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
             program = capture(wrapper, names, leaves, profiles)
             return Exported(_to_onnx(program, leaves, names, out_names, settings), exporter, program)
         except ExportError as e:
+            if exporter == "torchscript" and not errors:
+                e = _tracer_verdict(e, wrapper, names, leaves, profiles)
             errors.append((exporter, e))
             break  # our own verdict (data-dependent, specialised): no fallback may bake it in
         except Exception as e:  # noqa: BLE001 - every exporter failure is reported below
@@ -76,6 +85,32 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
         raise errors[0][1]
     detail = "; ".join(f"{name}: {summary(e)}" for name, e in errors)
     raise ExportError(f"could not export the model to ONNX ({detail}).{_hint(detail)}") from errors[0][1]
+
+
+def _tracer_verdict(refusal: ExportError, wrapper: torch.nn.Module, names: list[str], leaves: list[torch.Tensor],
+                    profiles: Profiles) -> ExportError:
+    """The tracer's refusal (a traced value became a Python value), judged with torch.export's evidence
+    when the tracer ran alone (exporter="torchscript"): the tracer cannot tell a branch on data from a
+    check on a shape, torch.export can. Only its verdict calls the model data-dependent."""
+    text = str(refusal)
+    if not text.endswith(_TRACER_FIX):
+        return refusal  # not the tracer's refusal
+    what = text[: -len(_TRACER_FIX)]
+    try:
+        capture(wrapper, names, leaves, profiles)
+    except ExportError as probe:
+        if probe.__cause__ is not None and is_data_dependent(probe.__cause__):
+            found = ExportError(f"{what}torch.export confirms that the model has data-dependent control flow (a "
+                                "Python branch or .item()/int() on a tensor value): "
+                                f"{summary(probe.__cause__)}. {_FIX_BRANCH}")
+            found.__cause__ = probe.__cause__
+            return found
+        return refusal
+    except Exception:  # noqa: BLE001 - no evidence either way: the tracer's own words stand
+        return refusal
+    return ExportError(f"{what}torch.export traced the same model without finding a data-dependent branch, so the "
+                       "value is likely a check on a shape. Fix: use exporter='dynamo' (or 'auto'), or make the "
+                       "dimension it depends on static (dynamic=None).")
 
 
 def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[torch.Tensor],
@@ -89,9 +124,13 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
                          for n in names),)
     for attempt in range(6):
         try:
-            with warnings.catch_warnings():
+            # Attention is captured as its math (see _lowering): torch.onnx's own decomposition of
+            # the fused op breaks the views that follow it in T5, Swin and MaxViT.
+            with warnings.catch_warnings(), lowered_attention():
                 warnings.simplefilter("ignore")
                 return torch.export.export(wrapper, tuple(leaves), dynamic_shapes=shapes, strict=False)
+        except ExportError:
+            raise  # our own verdict, made while tracing (e.g. the attention lowering's)
         except Exception as e:  # noqa: BLE001 - classified here, from torch.export's own evidence
             fixes = _suggested_fixes(e)
             fixed = [f for f in fixes if re.fullmatch(r"\w+ = -?\d+", f)]
@@ -185,18 +224,44 @@ def _export_torchscript(wrapper: torch.nn.Module, names: list[str], leaves: list
     dims = dynamic_dims(names, profiles)
     dynamic_axes = {n: {d: f"{sanitize(n)}_{d}" for d in dims[n]} for n in names if dims[n]}
     buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
+    caught: list[tuple[str, str]] = []  # (message, where) of each tracer warning that a value became Python
+
+    def record(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: Any) -> None:
+        if issubclass(category, torch.jit.TracerWarning) and re.search(r"Python (boolean|number|float|int)",
+                                                                       str(message)):
+            caught.append((str(message), _user_frame() or f"{filename}:{lineno}"))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
         torch.onnx.export(wrapper, tuple(leaves), buf, dynamo=False, input_names=names, output_names=out_names,
                           dynamic_axes=dynamic_axes, opset_version=settings.opset or DEFAULT_OPSET)
-    for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning) and re.search(r"Python (boolean|number|float|int)",
-                                                                         str(w.message)):
-            raise ExportError(
-                f"the TorchScript tracer turned a traced value into a Python value ({str(w.message).strip()}). "
-                "If that value decides a branch (data-dependent control flow, or a check on a shape), the graph "
-                f"would hold only the branch taken for the example, so it is refused. {_FIX_BRANCH}")
+    if caught:
+        # The tracer cannot tell a branch on data from a check on a shape (timm's
+        # ``_assert(H == self.img_size[0])``, an ``is_causal`` computed from a length): both are the
+        # same warning. So this says what happened and where, and claims no data dependence; only
+        # torch.export's own evidence diagnoses that (capture).
+        message, where = caught[0]
+        first = message.strip().split(". ")[0].rstrip(".")
+        raise ExportError(
+            f"the TorchScript tracer turned a traced value into a Python value ({first}.) at {where}. The trace "
+            "keeps that value as a constant: if it decides a branch, an assert or a size, the graph would hold "
+            f"only the branch taken for the example, so it is refused. {_TRACER_FIX}")
     return buf.getvalue()
+
+
+def _user_frame() -> str | None:
+    """``file:line`` of the innermost frame outside torch, this package and the warnings machinery:
+    the model's code that turned a traced value into a Python value (torch's own frame, such as
+    ``torch._assert``'s, is what the warning itself names)."""
+    import traceback
+
+    skip = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    for frame in reversed(traceback.extract_stack()):
+        if not frame.filename.startswith(skip) and frame.filename != warnings.__file__ \
+                and not frame.filename.startswith("<"):
+            return f"{frame.filename}:{frame.lineno}"
+    return None
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -208,7 +273,10 @@ def _chain(e: BaseException) -> list[BaseException]:
 
 
 def is_data_dependent(e: BaseException) -> bool:
-    return any(any(m in f"{type(x).__name__}: {x}" for m in _DATA_DEPENDENT) for x in _chain(e))
+    """Whether torch.export's exception chain shows a guard on a data-dependent value. Our own errors
+    in the chain are not evidence (their text may quote the words)."""
+    return any(any(m in f"{type(x).__name__}: {x}" for m in _DATA_DEPENDENT)
+               for x in _chain(e) if not isinstance(x, ExportError))
 
 
 def is_specialization(e: BaseException) -> bool:
@@ -222,8 +290,9 @@ def summary(e: BaseException) -> str:
     if "## Exception summary" in text:
         text = text.split("## Exception summary", 1)[1]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else type(e).__name__
-    return re.sub(r"\x1b\[[0-9;]*m", "", first)[:400]
+    first = re.sub(r"\x1b\[[0-9;]*m", "", lines[0] if lines else type(e).__name__)
+    # Ours are written to be read whole (what, where, the fix); an exporter's first line can run long.
+    return first if isinstance(e, ExportError) else first[:400]
 
 
 def _hint(detail: str) -> str:
