@@ -26,5 +26,7 @@ setup(
         "bench": ["matplotlib", "torchvision", "transformers>=4.40"],
         "triton": ["tritonclient[grpc]"],
     },
-    entry_points={"console_scripts": ["torch-trt-module=torch_trt_module.cli:main"]},
+    entry_points={"console_scripts": ["torch-trt-module=torch_trt_module.cli:main"],
+                  # torch.compile(model, backend="torch_trt_module") finds the backend here, unimported
+                  "torch_dynamo_backends": ["torch_trt_module = torch_trt_module._dynamo:backend"]},
 )

@@ -237,3 +237,25 @@ def test_key_is_identical_in_processes_with_different_hash_seeds(tmp_path: Path)
     assert a["hash"] != b["hash"]  # the seeds did change str hashing
     assert len(a["keys"]) == 1 and len(a["fps"]) == 1
     assert (a["keys"], a["fps"]) == (b["keys"], b["fps"])
+
+
+def test_graph_modules_with_the_same_weights_and_other_code_never_share_a_fingerprint() -> None:
+    # torch.compile hands the backend GraphModules: same classes, same weights, different graphs.
+    import torch.fx
+
+    class Act(torch.nn.Module):
+        def __init__(self, fn: str) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.fn = fn
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.lin(x)) if self.fn == "relu" else torch.sigmoid(self.lin(x))
+
+    torch.manual_seed(0)
+    a = torch.fx.symbolic_trace(Act("relu"))
+    b = torch.fx.symbolic_trace(Act("sigmoid"))
+    b.load_state_dict(a.state_dict())
+    vars(b).pop("fn", None), vars(a).pop("fn", None)  # only the graphs differ now
+    assert _keys.module_fingerprint(a) != _keys.module_fingerprint(b)
+    assert _keys.module_fingerprint(a) == _keys.module_fingerprint(a)

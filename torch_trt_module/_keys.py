@@ -181,6 +181,10 @@ def module_fingerprint(model: torch.nn.Module, *, values: bool = True) -> str:
                 continue
             value = vars(mod)[key]
             h.update(f"\0attr {key}={_describe(value)}".encode())
+        if isinstance(mod, torch.fx.GraphModule):
+            # Its class is generated per instance and its code lives in the graph: two GraphModules
+            # with the same weights and classes may compute different things (torch.compile graphs).
+            h.update(f"\0graph {mod.code}".encode())
         for hooks in (mod._forward_hooks, mod._forward_pre_hooks):
             for hook in hooks.values():
                 h.update(f"\0hook {_code_id(hook)}".encode())
