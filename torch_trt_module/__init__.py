@@ -39,6 +39,7 @@ from ._errors import (
     VerificationError,
 )
 from ._module import TRTModule, load, save
+from ._partition import PartitionedModule, PartitionReport, explain
 from ._settings import Settings
 from ._spec import ExportedModel, TensorSpec
 from ._triton import export_triton
@@ -59,6 +60,8 @@ __all__ = [
     "InputError",
     "OutputReport",
     "ParityReport",
+    "PartitionReport",
+    "PartitionedModule",
     "PrecisionError",
     "RuntimeFailure",
     "Settings",
@@ -75,6 +78,7 @@ __all__ = [
     "build_engine",
     "compile",
     "doctor",
+    "explain",
     "export_onnx",
     "export_triton",
     "load",

@@ -16,11 +16,12 @@ import torch
 from ._build import build_with_choice
 from ._checks import check_compiled, check_export
 from ._engine import Engine
-from ._errors import InputError
+from ._errors import BuildError, ExportError, InputError, UnsupportedOutput
 from ._export import export_with_settings
 from ._inputs import match_inputs
 from ._keys import content_key, fingerprint, keyed_by_value, timing_cache_name
 from ._module import TRTModule
+from ._partition import PartitionedModule
 from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, split_inputs
 from ._spec import ExportedModel
@@ -36,8 +37,10 @@ STATS = {"exports": 0, "builds": 0, "cache_hits": 0}
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any = "batch",
             precision: str = "fp32", backend: str = "auto", cache_dir: Any = None, verify: bool = True,
-            **options: Any) -> TRTModule:
-    """Compile ``model`` into a :class:`TRTModule` that runs on the best runtime here.
+            **options: Any) -> "TRTModule | PartitionedModule":
+    """Compile ``model`` into a :class:`TRTModule` that runs on the best runtime here (a
+    :class:`PartitionedModule` for a model that does not export as one graph, under the default
+    ``partition="auto"``).
 
     Args:
         model: an ``nn.Module`` in eval mode.
@@ -85,13 +88,31 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
 
         return TRTModule.lazy(build, device=device, max_rebuilds=settings.max_rebuilds, **module_options)
     args, kwargs = split_inputs(example_inputs)
-    got = compile_engine(model, args, kwargs, settings, choice, device)
+    try:
+        got = compile_engine(model, args, kwargs, settings, choice, device)
+    except ExportError as e:
+        if settings.partition == "never" or isinstance(e, UnsupportedOutput):
+            raise
+        return _partitioned(model, e, dict(options, precision=precision, backend=backend, cache_dir=cache_dir,
+                                           verify=verify))
 
     def rebuild() -> Engine:  # for an engine whose weights are folded into its graph (TorchScript export)
         return compile_engine(model, args, kwargs, settings, choice, device).engine
 
     return TRTModule(got.engine, device=device, prepared=got.prepared, refit_now=got.refit, rebuild=rebuild,
                      **module_options)
+
+
+def _partitioned(model: torch.nn.Module, error: ExportError, options: dict[str, Any]) -> PartitionedModule:
+    log.warning("%s does not export as one graph (%s). partition='auto': torch.compile splits it at its graph "
+                "breaks, each graph becomes an engine where it can and runs in PyTorch where it cannot "
+                "(ttm.explain() lists them; partition='never' raises instead)",
+                type(model).__name__, str(error).splitlines()[0][:300])
+    # Each graph gets the same options; partition="never" inside, so a graph that fails runs in PyTorch
+    # (the backend's fallback) instead of partitioning again. Its profile comes from torch.compile.
+    options = {k: v for k, v in options.items() if k != "dynamic" and v is not None}
+    options["partition"] = "never"
+    return PartitionedModule(model, options, str(error))
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: Any, *, dynamic: Any = "batch", precision: str = "fp32",
@@ -189,7 +210,18 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 def _build(exported: ExportedModel, settings: Settings, choice: BackendChoice, device: torch.device,
            timing: bytes | None = None) -> tuple[Engine, dict[str, Any]]:
     STATS["builds"] += 1
-    return build_with_choice(exported, settings, choice, device, timing)
+    try:
+        return build_with_choice(exported, settings, choice, device, timing)
+    except BuildError as e:
+        if settings.partition == "never" or choice.build == "onnxruntime":
+            raise
+        # partition="auto": the graph keeps its ONNX graph and PyTorch program without a plan, and
+        # runs on the next runtime of the chain (never a wrong result: the checks still run).
+        log.warning("%s cannot build this graph (%s). partition='auto': it runs without an engine, on ONNX "
+                    "Runtime here or on the PyTorch program on a GPU (partition='never' raises instead)",
+                    choice.build, " ".join(line.strip() for line in str(e).splitlines()[:3])[:400])
+        fallback = BackendChoice("onnxruntime", choice.run, f"{choice.build} cannot build the graph")
+        return build_with_choice(exported, settings, fallback, device, None)
 
 
 def _export_and_build(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,

@@ -13,7 +13,7 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from ._engine import Engine
-from ._errors import EngineLoadError, InputError, SettingsError, TorchTRTError
+from ._errors import EngineLoadError, InputError, SettingsError, TorchTRTError, UsageError
 from ._inputs import match_inputs, safe_cast, widen_hint
 from ._numerics import eager_uses_tf32
 from ._signature import bind_call
@@ -418,6 +418,12 @@ def save(module: TRTModule, path: Any) -> None:
     Example:
         >>> save(trt_model, "model.pt"); m = load("model.pt")   # doctest: +SKIP
     """
+    if not isinstance(module, TRTModule):
+        from ._partition import SAVE_REFUSAL, PartitionedModule
+
+        if isinstance(module, PartitionedModule):
+            raise UsageError(SAVE_REFUSAL)
+        raise UsageError(f"save() takes a TRTModule (from compile()); got {type(module).__name__}")
     torch.save(module.state_dict(), path)
 
 

@@ -63,6 +63,9 @@ class Settings:
     targets: tuple[str, ...] | None = _engine(None)
     workspace: int | None = _engine(None)
     optimization_level: int | None = _engine(None)
+    # "auto": what cannot become an engine runs elsewhere (_partition); "never": raise. In the key:
+    # under "auto" a graph the builder refuses is stored without a plan.
+    partition: str = _engine("auto")
     tf32: bool = _engine(True)
     keep_fp32: bool = _engine(True)  # fp16/bf16: norms, softmax, reductions stay fp32 (autocast style)
 
@@ -88,6 +91,7 @@ class Settings:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("runtime", self.runtime, RUNTIMES)
         _check_choice("weights", self.weights, ("follow", "snapshot"))
+        _check_choice("partition", self.partition, ("auto", "never"))
         _check_choice("exporter", self.exporter, EXPORTERS)
         if isinstance(self.dynamic, str) and self.dynamic != "batch":
             raise SettingsError(

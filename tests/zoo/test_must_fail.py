@@ -1,5 +1,6 @@
-"""Cases #18 and #19 of ../shared/zoo/cases.md: models that cannot become a static
-engine must fail clearly (or run correctly on a fallback), never give a wrong result."""
+"""Cases #18 and #19 of ../shared/zoo/cases.md: models that cannot become a static engine run
+correctly by default (partition="auto"), fail clearly with partition="never", and never give a
+wrong result."""
 
 from __future__ import annotations
 
@@ -22,13 +23,25 @@ def test_data_dependent_control_flow_is_a_clear_export_error(module: type[torch.
     x = torch.randn(2, 8)
     with pytest.raises(ttm.ExportError) as info:
         if entry == "compile":
-            ttm.compile(module().eval(), x, cache=False)
+            ttm.compile(module().eval(), x, cache=False, partition="never")
         else:
             ttm.export_onnx(module().eval(), x)
     message = str(info.value)
     assert "data-dependent control flow" in message
     # ...and it tells the user what to do about it.
     assert "Fix:" in message and ("torch.where" in message or "torch.cond" in message)
+
+
+@pytest.mark.parametrize("module", [ItemBranch, TensorBranch], ids=["item", "python-branch"])
+def test_data_dependent_control_flow_runs_through_graph_breaks_by_default(module: type[torch.nn.Module]) -> None:
+    model = module().eval()
+    fast = ttm.compile(model, torch.randn(2, 8), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule)
+    for x in (torch.randn(3, 8), -torch.ones(2, 8), torch.ones(5, 8)):  # both branches, other batches
+        with torch.no_grad():
+            want = model(x)
+        assert torch.allclose(fast(x), want, rtol=1e-5, atol=1e-6)
+    assert fast.graphs >= 2 and "data-dependent control flow" in repr(fast)
 
 
 # --------------------------------------------------------------------------- #18
@@ -86,19 +99,29 @@ def test_data_dependent_output_tensorrt_rtx_build() -> None:
         assert engine.plan, "the build returned an empty engine"
 
 
-def test_data_dependent_output_with_auto_backend_is_never_silent() -> None:
-    """backend="auto" here builds with TensorRT-RTX ahead of time, which cannot parse NonZero.
+def test_data_dependent_output_with_auto_backend_runs_by_default_and_raises_under_never() -> None:
+    """backend="auto" here builds with TensorRT-RTX ahead of time, whose parser cannot take NonZero.
 
-    compile() then raises (naming the op) instead of returning a module; either way no
-    wrong result can come out of it. A module, if one is returned, must be right.
+    By default (partition="auto") the graph runs without an engine (ONNX Runtime here), with a
+    WARNING naming the op, and is right for every input; partition="never" raises, naming it.
     """
     require_rtx()
+    import logging
+
     x = torch.randn(2, 8)
+    with pytest.raises(ttm.BuildError, match="NonZero"):
+        ttm.compile(MaskedSelect().eval(), x, backend="auto", cache=False, partition="never")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("torch_trt_module")
+    logger.addHandler(handler)
     try:
         module = ttm.compile(MaskedSelect().eval(), x, backend="auto", cache=False)
-    except ttm.BuildError as e:
-        assert "NonZero" in str(e)
-    else:
-        for make in _MASKED_INPUTS.values():
-            t = make()
-            assert torch.equal(module(t), t[t > 0])
+    finally:
+        logger.removeHandler(handler)
+    assert any("NonZero" in r and "partition='auto'" in r for r in records), records
+    assert module.backend == "onnxruntime" and module.engine is not None and module.engine.plan is None
+    for make in _MASKED_INPUTS.values():
+        t = make()
+        assert torch.equal(module(t), t[t > 0])

@@ -22,7 +22,7 @@ from .._errors import BuildError
 from .._spec import TensorSpec
 from ._trt_loader import capture_log, import_tensorrt, logger
 
-__all__ = ["build_serialized", "builder_flags"]
+__all__ = ["build_serialized", "builder_flags", "parse_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ def _monitor(trt: Any, progress: _Progress) -> Any:
     return _Monitor()
 
 
-def _parse(trt: Any, name: str, network: Any, onnx: bytes) -> Any:
+def parse_onnx(trt: Any, name: str, network: Any, onnx: bytes) -> Any:
+    """Parse ``onnx`` into ``network`` with ``trt``'s ONNX parser; BuildError naming each node it refuses."""
     parser = trt.OnnxParser(network, logger(trt))
     with tempfile.TemporaryDirectory(prefix="torch_trt_module_") as tmp:
         path = os.path.join(tmp, "model.onnx")  # from a file: graphs over 2 GB parse too
@@ -164,7 +165,7 @@ def build_serialized(
         if not rtx and int(trt.__version__.split(".")[0]) < 11:
             network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(network_flags)
-        parser = _parse(trt, name, network, onnx)
+        parser = parse_onnx(trt, name, network, onnx)
         config = builder.create_builder_config()
         if workspace:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))

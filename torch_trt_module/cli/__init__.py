@@ -26,7 +26,8 @@ import warnings
 from typing import Any, Iterator, Sequence
 
 from .._errors import InputError, SettingsError, TorchTRTError, UsageError
-from ._commands import cmd_bench, cmd_build, cmd_cache, cmd_doctor, cmd_export_triton, cmd_inspect, cmd_verify
+from ._commands import (cmd_bench, cmd_build, cmd_cache, cmd_doctor, cmd_explain, cmd_export_triton, cmd_inspect,
+                        cmd_verify)
 
 __all__ = ["main"]
 
@@ -107,6 +108,9 @@ def _parser() -> _Parser:
     c.add_argument("--no-dynamic-batching", action="store_true")
     c.add_argument("--instance-count", type=int, default=1)
     c.set_defaults(func=cmd_export_triton)
+    c = sub.add_parser("explain", parents=[common, model],
+                       help="what compile() would do: one graph and the parser's verdict, or the graph breaks")
+    c.set_defaults(func=cmd_explain)
     c = sub.add_parser("doctor", parents=[common], help="what runs here, and a smoke test of each backend")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--no-smoke", action="store_true", help="only report; build and run nothing")

@@ -176,6 +176,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .._errors import UsageError
+    from .._partition import explain
+    from ._inputs import dynamic_of, example_inputs, load
+
+    source, plan, exported = load(args)
+    if source.module is None:
+        raise UsageError(f"{args.model} is an ONNX file; explain takes a PyTorch model (package.module:factory)")
+    report = explain(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
+                     precision=args.precision or "fp32")
+    print(report)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .._doctor import doctor
 

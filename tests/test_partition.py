@@ -1,0 +1,69 @@
+"""partition="auto" (issue 14): what cannot become one engine still runs, and explain() says why.
+Cases #18 and #19 themselves are in tests/zoo/test_must_fail.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+
+from harness.models import ItemBranch, MaskedSelect
+
+from ._support import REPO
+
+
+def test_explain_names_the_graph_break_and_its_source_line() -> None:
+    report = ttm.explain(ItemBranch().eval(), torch.randn(2, 8))
+    assert not report.whole_graph and "data-dependent control flow" in (report.export_error or "")
+    assert len(report.graph_breaks) == 1 and len(report.graphs) == 2
+    assert report.graph_breaks[0]["where"].endswith("harness/models.py:42")  # `if x.sum().item() > 0:`
+    assert "item" in report.graph_breaks[0]["reason"].lower()
+    assert "break 1:" in str(report)
+
+
+@pytest.mark.usefixtures("rtx_required")
+def test_explain_names_the_op_the_builder_refuses() -> None:
+    report = ttm.explain(MaskedSelect().eval(), torch.randn(2, 8))
+    assert report.whole_graph and report.engine is not None
+    assert report.engine["builder"] == "tensorrt_rtx"
+    assert "NonZero" in report.engine["verdict"] and "partition='auto'" in report.engine["verdict"]
+
+
+@pytest.mark.usefixtures("rtx_required")
+def test_explain_of_a_graph_the_builder_takes() -> None:
+    report = ttm.explain(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval(), torch.randn(2, 4))
+    assert report.whole_graph and report.engine is not None
+    assert report.engine["verdict"] == "the parser takes every node"
+    assert report.engine["inputs"] == ["input: float32 (1..32, 4)"]
+
+
+def test_a_partitioned_module_refuses_to_be_saved_with_the_fix(tmp_path: Path) -> None:
+    fast = ttm.compile(ItemBranch().eval(), torch.randn(2, 8), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule)
+    with pytest.raises(ttm.UsageError, match="save the model .* and compile it again"):
+        ttm.save(fast, tmp_path / "m.pt")  # type: ignore[arg-type]
+    assert set(fast.state_dict()) == set(fast.model.state_dict())  # the model's weights, once
+
+
+def test_a_partitioned_module_is_inference_only() -> None:
+    model = ItemBranch().eval()
+    fast = ttm.compile(model, torch.randn(2, 8), cache=False)
+    model.train()
+    with pytest.raises(ttm.UsageError, match="training mode"):
+        fast(torch.randn(2, 8))
+
+
+def test_the_cli_explains_a_model(tmp_path: Path) -> None:
+    (tmp_path / "explain_models.py").write_text(
+        "from harness.models import ItemBranch\n\ndef factory():\n    return ItemBranch()\n")
+    env_path = f"{tmp_path}:{REPO}"
+    done = subprocess.run([sys.executable, "-m", "torch_trt_module", "explain", "explain_models:factory",
+                           "--shapes", "x:1x8,2x8,4x8"], capture_output=True, text=True,
+                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "break 1:" in done.stdout and "models.py:42" in done.stdout
