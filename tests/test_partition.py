@@ -67,3 +67,23 @@ def test_the_cli_explains_a_model(tmp_path: Path) -> None:
                           env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "break 1:" in done.stdout and "models.py:42" in done.stdout
+
+
+class ShiftLastToFirst(torch.nn.Module):
+    """MBart's shift_tokens_right in small: an axis-less squeeze() specialises the export to batch > 1."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = ids.clone()
+        out[:, 0] = ids[:, -1:].squeeze()
+        return out
+
+
+def test_a_dim_the_export_specialised_is_named_under_never_and_runs_under_auto() -> None:
+    model = ShiftLastToFirst().eval()
+    example = torch.randint(0, 100, (4, 6))
+    with pytest.raises(ttm.ExportError, match=r"at the profile's min \(ids=\(1, 6\)\).*specialised"):
+        ttm.compile(model, example, cache=False, partition="never")
+    fast = ttm.compile(model, example, cache=False)
+    for batch in (1, 2, 4, 7):  # the profile's min included: correct at every shape
+        ids = torch.randint(0, 100, (batch, 6))
+        assert torch.equal(fast(ids), model(ids))
