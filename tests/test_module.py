@@ -280,3 +280,13 @@ def test_wrong_predicted_output_shape_falls_back_to_ort_allocation(caplog: pytes
     for g in got:
         torch.testing.assert_close(g, model(x).detach(), rtol=1e-5, atol=1e-5)
     assert _planned(module) == 0  # outputs ORT allocates are never planned
+
+
+def test_a_compiled_module_inside_another_module_moves_with_its_parent() -> None:
+    """A parent's .to()/.float() reaches a child through nn.Module._apply(fn): it must neither be taken
+    for a weights update (it was, and raised TypeError) nor lose the module's runner."""
+    model = torch.nn.Linear(4, 3).eval()
+    parent = torch.nn.Sequential(ttm.compile(model, torch.randn(2, 4), cache=False), torch.nn.ReLU())
+    assert parent.to("cpu") is parent and parent.float() is parent
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(parent(x), torch.relu(model(x)))

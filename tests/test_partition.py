@@ -87,3 +87,41 @@ def test_a_dim_the_export_specialised_is_named_under_never_and_runs_under_auto()
     for batch in (1, 2, 4, 7):  # the profile's min included: correct at every shape
         ids = torch.randint(0, 100, (batch, 6))
         assert torch.equal(fast(ids), model(ids))
+
+
+@pytest.mark.slow
+def test_fasterrcnn_backbone_is_an_engine_and_its_postprocessing_runs_in_pytorch() -> None:
+    """torchvision's detector does not export whole (data-dependent sizes in its post-processing):
+    its graphs go through torch.compile; the backbone's is a TensorRT-RTX engine, and the RoiAlign
+    graph the parser refuses runs without a plan. ~2 min on 2 cores."""
+    import torchvision
+
+    from torch_trt_module._split import SegmentedModule
+
+    from ._support import require_rtx
+
+    require_rtx()
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0).eval()
+    with torch.no_grad():  # random heads score every box alike; spread the scores
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 5.0)
+        model.rpn.head.cls_logits.weight.normal_(0, 5.0)
+    fast = ttm.compile(model, ([torch.rand(3, 320, 320)],), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule)
+    image = [torch.rand(3, 320, 320)]
+    got, want = fast(image)[0], model(image)[0]
+    assert set(got) == {"boxes", "labels", "scores"} and got["boxes"].shape == want["boxes"].shape
+    # Random weights tie many scores, so which tied box comes first is arbitrary, and at the bottom of
+    # the list NMS may keep another of two near-equal boxes; the top scores, and nearly all, agree.
+    mine, theirs = got["scores"].sort(descending=True).values, want["scores"].sort(descending=True).values
+    torch.testing.assert_close(mine[:10], theirs[:10], rtol=1e-3, atol=1e-4)
+    assert ((mine - theirs).abs() <= 1e-4).float().mean() >= 0.95
+    parts = fast.parts()
+    modules = [p["module"] for p in parts if p["runs"] == "engine"]
+    backbone = [m for m in modules if isinstance(m, ttm.TRTModule) and m.input_specs[0].min == (3, 320, 320)]
+    assert backbone and backbone[0].engine is not None and backbone[0].engine.has_plan  # an engine
+    # RoiAlign: refused by TensorRT-RTX's parser; the graph runs without a plan (ONNX Runtime here) or split.
+    no_plan = [m for m in modules if isinstance(m, SegmentedModule)
+               or (isinstance(m, ttm.TRTModule) and m.engine is not None and not m.engine.has_plan)]
+    assert no_plan, [p["graph"] for p in parts]

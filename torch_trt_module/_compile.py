@@ -16,7 +16,7 @@ import torch
 from ._build import build_with_choice
 from ._checks import check_compiled, check_export
 from ._engine import Engine
-from ._errors import BuildError, ExportError, InputError, UnsupportedOutput
+from ._errors import BuildError, ExportError, InputError, TorchTRTError, UnsupportedOutput
 from ._export import export_with_settings
 from ._inputs import match_inputs
 from ._keys import content_key, fingerprint, keyed_by_value, timing_cache_name
@@ -25,6 +25,7 @@ from ._partition import PartitionedModule
 from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, split_inputs
 from ._spec import ExportedModel
+from ._split import SegmentedModule
 from .backends import BackendChoice, Runner, select_backend
 
 __all__ = ["STATS", "Compiled", "compile", "compile_engine", "export_onnx"]
@@ -37,10 +38,11 @@ STATS = {"exports": 0, "builds": 0, "cache_hits": 0}
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any = "batch",
             precision: str = "fp32", backend: str = "auto", cache_dir: Any = None, verify: bool = True,
-            **options: Any) -> "TRTModule | PartitionedModule":
-    """Compile ``model`` into a :class:`TRTModule` that runs on the best runtime here (a
-    :class:`PartitionedModule` for a model that does not export as one graph, under the default
-    ``partition="auto"``).
+            **options: Any) -> "TRTModule | SegmentedModule | PartitionedModule":
+    """Compile ``model`` into a :class:`TRTModule` that runs on the best runtime here. Under the default
+    ``partition="auto"``: a :class:`SegmentedModule` (engines and PyTorch in one graph) where the
+    builder refuses some ops or ``torch_executed_ops`` keeps them in PyTorch, and a
+    :class:`PartitionedModule` (torch.compile's graphs) for a model that does not export as one graph.
 
     Args:
         model: an ``nn.Module`` in eval mode.
@@ -56,7 +58,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
             the compiled module against eager on the example.
         **options: any other :class:`Settings` field (``runtime``, ``max_batch``, ``targets``,
             ``workspace``, ``optimization_level``, ``tf32``, ``cache``, ``cache_max_size``,
-            ``max_rebuilds``, ``cast_inputs``, ``device``, ``rtol``, ``atol``, ``exporter``, ...).
+            ``max_rebuilds``, ``cast_inputs``, ``device``, ``rtol``, ``atol``, ``exporter``,
+            ``partition``, ``min_block_size``, ``torch_executed_ops``, ...).
 
     Example:
         >>> import torchvision
@@ -88,13 +91,29 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
 
         return TRTModule.lazy(build, device=device, max_rebuilds=settings.max_rebuilds, **module_options)
     args, kwargs = split_inputs(example_inputs)
+    part_options = dict(options, precision=precision, backend=backend, cache_dir=cache_dir, verify=verify)
+    if settings.torch_executed_ops and settings.partition != "never":
+        return _split(model, args, kwargs, settings, choice, part_options, "torch_executed_ops is set")
     try:
         got = compile_engine(model, args, kwargs, settings, choice, device)
     except ExportError as e:
-        if settings.partition == "never" or isinstance(e, UnsupportedOutput):
+        if settings.partition != "auto" or isinstance(e, UnsupportedOutput):
             raise
-        return _partitioned(model, e, dict(options, precision=precision, backend=backend, cache_dir=cache_dir,
-                                           verify=verify))
+        return _partitioned(model, e, part_options)
+    if settings.partition != "never" and choice.build != "onnxruntime" and got.engine.backend == "onnxruntime":
+        # The builder refused the graph (logged in _build): engines for the parts it takes instead.
+        try:
+            split = _split(model, args, kwargs, settings, choice, part_options, "the builder refused the graph")
+        except TorchTRTError as e:
+            log.warning("%s: the graph could not be split (%s); it runs whole on the next runtime",
+                        type(model).__name__, str(e).splitlines()[0][:300])
+        else:
+            if split.engines:
+                return split
+            # No part became an engine: the whole graph on the next runtime is the same PyTorch on a
+            # GPU (its program), and ONNX Runtime on a CPU.
+            log.info("%s: no part of the graph became an engine (%s); it runs whole on the next runtime",
+                     type(model).__name__, split.extra_repr())
 
     def rebuild() -> Engine:  # for an engine whose weights are folded into its graph (TorchScript export)
         return compile_engine(model, args, kwargs, settings, choice, device).engine
@@ -103,15 +122,25 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
                      **module_options)
 
 
+def _split(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
+           choice: BackendChoice, options: dict[str, Any], why: str) -> "SegmentedModule":
+    from ._split import compile_split
+
+    log.info("%s: %s; splitting its graph into engines and PyTorch (partition=%r)", type(model).__name__, why,
+             settings.partition)
+    options = {k: v for k, v in options.items() if v is not None}
+    return compile_split(model, args, kwargs, settings, choice.build, options)
+
+
 def _partitioned(model: torch.nn.Module, error: ExportError, options: dict[str, Any]) -> PartitionedModule:
     log.warning("%s does not export as one graph (%s). partition='auto': torch.compile splits it at its graph "
                 "breaks, each graph becomes an engine where it can and runs in PyTorch where it cannot "
                 "(ttm.explain() lists them; partition='never' raises instead)",
                 type(model).__name__, str(error).splitlines()[0][:300])
-    # Each graph gets the same options; partition="never" inside, so a graph that fails runs in PyTorch
-    # (the backend's fallback) instead of partitioning again. Its profile comes from torch.compile.
+    # Each graph gets the same options; partition="split" inside: a graph may be split into engines
+    # and PyTorch, but never captured by torch.compile again. Its profile comes from torch.compile.
     options = {k: v for k, v in options.items() if k != "dynamic" and v is not None}
-    options["partition"] = "never"
+    options["partition"] = "split"
     return PartitionedModule(model, options, str(error))
 
 

@@ -25,7 +25,7 @@ import torch
 from ._errors import ExportError, TorchTRTError
 from ._settings import Settings
 
-__all__ = ["STATS", "GraphCall", "backend"]
+__all__ = ["STATS", "GraphCall", "backend", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options:
     """
     options = dict(options or {})
     settings = Settings.from_options(**options)  # a wrong option is the user's error: it raises
+    if settings.partition == "auto":  # dynamo made the graph breaks already: split inside a graph only
+        options["partition"] = "split"
     STATS["graphs"] += 1
     cid = gm.meta.get("dynamo_compile_id")
     label = f"graph {cid}" if cid is not None else f"graph #{STATS['graphs']}"
@@ -80,7 +82,29 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, options:
 def _fallback(gm: torch.fx.GraphModule, label: str, reason: str) -> Callable[..., Any]:
     STATS["fallbacks"] += 1
     log.warning("torch_trt_module: %s runs in PyTorch, not on an engine: %s", label, reason.splitlines()[0][:500])
-    return gm.forward
+    return _InPyTorch(gm, label, reason)
+
+
+class _InPyTorch:
+    """A graph :func:`backend` left to PyTorch, and why."""
+
+    def __init__(self, gm: torch.fx.GraphModule, label: str, reason: str) -> None:
+        self.forward, self.label, self.reason = gm.forward, label, reason
+
+    def __call__(self, *args: Any) -> Any:
+        return self.forward(*args)
+
+
+def describe(fn: Any) -> dict[str, Any]:
+    """What :func:`backend` made of one graph: ``{"graph", "runs", "module", "why"}``."""
+    if isinstance(fn, _InPyTorch):
+        return {"graph": fn.label, "runs": "pytorch", "module": None, "why": fn.reason}
+    if isinstance(fn, _Engine):
+        if fn.failed:
+            return {"graph": fn.label, "runs": "pytorch", "module": None, "why": "its engine build failed"}
+        return {"graph": fn.label, "runs": "engine" if fn.module is not None else "pending", "module": fn.module,
+                "why": ""}
+    return {"graph": "?", "runs": "pytorch", "module": None, "why": f"unknown ({type(fn).__name__})"}
 
 
 class GraphCall(torch.nn.Module):
@@ -140,6 +164,8 @@ class GraphCall(torch.nn.Module):
                 args.append(self._weight(where))
             elif kind == "const":
                 args.append(where[0] if where[1] is None else torch.tensor(where[0], dtype=where[1]))
+            elif kind == "unused":
+                args.append(None)
             else:  # "size": a SymInt, the size of an input's dim
                 args.append(inputs[where[0]].shape[where[1]])
         return self._graph_module(*args)
@@ -216,7 +242,7 @@ class _Engine:
             if self.rebuilds >= self.max_rebuilds or all(lo <= inputs[k].shape[d] <= hi
                                                          for k, d, lo, hi in self.ranges):
                 return  # out of rebuilds, or another thread widened the profile already
-            specs, dynamic = self.module.engine.exported.inputs, {}
+            specs, dynamic = self.module.input_specs, {}
             for k, d, lo, hi in self.ranges:
                 s = inputs[k].shape[d]
                 if not lo == hi == s:
@@ -244,7 +270,7 @@ class _Engine:
         if self.module is None:
             STATS["engines"] += 1
         self.module = module
-        self.ranges = [(k, d, lo, hi) for k, s in enumerate(module.engine.exported.inputs) if s.min and s.max
+        self.ranges = [(k, d, lo, hi) for k, s in enumerate(module.input_specs) if s.min and s.max
                        for d, (lo, hi) in enumerate(zip(s.min, s.max))]
 
     def _eager(self, args: tuple[Any, ...], reason: str) -> Any:
@@ -289,7 +315,8 @@ def _classify(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
               ) -> tuple[list[tuple[str, Any, Any]], list[str]]:
     """Each graph input's slot, and the engine inputs' names. A slot is ``("weight", "conv.weight",
     tensor)``, ``("input", k, None)`` (the engine's k-th input), ``("size", (k, dim), None)`` (a SymInt:
-    input k's size) or ``("const", (value, dtype or None), None)`` (a Python scalar: baked in, checked)."""
+    input k's size), ``("const", (value, dtype or None), None)`` (a Python scalar: baked in, checked)
+    or ``("unused", None, None)`` (a tensor the graph never reads)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise ExportError(f"the graph has {len(placeholders)} inputs but dynamo gave {len(example_inputs)} values")
@@ -309,6 +336,8 @@ def _classify(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
             slots.append(("weight", path, value))
         elif isinstance(value, torch.Tensor) and getattr(arg, "pass_arg_as_tensor", False) and value.dim() == 0:
             slots.append(("const", (value.item(), value.dtype), None))  # a float (dynamic=True: BatchNorm's eps)
+        elif isinstance(value, torch.Tensor) and not node.users:
+            slots.append(("unused", None, None))  # dynamo passes it; the graph never reads it
         elif isinstance(value, torch.Tensor):
             slots.append(("input", len(names), None))
             names.append(_identifier(re.sub(r"^L\['|'\]$", "", where)))

@@ -27,7 +27,7 @@ from ._signature import Param, bind_call, params_of, to_call
 from ._spec import ExportedModel, TensorSpec, TreeSpec, dtype_name, flatten, unflatten
 from ._tree import leaf_paths
 
-__all__ = ["ExportCheck", "export_with_settings", "make_profiles"]
+__all__ = ["ExportCheck", "Flat", "export_with_settings", "flat_inputs", "make_profiles", "widen_example"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def make_profiles(names: Sequence[str], shapes: Sequence[tuple[int, ...]], setti
 
 # --------------------------------------------------------------------------- the flat wrapper
 
-class _Flat(torch.nn.Module):
+class Flat(torch.nn.Module):
     """Takes the flat tensor leaves, calls the model, returns flat tensor outputs."""
 
     def __init__(self, model: torch.nn.Module, params: tuple[Param, ...], call_tree: TreeSpec) -> None:
@@ -129,12 +129,10 @@ class _Flat(torch.nn.Module):
 
 # --------------------------------------------------------------------------- export
 
-def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         settings: Settings) -> tuple[ExportedModel, ExportCheck]:
-    """Export with already-validated settings; the check data is empty unless ``settings.verify``."""
-    t0 = time.perf_counter()
-    if not isinstance(model, torch.nn.Module):
-        raise ExportError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+def flat_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                ) -> tuple[tuple[Param, ...], TreeSpec, list[str], list[torch.Tensor]]:
+    """The model's call as flat tensor leaves: its parameters, the call's structure, the leaves'
+    names and the leaves (ExportError for a dtype no engine takes)."""
     params = params_of(model.forward)
     bound = bind_call(params, args, kwargs)
     # Inputs stay tuples, lists and dicts: the call-time checks (_inputs.match_inputs) know only those.
@@ -144,6 +142,16 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         dtype_name(t.dtype)  # raises a clear error for unsupported dtypes
         if t.is_complex():
             raise ExportError(f"input {name!r} is complex ({t.dtype}); engines take real dtypes only")
+    return params, call_tree, names, leaves
+
+
+def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         settings: Settings) -> tuple[ExportedModel, ExportCheck]:
+    """Export with already-validated settings; the check data is empty unless ``settings.verify``."""
+    t0 = time.perf_counter()
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    params, call_tree, names, leaves = flat_inputs(model, args, kwargs)
 
     target = PRECISION_DTYPES[settings.precision]
     user_in_dtypes = tuple(dtype_name(t.dtype) for t in leaves)
@@ -168,8 +176,8 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
 
     profiles = make_profiles(names, [tuple(t.shape) for t in work_leaves], settings)
     out_names = _output_names(out_tree)
-    wrapper = _Flat(work_model, params, call_tree).eval()
-    made = run_exporters(wrapper, names, _widen_example(names, work_leaves, profiles), out_names, profiles,
+    wrapper = Flat(work_model, params, call_tree).eval()
+    made = run_exporters(wrapper, names, widen_example(names, work_leaves, profiles), out_names, profiles,
                          settings)
     onnx_bytes = normalize_einsum(made.onnx)
     model_proto = check_graph(onnx_bytes, names, profiles, made.exporter)
@@ -202,11 +210,11 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     return exported, check
 
 
-def _check_points(reference: torch.nn.Module, wrapper: "_Flat", names: list[str], leaves: list[torch.Tensor],
+def _check_points(reference: torch.nn.Module, wrapper: "Flat", names: list[str], leaves: list[torch.Tensor],
                   example_out: list[torch.Tensor] | None, profiles: Profiles, strict: bool) -> ExportCheck:
     """Eager's outputs at the example and at the profile's min, max and an off-opt point."""
     check = ExportCheck(strict=strict)
-    flat = _Flat(reference, wrapper.params, wrapper.call_tree).eval()
+    flat = Flat(reference, wrapper.params, wrapper.call_tree).eval()
     seen: set[tuple[tuple[int, ...], ...]] = set()
     for label in ("example", "min", "max", "off"):
         point = leaves if label == "example" else corner(names, leaves, profiles, label)
@@ -274,7 +282,7 @@ def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module
     from ._exporters import weight_names
     from ._precision import MixedPrecisionModel
 
-    # The wrapper (_Flat) holds the model as ``model``; a mixed-precision copy holds it as ``model`` too.
+    # The wrapper (Flat) holds the model as ``model``; a mixed-precision copy holds it as ``model`` too.
     prefix = "model.model." if isinstance(work_model, MixedPrecisionModel) else "model."
     names = weight_names(program)
     out = {}
@@ -291,7 +299,7 @@ def _unsaved(model: torch.nn.Module, mapped: set[str]) -> tuple[str, ...]:
     return tuple(sorted(n for n, _ in model.named_buffers() if n in mapped and n not in saved))
 
 
-def _widen_example(names: list[str], leaves: list[torch.Tensor], profiles: dict[str, Any]) -> list[torch.Tensor]:
+def widen_example(names: list[str], leaves: list[torch.Tensor], profiles: dict[str, Any]) -> list[torch.Tensor]:
     """Exporters specialise a dimension whose example is 0 or 1; grow such dims to 2."""
     out = []
     for name, t in zip(names, leaves):

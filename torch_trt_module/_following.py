@@ -87,7 +87,7 @@ class FollowsWeights:
                 return
             values = watch.read(ex.weights)
             if values is not None:
-                self._apply(values)
+                self._apply_weights(values)
 
     def _rebuild_for_weights(self, watch: WeightWatch) -> None:
         if self._rebuild is None:
@@ -105,7 +105,7 @@ class FollowsWeights:
         self._load(engine, self.device)
         self.weights_version += 1
 
-    def _apply(self, values: dict[str, torch.Tensor]) -> None:
+    def _apply_weights(self, values: dict[str, torch.Tensor]) -> None:
         refit = getattr(self._runner, "refit", None)
         if refit is None:
             raise RuntimeFailure(f"the {self.backend} runner cannot take new weights")
@@ -146,7 +146,7 @@ class FollowsWeights:
             state = dict(weights)
         values = read_weights(ex.weights, state, optional=ex.unsaved)
         with self._lock:
-            self._apply(values)
+            self._apply_weights(values)
 
     @property
     def weight_names(self) -> list[str]:

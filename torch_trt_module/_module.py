@@ -22,7 +22,7 @@ from ._following import FollowsWeights
 from ._weights import WEIGHT_MODES
 from .backends import Runner, can_run_plan, make_runner, normalize_device
 
-__all__ = ["LazyBuild", "TRTModule", "engine_of_state", "load", "save"]
+__all__ = ["LazyBuild", "TRTModule", "engine_of_state", "from_u8", "load", "save", "to_u8"]
 
 log = logging.getLogger(__name__)
 _STATE_FORMAT = 3  # 3: one container (the engine's bytes), checked by its own checksums
@@ -187,6 +187,11 @@ class TRTModule(FollowsWeights, torch.nn.Module):
     def output_names(self) -> list[str]:
         return self._require().output_names
 
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """The flat inputs' names, dtypes and profiles (min, opt, max)."""
+        return self._require().inputs
+
     def _require(self) -> ExportedModel:
         if self.engine is None:
             raise TorchTRTError("this module has no engine yet (a lazy module builds at its first call)")
@@ -347,9 +352,19 @@ class TRTModule(FollowsWeights, torch.nn.Module):
             current = self._current
             self._load(self.engine, device)
             if current:
-                self._apply(current)  # the weights it was refit to, not the engine's
+                self._apply_weights(current)  # the weights it was refit to, not the engine's
         if device is not None and self._lazy is not None:
             self._lazy_device = torch.device(device)
+        return self
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "TRTModule":
+        # A parent's .to()/.cuda()/.cpu() reaches children through _apply, not through their .to():
+        # follow the device the conversion moves a tensor of ours to.
+        super()._apply(fn, recurse)
+        if self.device is not None or self._lazy is not None:
+            probe = fn(torch.empty(0, device=self.device or "cpu"))
+            if isinstance(probe, torch.Tensor) and probe.device != (self.device or torch.device("cpu")):
+                self.to(probe.device)
         return self
 
     def cuda(self, device: int | torch.device | None = None) -> "TRTModule":  # type: ignore[override]
@@ -368,7 +383,7 @@ class TRTModule(FollowsWeights, torch.nn.Module):
         if self.engine is None:
             raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
         engine = self.engine if not self._current else self.engine.with_weights(self._current)
-        return {"format": _STATE_FORMAT, "engine": _to_u8(engine.to_bytes())}
+        return {"format": _STATE_FORMAT, "engine": to_u8(engine.to_bytes())}
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
@@ -398,37 +413,45 @@ def _default_device(engine: Engine) -> str:
 def engine_of_state(state: dict[str, Any], *, source: str = "the saved module") -> Engine:
     """The engine in a TRTModule's extra state (``state_dict()["_extra_state"]``), checksums verified."""
     try:
-        data = _from_u8(state["engine"])
+        data = from_u8(state["engine"])
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise EngineLoadError(f"malformed TRTModule state in {source} ({type(e).__name__}: {e})") from e
     return Engine.from_bytes(data, source=source)
 
 
-def _to_u8(b: bytes) -> torch.Tensor:
+def to_u8(b: bytes) -> torch.Tensor:
+    """Bytes as a uint8 tensor: what a ``torch.load(weights_only=True)`` archive can hold."""
     return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
 
 
-def _from_u8(t: torch.Tensor) -> bytes:
+def from_u8(t: torch.Tensor) -> bytes:
     return t.cpu().contiguous().numpy().tobytes()
 
 
-def save(module: TRTModule, path: Any) -> None:
-    """Save a compiled module: its ``state_dict`` (engine bytes and JSON metadata, no pickled objects).
+def save(module: Any, path: Any) -> None:
+    """Save a compiled module (a TRTModule, or a SegmentedModule: engines and PyTorch parts): engine
+    bytes, the program's tensors and JSON metadata, no pickled objects.
 
     Example:
         >>> save(trt_model, "model.pt"); m = load("model.pt")   # doctest: +SKIP
     """
+    from ._split import SegmentedModule
+
+    if isinstance(module, SegmentedModule):
+        torch.save(module.saved_state(), path)
+        return
     if not isinstance(module, TRTModule):
         from ._partition import SAVE_REFUSAL, PartitionedModule
 
         if isinstance(module, PartitionedModule):
             raise UsageError(SAVE_REFUSAL)
-        raise UsageError(f"save() takes a TRTModule (from compile()); got {type(module).__name__}")
+        raise UsageError(f"save() takes a module from compile(); got {type(module).__name__}")
     torch.save(module.state_dict(), path)
 
 
-def load(path: Any, *, device: str | torch.device | None = None) -> TRTModule:
-    """Load a module saved by :func:`save`, with ``torch.load(..., weights_only=True)``."""
+def load(path: Any, *, device: str | torch.device | None = None) -> Any:
+    """Load a module saved by :func:`save` (a TRTModule or a SegmentedModule), with
+    ``torch.load(..., weights_only=True)``."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -436,6 +459,11 @@ def load(path: Any, *, device: str | torch.device | None = None) -> TRTModule:
     except Exception as e:  # a corrupt archive, or a pickle holding more than tensors and plain data
         raise EngineLoadError(f"{path} is not a module saved by torch_trt_module.save, or it is corrupt "
                               f"({type(e).__name__}: {str(e)[:300]})") from e
+    from ._split import SAVED_FORMAT, SegmentedModule
+
+    if isinstance(state, dict) and state.get("format") == SAVED_FORMAT:
+        split = SegmentedModule.from_saved(state, source=str(path))
+        return split.to(device) if device is not None else split
     module = TRTModule()
     try:
         module.load_state_dict(state)

@@ -1,22 +1,23 @@
 """Compile anything eager runs (``partition="auto"``, the default), and say what ran where.
 
-What this step does today, and what it does not yet:
-
-- **A graph the builder cannot take** (an op its ONNX parser lacks, such as NonZero on
-  TensorRT-RTX): the whole graph keeps its ONNX graph and PyTorch program without a plan, and
-  runs on the next runtime of the chain (ONNX Runtime on the CPU, the PyTorch program on a GPU),
-  with one WARNING naming the op. It is not yet split into an engine plus PyTorch segments.
+- **A graph the builder cannot take whole** (an op its ONNX parser lacks, such as NonZero on
+  TensorRT-RTX), or ops the user keeps in PyTorch (``torch_executed_ops=``): the graph is split,
+  engines for the parts the parser takes and PyTorch ATen ops for the rest (:mod:`._segments`,
+  :class:`~torch_trt_module._split.SegmentedModule`; it saves and loads). If the split itself
+  fails, the whole graph runs without an engine on the next runtime of the chain.
 - **A model that cannot be exported whole** (data-dependent control flow, ``.item()``, Python
   torch.export refuses, a dim the export specialised): the model runs through ``torch.compile``
   with this package's backend (:mod:`torch_trt_module._dynamo`). TorchDynamo splits it at the
-  graph breaks, every graph between them goes through :func:`compile` and its cache, and a graph
-  that still cannot become an engine runs in PyTorch. The result is a :class:`PartitionedModule`:
-  the same call and outputs as the model; it runs the model's own Python between the graphs,
-  so it cannot be saved (save the model and compile it again: the cache makes that fast).
-- ``partition="never"`` raises instead, as before.
+  graph breaks, every graph between them goes through :func:`compile` and its cache (split again
+  where the builder refuses ops: ``partition="split"``), and a graph that still cannot become an
+  engine runs in PyTorch. The result is a :class:`PartitionedModule`: the same call and outputs as
+  the model; it runs the model's own Python between the graphs, so it cannot be saved (save the
+  model and compile it again: the cache makes that fast).
+- ``partition="split"`` splits a graph but never captures with graph breaks; ``"never"`` raises.
 
 :func:`explain` reports, without building engines, whether a model exports whole, the builder
-parser's verdict on its graph, and otherwise the graph breaks with their reasons and source lines.
+parser's verdict on its graph and the split, and otherwise the graph breaks with their reasons and
+source lines.
 """
 
 from __future__ import annotations
@@ -59,11 +60,14 @@ class PartitionedModule(torch.nn.Module):
         self.fallbacks = 0
         options = dict(options)
 
+        self.__dict__["_made"] = []  # what the backend returned per graph (see parts())
+
         def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
             before = _dynamo.STATS["fallbacks"]
             fn = _dynamo.backend(gm, example_inputs, options=options)
             self.graphs += 1
             self.fallbacks += _dynamo.STATS["fallbacks"] - before
+            self._made.append(fn)
             return fn
 
         # dynamic=False: a new shape recompiles (logged by the backend); dynamo then makes the dims
@@ -76,6 +80,19 @@ class PartitionedModule(torch.nn.Module):
             raise UsageError("the model is in training mode; a compiled module is inference-only: call model.eval()")
         with torch.no_grad():  # engines return no gradients; the graphs run on them only without grad
             return self._compiled(*args, **kwargs)
+
+    def parts(self) -> list[dict[str, Any]]:
+        """Each graph dynamo captured so far: its label, ``runs`` ("engine": a TRTModule or
+        SegmentedModule built at its first call, in ``module``; "pending": not called yet;
+        "pytorch") and, for PyTorch, why. Engines are built at a graph's first call.
+
+        Example:
+            >>> [p["runs"] for p in fast.parts()]   # doctest: +SKIP
+            ['engine', 'engine']
+        """
+        from ._dynamo import describe
+
+        return [describe(fn) for fn in self._made]
 
     def extra_repr(self) -> str:
         return (f"graphs={self.graphs}, on engines={self.graphs - self.fallbacks}, in PyTorch={self.fallbacks}, "
@@ -91,6 +108,7 @@ class PartitionReport:
     engine: dict[str, Any] | None = None  # the whole graph: nodes, inputs, outputs, builder, verdict
     graph_breaks: list[dict[str, str]] = field(default_factory=list)  # reason, where
     graphs: list[dict[str, Any]] = field(default_factory=list)  # per dynamo graph: ops
+    segments: list[dict[str, Any]] = field(default_factory=list)  # one graph split: engine and PyTorch parts
 
     def __str__(self) -> str:
         lines = []
@@ -99,6 +117,13 @@ class PartitionReport:
             lines.append(f"exports as one graph: {e.get('nodes')} ONNX nodes; inputs {e.get('inputs')}; "
                          f"outputs {e.get('outputs')}")
             lines.append(f"builder ({e.get('builder')}): {e.get('verdict')}")
+            if self.segments:
+                from ._segments import Segment
+
+                parts = [Segment.from_json(d) for d in self.segments]
+                lines.append(f"split into {sum(p.kind == 'engine' for p in parts)} engine part(s) and "
+                             f"{sum(p.kind == 'pytorch' for p in parts)} PyTorch part(s):")
+                lines.extend(f"  {p.describe()}" for p in parts)
             return "\n".join(lines)
         lines.append(f"does not export as one graph: {self.export_error}")
         lines.append(f"torch.compile splits it into {len(self.graphs)} graph(s) at {len(self.graph_breaks)} "
@@ -112,8 +137,11 @@ class PartitionReport:
 
 def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> PartitionReport:
     """What ``compile(model, example_inputs, **options)`` would do with the model, without building:
-    whether it exports as one graph and whether the builder's ONNX parser takes that graph (and if
-    not, which op it refuses); otherwise where torch.compile breaks it into graphs, and why.
+    whether it exports as one graph and whether the builder's ONNX parser takes that graph; if not
+    (or ``torch_executed_ops`` is set), its split: each engine part with its ops and input and output
+    shapes, each PyTorch part with its ops and why (the parser's refusal, ``min_block_size``,
+    ``torch_executed_ops``); for a model that does not export whole, where torch.compile breaks it
+    into graphs, with each break's reason and source line.
 
     Example:
         >>> print(torch_trt_module.explain(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4)))  # doctest: +SKIP
@@ -133,16 +161,26 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Part
         return report
     from ._onnx import load, op_summary
 
+    from ._settings import Settings
+
+    settings = Settings.from_options(**options)
     nodes = len(load(exported.onnx).graph.node)
-    builder, verdict = _parser_verdict(exported)
-    return PartitionReport(whole_graph=True, engine={
+    builder, verdict, refused = _parser_verdict(exported)
+    report = PartitionReport(whole_graph=True, engine={
         "nodes": nodes, "ops": op_summary(exported.onnx),
         "inputs": [f"{s.name}: {s.dtype} {s.profile_str()}" for s in exported.inputs],
         "outputs": [f"{s.name}: {s.dtype}" for s in exported.outputs], "builder": builder, "verdict": verdict})
+    if settings.partition != "never" and builder != "none" and (refused or settings.torch_executed_ops):
+        from ._split import split_plan
+
+        args, kwargs = split_inputs(example_inputs)
+        plan = split_plan(model, args, kwargs, settings, builder)[0]
+        report.segments = [seg.to_json() for seg in plan.segments]
+    return report
 
 
-def _parser_verdict(exported: Any) -> tuple[str, str]:
-    """Which builder would build here, and whether its ONNX parser takes the graph."""
+def _parser_verdict(exported: Any) -> tuple[str, str, bool]:
+    """Which builder would build here, whether its ONNX parser takes the graph, and if it refused."""
     from ._errors import BackendUnavailable, BuildError
 
     for name in ("tensorrt", "tensorrt_rtx"):
@@ -155,17 +193,16 @@ def _parser_verdict(exported: Any) -> tuple[str, str]:
         from .backends._trt_build import parse_onnx
         from .backends._trt_loader import capture_log, logger
 
-        with capture_log():
+        with capture_log(quiet=True):  # a probe: the refusal is reported below, not logged as an error
             network = trt.Builder(logger(trt)).create_network(0)
             try:
                 parse_onnx(trt, name, network, exported.onnx)
             except BuildError as e:
                 said = " ".join(line.strip() for line in str(e).splitlines()[:3])[:400]
-                return name, (f"the parser refuses the graph: {said}; under "
-                              "partition='auto' the graph runs on the next runtime (ONNX Runtime, or the PyTorch "
-                              "program on a GPU)")
-        return name, "the parser takes every node"
-    return "none", "no TensorRT builder is installed here: the graph runs on ONNX Runtime or PyTorch"
+                return name, (f"the parser refuses the graph: {said}; under partition='auto' the graph is "
+                              "split into engines for the parts it takes and PyTorch for the rest"), True
+        return name, "the parser takes every node", False
+    return "none", "no TensorRT builder is installed here: the graph runs on ONNX Runtime or PyTorch", False
 
 
 def _graph_breaks(model: torch.nn.Module, example_inputs: Any, report: PartitionReport, split: Any) -> None:

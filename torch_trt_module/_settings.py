@@ -63,9 +63,13 @@ class Settings:
     targets: tuple[str, ...] | None = _engine(None)
     workspace: int | None = _engine(None)
     optimization_level: int | None = _engine(None)
-    # "auto": what cannot become an engine runs elsewhere (_partition); "never": raise. In the key:
-    # under "auto" a graph the builder refuses is stored without a plan.
+    # "auto": what cannot become an engine runs elsewhere: graph breaks (_partition), parts of a graph
+    # (_segments); "split": parts of a graph only; "never": raise. In the key: under "auto" a graph
+    # the builder refuses is stored without a plan.
     partition: str = _engine("auto")
+    # Under partition="auto"/"split": the smallest engine part (in ops), and ATen ops kept in PyTorch.
+    min_block_size: int = _engine(5)
+    torch_executed_ops: tuple[str, ...] | None = _engine(None)
     tf32: bool = _engine(True)
     keep_fp32: bool = _engine(True)  # fp16/bf16: norms, softmax, reductions stay fp32 (autocast style)
 
@@ -91,7 +95,10 @@ class Settings:
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("runtime", self.runtime, RUNTIMES)
         _check_choice("weights", self.weights, ("follow", "snapshot"))
-        _check_choice("partition", self.partition, ("auto", "never"))
+        _check_choice("partition", self.partition, ("auto", "split", "never"))
+        if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
+            raise SettingsError(f"option 'min_block_size' got {self.min_block_size!r}; expected an int >= 1 (the "
+                                "fewest ops an engine part may have)")
         _check_choice("exporter", self.exporter, EXPORTERS)
         if isinstance(self.dynamic, str) and self.dynamic != "batch":
             raise SettingsError(
@@ -121,6 +128,8 @@ class Settings:
         values = {k: v for k, v in options.items() if v is not None or k in _NONE_MEANINGFUL}
         if "dynamic" in values:
             values["dynamic"] = freeze_dynamic(values["dynamic"])
+        if values.get("torch_executed_ops") is not None:
+            values["torch_executed_ops"] = normalize_ops(values["torch_executed_ops"])
         if values.get("targets") is not None:
             values["targets"] = normalize_targets(values["targets"])
         if values.get("cache_dir") is not None:
@@ -212,6 +221,34 @@ def normalize_targets(targets: Any) -> tuple[str, ...]:
         out.add(s)
     if not out:
         raise SettingsError("option 'targets' is empty; pass None for the backend's default targets")
+    return tuple(sorted(out))
+
+
+def normalize_ops(ops: Any) -> tuple[str, ...]:
+    """``{torch.ops.aten.nonzero, "aten.sub.Tensor"}`` -> ``("aten.nonzero", "aten.sub.Tensor")`` (ATen op
+    packets or overloads, sorted); SettingsError for a name that is not an ATen op."""
+    import torch
+
+    if isinstance(ops, str) or not hasattr(ops, "__iter__"):
+        ops = [ops]
+    out = set()
+    for op in ops:
+        name = str(op.name() if isinstance(op, torch._ops.OpOverload) else getattr(op, "_qualified_op_name", op))
+        name = name.removeprefix("torch.ops.").replace("::", ".")
+        parts = name.split(".")
+        if len(parts) not in (2, 3) or parts[0] != "aten":
+            raise SettingsError(f"option 'torch_executed_ops' got {op!r}; expected ATen ops such as "
+                                "torch.ops.aten.nonzero, 'aten.nonzero' or 'aten.sub.Tensor'")
+        packet = getattr(torch.ops.aten, parts[1], None)
+        try:
+            known = packet is not None and (len(parts) == 2 or parts[2] in packet.overloads()
+                                            or (parts[2] == "default" and "default" in packet.overloads()))
+        except RuntimeError:
+            known = False
+        if not known:
+            raise SettingsError(f"option 'torch_executed_ops' got {op!r}: there is no ATen op {name!r}. Fix: name "
+                                "an op of torch.ops.aten (the graph's ops are listed by ttm.explain())")
+        out.add(name)
     return tuple(sorted(out))
 
 

@@ -22,7 +22,7 @@ from torch_trt_module._compare import compare_outputs
 from torch_trt_module._spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
-from .trt_double import HostStreams, Knobs, doubles, ort_compute, torch_compute
+from .trt_double import MAX_SM_KHZ, HostStreams, Knobs, doubles, ort_compute, sleep_cycles, torch_compute
 
 REAL = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} not installed"))
         for m in ("tensorrt_lean", "tensorrt_rtx")]
@@ -261,3 +261,20 @@ def test_the_runtime_api_the_adapter_uses_exists_on_the_real_classes(trt: Any) -
         assert hasattr(trt, name), name
     for name in ("get_tensor_vectorized_dim", "get_tensor_format_desc", "num_optimization_profiles"):
         assert hasattr(trt.ICudaEngine, name), name
+
+
+@pytest.mark.parametrize("reported_khz", [0, 1_980_000, 2_520_000, 5_000_000], ids=["none", "h200", "rtx4090", "odd"])
+def test_the_gpu_delay_of_the_double_lasts_its_sleep_ms_at_any_clock(reported_khz: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU the double's writes land behind torch.cuda._sleep(cycles), a spin on the SM clock. Too few
+    # cycles on a fast GPU (the H200) let a read that does not wait see results; so the cycles assume a
+    # clock above any GPU's, or the one the device reports if higher.
+    class Props:
+        clock_rate = reported_khz
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    ms = Knobs().sleep_ms
+    assert ms >= 50
+    cycles = sleep_cycles(torch.device("cuda", 0), ms)
+    for clock_khz in (1_000_000, 1_980_000, 3_000_000, MAX_SM_KHZ, max(reported_khz, MAX_SM_KHZ)):
+        assert cycles / clock_khz >= ms, f"{cycles} cycles last {cycles / clock_khz:.1f} ms at {clock_khz} kHz"

@@ -28,8 +28,10 @@ deferred*, and the output buffers are poisoned (NaN, or 0xA5 bytes) until then:
 - on the CPU, until the next synchronisation point of the stream it was given
   (:class:`HostStreams`: the end of the runner's enqueue block, or ``synchronize()``);
 - on a GPU, it enqueues the writes on the CUDA stream whose handle it was given, behind a
-  ~20 ms sleep kernel, so a wrong-stream, lifetime or missing-wait bug in the adapter reads
-  poison and gives wrong numbers.
+  sleep kernel of at least ``Knobs.sleep_ms`` (50 ms; its cycle count assumes the fastest SM
+  clock any GPU has, :func:`sleep_cycles`, so it is never shorter on a fast GPU), so a
+  wrong-stream, lifetime or missing-wait bug in the adapter reads poison and gives wrong
+  numbers.
 
 It also checks that each bound output buffer holds the shape it reported (on a GPU from the
 caching allocator's records; on the CPU when ``Knobs.check_buffers`` is set), supports
@@ -37,6 +39,19 @@ several inputs of any I/O dtype torch and TensorRT share, engines with two optim
 profiles (the adapter must refuse them), data-dependent output shapes through the
 adapter's ``IOutputAllocator``, and a rejected ``set_input_shape`` leaves that input's shape
 unspecified (stricter than TensorRT promises: the API leaves it unstated).
+
+**Refit.** An engine made with ``weights=`` computes with them (``ort_weighted_compute``,
+``torch_weighted_compute``), is ``refittable`` (unless ``Knobs.refittable`` says otherwise), and
+:func:`refitter_double` is its ``Refitter``, as strict as the real one (its docstrings):
+``set_named_weights`` returns False for a name that is not a refittable weight (``Knobs.folded``:
+weights the builder folded), and for another dtype or element count than the prototype's (a
+``Weights`` has no shape, so TensorRT cannot see one of the same count); weights combined at build
+(``Knobs.fused``) are missing until all are set, and ``refit_cuda_engine`` then returns False; the
+values are read from the ``Weights``' pointer when ``refit_cuda_engine`` runs, and only then does
+the engine compute with them; a refit with the engine's work in flight fails the test (undefined
+in TensorRT); a non-refittable engine cannot have one (the real constructor raises). The real
+``Refitter`` accepts only a real engine, so a runner reaches the double through
+:func:`runtime_module`: the real module with its ``Refitter`` replaced.
 """
 
 from __future__ import annotations
@@ -47,8 +62,9 @@ import functools
 import gc
 import re
 import threading
+import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -57,6 +73,8 @@ from torch_trt_module._spec import TensorSpec
 from torch_trt_module.backends import normalize_device
 
 Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+#: What an engine with weights computes with: the inputs, and the engine's weights as they are now.
+WeightedCompute = Callable[[dict[str, torch.Tensor], Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 # --------------------------------------------------------------------------- the real surface
@@ -323,6 +341,18 @@ class HostStreams:
             w()
 
 
+#: Above the SM clock of any GPU (the fastest boost clocks are 2.5-3 GHz), in kHz: cycles per ms.
+MAX_SM_KHZ = 3_500_000
+
+
+def sleep_cycles(device: torch.device, ms: float) -> int:
+    """Cycles for ``torch.cuda._sleep`` (a kernel that spins on the SM clock) to last at least ``ms``
+    milliseconds on ``device``: sized for the fastest clock the device reports or any GPU has, so
+    a fast GPU never makes it shorter (a slower clock only makes it longer)."""
+    reported = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0  # kHz, the max clock
+    return int(ms * max(int(reported), MAX_SM_KHZ))
+
+
 # --------------------------------------------------------------------------- the doubles
 
 @dataclass
@@ -338,7 +368,12 @@ class Knobs:
     format_desc: str = "Row major linear FP32 format (kLINEAR)"
     vectorized_dim: int = -1
     check_buffers: bool = False  # on the CPU (a gc scan per output); always on a GPU
-    sleep_cycles: int = 40_000_000  # on a GPU: ~20 ms before the writes land
+    sleep_ms: float = 50.0  # on a GPU: the writes land at least this long after they are enqueued
+    refittable: bool | None = None  # None: refittable when the engine has weights (a REFIT build)
+    folded: frozenset[str] = frozenset()  # weights the builder folded: not refittable
+    fused: tuple[frozenset[str], ...] = ()  # weights combined at build: set one, the others are missing
+    fail_refit: bool = False  # refit_cuda_engine refits a subset, logs an error and returns False
+    refits: list[list[str]] = field(default_factory=list)  # the weights of every successful refit
     record: list[tuple[Any, int]] | None = None  # set: execute_async_v3 records instead of running
     handles: list[int] = field(default_factory=list)  # every stream handle execute was given
     contexts: list[Any] = field(default_factory=list)
@@ -351,11 +386,20 @@ def doubles(trt: Any) -> tuple[type, type]:
     class Engine(StrictDouble):
         real = trt.ICudaEngine
 
-        def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], compute: Compute,
-                     *, knobs: Knobs | None = None, device: str | torch.device = "cpu",
-                     streams: HostStreams | None = None, dds_outputs: Sequence[str] = ()) -> None:
+        def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                     compute: Compute | WeightedCompute, *, knobs: Knobs | None = None,
+                     device: str | torch.device = "cpu", streams: HostStreams | None = None,
+                     dds_outputs: Sequence[str] = (), weights: Mapping[str, torch.Tensor] | None = None) -> None:
+            """``weights``: the engine's weights by name, as built; then ``compute`` is a
+            :data:`WeightedCompute`, called with the weights the engine holds at each run."""
             object.__setattr__(self, "_d", _EngineState(list(inputs), list(outputs), compute, knobs or Knobs(),
-                                                        normalize_device(device), streams, set(dds_outputs), trt))
+                                                        normalize_device(device), streams, set(dds_outputs), trt,
+                                                        weights))
+
+        @property
+        def refittable(self) -> bool:
+            knob = self._d.knobs.refittable
+            return bool(self._d.weights is not None if knob is None else knob)
 
         @property
         def num_io_tensors(self) -> int:
@@ -458,12 +502,210 @@ def runtime_double(trt: Any, seen: list[bool], *, refuse: Sequence[bytes] = (b"b
     return Runtime
 
 
+def _bind(cls: type, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of the real ``cls.real.name`` by parameter name, or pybind11's TypeError."""
+    for ov in overloads(cls.real, name):
+        if _matches(ov, args, kwargs, cls.trt):  # type: ignore[attr-defined]
+            return dict(zip([n for n, _ in ov.params], args), **kwargs)
+    sigs = "; ".join(f"({', '.join(f'{n}: {a}' for n, a in ov.params)})" for ov in overloads(cls.real, name))
+    raise TypeError(f"{name}(): incompatible constructor arguments {args!r} {kwargs!r}. "
+                    f"The real {cls.real.__name__} takes: {sigs}")
+
+
+@functools.lru_cache(maxsize=None)
+def refitter_double(trt: Any) -> type:
+    """The double of ``trt.Refitter`` over an engine double (the module docstring says how strict)."""
+
+    class Refitter(StrictDouble):
+        real = trt.Refitter
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            bound = _bind(Refitter, "__init__", args, kwargs)
+            engine, logger = bound["engine"], bound["logger"]
+            if engine is None or logger is None:  # references in C++: pybind11 refuses None
+                raise TypeError("__init__(): incompatible constructor arguments: engine and logger cannot be None")
+            state = getattr(engine, "_d", None)
+            assert isinstance(state, _EngineState), "the Refitter double refits engine doubles only"
+            if not engine.refittable:
+                # What TensorRT does: it logs this, createInferRefitter returns nullptr, and pybind11 raises.
+                logger.log(trt.ILogger.Severity.ERROR,
+                           "[refit.cpp::createInferRefitter] Error Code 3: API Usage Error (Parameter check "
+                           "failed, condition: e.isRefittable()) [test double]")
+                raise TypeError("pybind11::init(): factory function returned nullptr")
+            object.__setattr__(self, "_r", _RefitState(state, logger, trt))
+
+        @property
+        def logger(self) -> Any:
+            return self._r.logger
+
+        def get_all_weights(self) -> list[str]:
+            return self._r.refittable()
+
+        def get_weights_prototype(self, weights_name: str) -> Any:
+            return self._r.prototype(weights_name)
+
+        def set_named_weights(self, name: str, weights: Any, location: Any = None) -> bool:
+            return self._r.set(name, weights, trt.TensorLocation.HOST if location is None else location)
+
+        def unset_named_weights(self, weights_name: str) -> bool:
+            return self._r.staged.pop(weights_name, None) is not None
+
+        def get_missing_weights(self) -> list[str]:
+            return self._r.missing()
+
+        def refit_cuda_engine(self) -> bool:
+            return self._r.refit()
+
+    Refitter.trt = trt
+    return Refitter
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_module(trt: Any) -> types.ModuleType:
+    """``trt`` with its ``Refitter`` replaced by :func:`refitter_double` (the real one takes only a
+    real engine): what a runner over an engine double that refits is given as ``trt=``. Every other
+    name is the real module's own object."""
+    module = types.ModuleType(trt.__name__, trt.__doc__)
+    for name, value in vars(trt).items():
+        if not name.startswith("__") or name == "__version__":
+            setattr(module, name, value)
+    module.Refitter = refitter_double(trt)  # type: ignore[attr-defined]
+    return module
+
+
+def weights_address(w: Any) -> int:
+    """The address a real ``trt.Weights`` points at. Its binding shows no pointer: ``numpy()`` is a
+    view for the dtypes numpy has, and not for BF16. So it is read from the ``nvinfer1::Weights``
+    (``{DataType type; void const* values; int64_t count}``) that the pybind11 instance holds,
+    checked against the type and count the binding reports and, where numpy can, its view."""
+    holder = ctypes.c_void_p.from_address(id(w) + object.__basicsize__).value
+    assert holder, "not a pybind11 instance"
+    dtype = ctypes.c_int32.from_address(holder).value
+    values = ctypes.c_void_p.from_address(holder + 8).value or 0
+    count = ctypes.c_int64.from_address(holder + 16).value
+    assert dtype == int(w.dtype) and count == w.size, \
+        "trt.Weights is not laid out as nvinfer1::Weights {type, values, count}: update weights_address"
+    if values and count > 0:
+        array = w.numpy()
+        assert array is w or array.ctypes.data == values, "weights_address disagrees with Weights.numpy()"
+    return values
+
+
+class _RefitState:
+    def __init__(self, engine: "_EngineState", logger: Any, trt: Any) -> None:
+        self.e, self.logger, self.trt = engine, logger, trt
+        self.staged: dict[str, tuple[Any, Any]] = {}  # name -> (Weights, TensorLocation), until unset
+
+    def error(self, msg: str) -> None:
+        self.logger.log(self.trt.ILogger.Severity.ERROR, f"{msg} [test double]")
+
+    def _known(self, name: str) -> torch.Tensor | None:
+        return None if name in self.e.knobs.folded else (self.e.weights or {}).get(name)
+
+    def refittable(self) -> list[str]:
+        return [n for n in self.e.weights or {} if n not in self.e.knobs.folded]
+
+    def prototype(self, name: str) -> Any:
+        if self._known(name) is None:  # "size -1 when the name does not correspond to any refittable weights"
+            return self.trt.Weights(self.trt.DataType.FLOAT, 0, -1)
+        built = self.e.built[name]
+        return self.trt.Weights(_trt_dtype(self.trt, built.dtype), built.data_ptr(), built.numel())
+
+    def set(self, name: str, weights: Any, location: Any) -> bool:
+        proto = self._known(name)
+        if not name or proto is None:
+            self.error(f"IRefitter::setNamedWeights: Error Code 3: API Usage Error ({name!r} does not correspond "
+                       "to any refittable weights)")
+            return False
+        want = _trt_dtype(self.trt, proto.dtype)
+        if weights.dtype != want:
+            self.error(f"IRefitter::setNamedWeights: Error Code 3: API Usage Error (weights {name!r} are "
+                       f"{weights.dtype}, the engine's are {want})")
+            return False
+        if weights.size != proto.numel():
+            self.error(f"IRefitter::setNamedWeights: Error Code 3: API Usage Error (weights {name!r} have "
+                       f"{weights.size} elements, the engine's have {proto.numel()})")
+            return False
+        if location == self.trt.TensorLocation.DEVICE and self.e.device.type != "cuda":
+            self.error(f"IRefitter::setNamedWeights: weights {name!r} on the device, and there is none")
+            return False
+        self.staged[name] = (weights, location)
+        return True
+
+    def missing(self) -> list[str]:
+        out: list[str] = []
+        for group in self.e.knobs.fused:
+            if any(n in self.staged for n in group):
+                out += sorted(n for n in group if n not in self.staged and n not in out)
+        return out
+
+    def _read(self, name: str, weights: Any, location: Any) -> torch.Tensor:
+        proto = self.e.weights[name]  # type: ignore[index]
+        where = self.e.device if location == self.trt.TensorLocation.DEVICE else torch.device("cpu")
+        value = read(weights_address(weights), proto.shape, proto.dtype, where)  # a Weights has no shape
+        return value.to(self.e.device)
+
+    def refit(self) -> bool:
+        # "The behavior is undefined if the engine has pending enqueued work": here, the test fails.
+        assert not self.e.busy(), "refit_cuda_engine with the engine's work in flight (undefined in TensorRT)"
+        missing = self.missing()
+        if missing:
+            self.error(f"IRefitter::refitCudaEngine: Error Code 3: API Usage Error (missing weights {missing})")
+            return False
+        new = {name: self._read(name, w, loc) for name, (w, loc) in self.staged.items()}  # read now, not at set
+        assert self.e.weights is not None
+        if self.e.knobs.fail_refit:  # "If False is returned, a subset of weights may have been refitted."
+            subset = dict(list(new.items())[: (len(new) + 1) // 2])
+            self.e.weights = {**self.e.weights, **subset}
+            self.error("IRefitter::refitCudaEngine: Error Code 1: refit failed (Knobs.fail_refit)")
+            return False
+        self.e.weights = {**self.e.weights, **new}
+        self.e.knobs.refits.append(sorted(new))
+        return True
+
+
+def _trt_dtype(trt: Any, dtype: torch.dtype) -> Any:
+    return getattr(trt.DataType, by_name(str(dtype).removeprefix("torch.")).trt)
+
+
 class _EngineState:
-    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], compute: Compute, knobs: Knobs,
-                 device: torch.device, streams: HostStreams | None, dds: set[str], trt: Any) -> None:
+    def __init__(self, inputs: list[TensorSpec], outputs: list[TensorSpec], compute: Any, knobs: Knobs,
+                 device: torch.device, streams: HostStreams | None, dds: set[str], trt: Any,
+                 weights: Mapping[str, torch.Tensor] | None = None) -> None:
         self.inputs, self.outputs, self.compute, self.knobs = inputs, outputs, compute, knobs
         self.device, self.streams, self.dds, self.trt = device, streams, dds, trt
         self._stream: Any = None
+        # What the engine computes with: replaced (a new dict) by each refit that changes it.
+        self.weights: dict[str, torch.Tensor] | None = None if weights is None else {
+            k: v.detach().to(device).contiguous().clone() for k, v in weights.items()}
+        # The values it was built with, in host memory (what get_weights_prototype points at).
+        self.built: dict[str, torch.Tensor] = {} if weights is None else {
+            k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+        self._inflight = 0  # on the CPU: submitted work that has not landed
+        self._events: list[Any] = []  # on a GPU: one event after each run's writes
+        self._lock = threading.Lock()
+
+    def evaluate(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.weights is None:
+            return self.compute(feeds)
+        return self.compute(feeds, self.weights)
+
+    def submitted(self, event: Any = None) -> None:
+        with self._lock:
+            if event is None:
+                self._inflight += 1
+            else:
+                self._events.append(event)
+
+    def landed(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    def busy(self) -> bool:
+        """Whether work this engine enqueued has not finished."""
+        with self._lock:
+            self._events = [e for e in self._events if not e.query()]
+            return self._inflight > 0 or bool(self._events)
 
     def private_stream(self) -> Any:
         if self._stream is None:
@@ -533,7 +775,7 @@ class _ContextState:
 
     def _compute(self) -> dict[str, torch.Tensor]:
         with self._private():
-            return {k: v.to(self.e.spec(k).torch_dtype) for k, v in self.e.compute(self._feeds()).items()}
+            return {k: v.to(self.e.spec(k).torch_dtype) for k, v in self.e.evaluate(self._feeds()).items()}
 
     def shape_of(self, name: str) -> tuple[int, ...]:
         if name in self.shapes:
@@ -594,13 +836,22 @@ class _ContextState:
         if device.type == "cuda":
             stream = torch.cuda.ExternalStream(handle, device=device)
             with torch.cuda.stream(stream):
-                torch.cuda._sleep(self.e.knobs.sleep_cycles)
+                torch.cuda._sleep(sleep_cycles(device, self.e.knobs.sleep_ms))  # the writes land after it
                 land()
                 for _, value in writes:
                     value.record_stream(stream)
+                done = torch.cuda.Event()
+                done.record(stream)
+            self.e.submitted(done)
         else:
             assert self.e.streams is not None, "a CPU double needs HostStreams"
-            self.e.streams.submit(handle, land)
+
+            def land_on_host() -> None:
+                land()
+                self.e.landed()
+
+            self.e.submitted()
+            self.e.streams.submit(handle, land_on_host)
 
 
 def replay(context: Any, handle: int) -> bool:
@@ -628,6 +879,62 @@ def torch_compute(fn: Callable[..., Any], input_names: Sequence[str], output_nam
     def compute(feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             out = fn(*(feeds[n] for n in input_names))
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return dict(zip(output_names, outs))
+
+    return compute
+
+
+def onnx_weights(onnx: bytes, names: Any) -> dict[str, torch.Tensor]:
+    """The values of the graph's initializers ``names`` (what an engine built from it holds)."""
+    import onnx as onnx_lib
+    from onnx import numpy_helper
+
+    model = onnx_lib.load_from_string(onnx)
+    return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in model.graph.initializer
+            if i.name in names}
+
+
+def ort_weighted_compute(onnx: bytes, output_names: Sequence[str]) -> WeightedCompute:
+    """Like :func:`ort_compute`, computing with the engine's weights: the graph's initializers of
+    those names replaced by them (a session over the new graph each time the weights change)."""
+    import onnx as onnx_lib
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    lock = threading.Lock()
+    last: list[Any] = [None, None]  # the weights mapping (kept alive: compared by identity), its session
+
+    def session_for(weights: Mapping[str, torch.Tensor]) -> Any:
+        with lock:
+            if last[0] is not weights:
+                model = onnx_lib.load_from_string(onnx)
+                for init in model.graph.initializer:
+                    if init.name in weights:
+                        init.CopyFrom(numpy_helper.from_array(weights[init.name].detach().cpu().numpy(), init.name))
+                last[:] = [weights, ort.InferenceSession(model.SerializeToString(),
+                                                         providers=["CPUExecutionProvider"])]
+            return last[1]
+
+    def compute(feeds: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        session = session_for(weights)
+        graph_inputs = {i.name for i in session.get_inputs()}
+        arrays = {k: v.cpu().numpy() for k, v in feeds.items() if k in graph_inputs}
+        return {n: torch.from_numpy(a) for n, a in zip(output_names, session.run(list(output_names), arrays))}
+
+    return compute
+
+
+def torch_weighted_compute(module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str],
+                           names: Mapping[str, str] | None = None) -> WeightedCompute:
+    """Like :func:`torch_compute`, computing with the engine's weights in place of the module's
+    parameters and buffers (``torch.func.functional_call``); ``names`` maps an engine weight's name
+    to the module's (default: the same)."""
+
+    def compute(feeds: dict[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        params = {(names or {}).get(k, k): v for k, v in weights.items()}
+        with torch.inference_mode():
+            out = torch.func.functional_call(module, params, tuple(feeds[n] for n in input_names))
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         return dict(zip(output_names, outs))
 

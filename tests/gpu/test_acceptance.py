@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -248,3 +249,53 @@ def test_a_module_moves_to_the_second_gpu() -> None:
     assert report.passed, report
     assert torch.cuda.current_device() == 0  # the call did not change the caller's device
     _record("resnet18 moved with .to('cuda:1')", moved, took, report)
+
+
+def test_the_torch_compile_backend_on_the_gpu() -> None:
+    from torch_trt_module._dynamo import backend
+
+    model = _vision(torchvision.models.resnet18)
+    t = time.perf_counter()
+    fast = torch.compile(model, backend=backend)  # the entry point needs the installed package; same function
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        out = fast(x)
+        want = model(x)
+    took = time.perf_counter() - t
+    report = compare_outputs(out, want, tolerance=_policy())
+    assert report.passed, report
+    _record("torch.compile(resnet18, backend=torch_trt_module)", None, took, report)
+
+
+def test_a_data_dependent_branch_runs_through_graph_breaks_on_the_gpu() -> None:
+    from harness.models import ItemBranch
+
+    model = ItemBranch().eval().cuda()
+    fast, took = _compile(model, torch.randn(2, 8, device="cuda"))
+    assert isinstance(fast, ttm.PartitionedModule)
+    for x in (torch.randn(3, 8, device="cuda"), -torch.ones(2, 8, device="cuda"), torch.ones(5, 8, device="cuda")):
+        with torch.no_grad():
+            assert torch.allclose(fast(x), model(x))
+    _record("case #19 (an .item() branch) under partition='auto'", None, took, runtime="torch.compile graphs")
+
+
+def test_a_split_graph_runs_on_the_gpu_and_saves() -> None:
+    """torch_executed_ops keeps GELU in PyTorch; the rest of the graph runs as engine parts on the GPU."""
+    from torch_trt_module._split import SegmentedModule
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64),
+                                torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.ReLU()).eval().cuda()
+    fast, took = _compile(model, torch.randn(8, 64, device="cuda"), torch_executed_ops={"aten.gelu"},
+                          min_block_size=3)
+    assert isinstance(fast, SegmentedModule) and len(fast.engines) == 2
+    x = torch.randn(5, 64, device="cuda")
+    with torch.no_grad():
+        report = compare_outputs(fast(x), model(x), tolerance=_policy())
+    assert report.passed, report
+    with tempfile.TemporaryDirectory() as d:
+        ttm.save(fast, f"{d}/split.pt")
+        loaded = ttm.load(f"{d}/split.pt", device="cuda")
+    with torch.no_grad():
+        assert compare_outputs(loaded(x), model(x), tolerance=_policy()).passed
+    _record("MLP split by torch_executed_ops={aten.gelu}", None, took, report, runtime="2 engine parts + PyTorch")

@@ -1,9 +1,9 @@
 """The TensorRT runtime adapter on real CUDA streams, against the strict double of TensorRT's
-engine and context (tests/trt_double.py) running asynchronously: its writes land on the
-stream handle it was given, behind a ~20 ms sleep kernel, and the output buffers hold NaN
-until then. A runner that enqueued on the wrong stream, or let the caller read before its
-stream was ordered after the work, returns NaN here. (The double stands in for TensorRT,
-which cannot execute an engine anywhere in this workplace.)
+engine and context (tests/backends/trt_double.py) running asynchronously: its writes land on
+the stream handle it was given, behind a sleep kernel of at least ``Knobs.sleep_ms`` (50 ms on
+any GPU), and the output buffers hold NaN until then. A runner that enqueued on the wrong
+stream, or let the caller read before its stream was ordered after the work, returns NaN here.
+(The double stands in for TensorRT, which cannot execute an engine anywhere in this workplace.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch_trt_module as ttm
 from torch_trt_module._spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
-from ..backends.trt_double import Knobs, doubles, torch_compute
+from ..backends.trt_double import Knobs, doubles, runtime_module, torch_compute, torch_weighted_compute
 
 pytestmark = pytest.mark.gpu
 REAL = [m for m in ("tensorrt_lean", "tensorrt_rtx") if importlib.util.find_spec(m) is not None]
@@ -52,17 +52,40 @@ def _setup(trt: Any, knobs: Knobs | None = None) -> tuple[TensorRTRunner, Net, K
 
 
 def test_the_double_is_asynchronous_a_read_that_does_not_wait_sees_poison(trt: Any) -> None:
-    # Positive control: what a missing wait looks like with this double.
-    runner, _, knobs = _setup(trt)
-    side = torch.cuda.Stream()
+    # Positive control: what a missing wait looks like with this double. A copy on another stream that
+    # is not ordered after the runner's stream must read the poison (NaN), not the results.
+    runner, model, knobs = _setup(trt)
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
+    x = torch.randn(2, 3, 16, 16, device="cuda")
+    host = torch.empty((2, 8, 14, 14), pin_memory=True)  # allocated now: a pinned allocation can synchronise
+    # Warm up what the unordered read does (the copy, the streams, the allocator's blocks), waiting this
+    # time: a kernel's first launch loads its module, which can wait for all running work (CUDA lazy
+    # loading), and a first allocation can synchronise too; either would let the read see the results.
+    for _ in range(2):
+        with torch.cuda.stream(side):
+            c, _ = runner.run([x])
+        other.wait_stream(side)
+        with torch.cuda.stream(other):
+            host.copy_(c, non_blocking=True)
+        other.synchronize()
+        assert not torch.isnan(host).any()  # a read that waits sees the results
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(side)
     with torch.cuda.stream(side):
-        c, _ = runner.run([torch.randn(2, 3, 16, 16, device="cuda")])
-    other = torch.cuda.Stream()
+        c, _ = runner.run([x])
+    end.record(side)
     with torch.cuda.stream(other):  # neither waits for `side` nor is ordered after it
-        early = c.sum().item()
+        host.copy_(c, non_blocking=True)
+    other.synchronize()
+    in_flight = not side.query()
     side.synchronize()
-    assert torch.isnan(torch.tensor(early)) and not torch.isnan(c).any()
-    assert knobs.handles == [side.cuda_stream]
+    took = start.elapsed_time(end)
+    assert took >= knobs.sleep_ms, f"the double's work took {took:.1f} ms here, less than its {knobs.sleep_ms} ms"
+    assert in_flight, "the double's work had landed before the unordered read finished"
+    assert torch.isnan(host).all(), "a read that did not wait saw results: the double is not asynchronous"
+    with torch.inference_mode():
+        torch.testing.assert_close(c, model(x)[0], rtol=1e-4, atol=1e-5)  # the results, once waited for
+    assert knobs.handles == [side.cuda_stream] * 3
 
 
 def test_runs_on_the_caller_s_stream(trt: Any) -> None:
@@ -160,3 +183,31 @@ def test_a_real_module_pattern_with_the_double(trt: Any) -> None:
     with torch.inference_mode():
         for g, w in zip(res, model(x)):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_refit_waits_for_the_work_in_flight_and_the_next_run_computes_with_the_new_weights(trt: Any) -> None:
+    # The double's refit_cuda_engine fails the test if the engine's work is still in flight (undefined in
+    # TensorRT): the run before it holds the stream for at least Knobs.sleep_ms, so the runner must wait.
+    model = Net().eval().cuda()
+    inputs = [TensorSpec("x", "float32", ("b", 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16), (8, 3, 16, 16))]
+    outputs = [TensorSpec("c", "float32", ("b", 8, 14, 14)), TensorSpec("m", "float32", ("b", 8))]
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    knobs = Knobs()
+    fake = doubles(trt)[0](inputs, outputs, torch_weighted_compute(model, ["x"], ["c", "m"]), knobs=knobs,
+                           device="cuda", weights=old)
+    runner = TensorRTRunner(fake, inputs, outputs, "cuda", trt=runtime_module(trt), backend="tensorrt")
+    # In host memory (a checkpoint): copying CUDA weights to the host on `side` would itself wait for the run.
+    new = {n: torch.randn_like(w).cpu() for n, w in old.items()}
+    side = torch.cuda.Stream()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        before, _ = runner.run([x])
+        runner.refit(new)
+        after, _ = runner.run([x])
+    side.synchronize()
+    with torch.inference_mode():
+        torch.testing.assert_close(before, torch.func.functional_call(model, old, (x,))[0], rtol=1e-4, atol=1e-5)
+        want = torch.func.functional_call(model, {n: w.cuda() for n, w in new.items()}, (x,))[0]
+        torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
+    assert knobs.refits == [sorted(new)]

@@ -193,13 +193,18 @@ class TensorRTRunner:
         self._local = threading.local()
         self._out_dtypes = {s.name: s.torch_dtype for s in self.outputs}
         self._refit_lock = threading.Lock()  # no enqueue while the engine's weights are replaced
+        # Why the engine must not run (a refit that failed part-way), until a refit succeeds; shared with
+        # the runners dedicated() makes, which run the same engine.
+        self._unusable: list[str] = []
         self._check_io()
 
     def dedicated(self) -> tuple["TensorRTRunner", _OneContext]:
         """A runner over the same engine with one execution context of its own (for CUDA graphs)."""
         engine = _OneContext(self.engine)
-        return TensorRTRunner(engine, self.inputs, self.outputs, self.device, trt=self.trt, backend=self.backend,
-                              streams=self.streams), engine
+        runner = TensorRTRunner(engine, self.inputs, self.outputs, self.device, trt=self.trt, backend=self.backend,
+                                streams=self.streams)
+        runner._unusable = self._unusable
+        return runner, engine
 
     def _check_io(self) -> None:
         trt, eng = self.trt, self.engine
@@ -248,6 +253,8 @@ class TensorRTRunner:
         """
         st = self._state()
         with self._refit_lock, device_guard(self.device):
+            if self._unusable:
+                raise RuntimeFailure(self._unusable[0])
             return self._run(st, inputs)
 
     def refit(self, values: Mapping[str, torch.Tensor]) -> "TensorRTRunner":
@@ -284,8 +291,12 @@ class TensorRTRunner:
             if missing:
                 raise RuntimeFailure(f"TensorRT needs new values for weights {missing[:8]} too before it can refit")
             if not refitter.refit_cuda_engine():
-                raise RuntimeFailure("TensorRT's refit_cuda_engine failed; the engine may hold a mix of old and new "
-                                     f"weights and must not be used: {captured.said()}. Fix: compile the model again")
+                self._unusable[:] = [
+                    "TensorRT's refit_cuda_engine failed; the engine may hold a mix of old and new weights and must "
+                    f"not be used: {captured.said()}. Fix: refit it again with all its weights, or compile the "
+                    "model again"]
+                raise RuntimeFailure(self._unusable[0])
+            self._unusable.clear()
             del keep  # TensorRT copied them: "weights can be released after refit_cuda_engine returns"
         return self
 

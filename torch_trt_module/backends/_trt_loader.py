@@ -103,7 +103,8 @@ def _make_bridge(trt: Any) -> Any:
             captured = getattr(_captured, "log", None)
             if captured is not None:
                 captured.add(level, msg)
-            trt_log.log(level, "%s", msg)
+            # A probe (the parser asked what it takes) expects refusals: they are its answer, not errors.
+            trt_log.log(logging.DEBUG if captured is not None and captured.quiet else level, "%s", msg)
 
     return _Bridge()
 
@@ -111,9 +112,10 @@ def _make_bridge(trt: Any) -> Any:
 class Captured:
     """What TensorRT logged from one thread during :func:`capture_log` (the last 20 of each)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.quiet = quiet
 
     def add(self, level: int, msg: str) -> None:
         bucket = self.errors if level >= logging.ERROR else self.warnings if level >= logging.WARNING else None
@@ -126,11 +128,12 @@ class Captured:
 
 
 @contextlib.contextmanager
-def capture_log() -> Iterator[Captured]:
+def capture_log(*, quiet: bool = False) -> Iterator[Captured]:
     """Collect the errors and warnings TensorRT logs from this thread during the block. Each
-    thread has its own, so concurrent builds never mix (or clear) each other's messages."""
+    thread has its own, so concurrent builds never mix (or clear) each other's messages.
+    ``quiet``: log them at DEBUG only (a probe whose refusals are its answer)."""
     outer = getattr(_captured, "log", None)
-    captured = Captured()
+    captured = Captured(quiet)
     _captured.log = captured
     try:
         yield captured
