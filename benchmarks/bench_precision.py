@@ -212,7 +212,7 @@ ReduceSum / GlobalAveragePool nodes whose input is fp32. Class H (cases.md): cos
 and the output dtype eager gives.
 
 Speed is not measured: no machine here can execute a TensorRT engine (TensorRT-RTX builds
-on the CPU but needs a GPU to run, and the lent H100 has no TensorRT runtime; RTX refuses
+on the CPU but needs a GPU to run, and the lent H200 has no TensorRT runtime; RTX refuses
 sm_90), and fp16 speed on a CPU says nothing about a GPU. The casts around kept ops cost
 memory traffic on a GPU, and an fp32 BatchNormalization between fp16 Convs may keep
 TensorRT from folding the BN into the Conv (unmeasured); measure both where a runtime

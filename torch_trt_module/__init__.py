@@ -38,7 +38,8 @@ from ._errors import (
     UsageError,
     VerificationError,
 )
-from ._module import TRTModule, load, save
+from ._module import TRTModule
+from ._saved import load, save
 from ._partition import PartitionedModule, PartitionReport, explain
 from ._settings import Settings
 from ._spec import ExportedModel, TensorSpec

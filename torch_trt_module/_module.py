@@ -13,7 +13,7 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from ._engine import Engine
-from ._errors import EngineLoadError, InputError, SettingsError, TorchTRTError, UsageError
+from ._errors import EngineLoadError, InputError, SettingsError, TorchTRTError
 from ._inputs import match_inputs, safe_cast, widen_hint
 from ._numerics import eager_uses_tf32
 from ._signature import bind_call
@@ -22,7 +22,7 @@ from ._following import FollowsWeights
 from ._weights import WEIGHT_MODES
 from .backends import Runner, can_run_plan, make_runner, normalize_device
 
-__all__ = ["LazyBuild", "TRTModule", "engine_of_state", "from_u8", "load", "save", "to_u8"]
+__all__ = ["LazyBuild", "TRTModule"]
 
 log = logging.getLogger(__name__)
 _STATE_FORMAT = 3  # 3: one container (the engine's bytes), checked by its own checksums
@@ -383,6 +383,8 @@ class TRTModule(FollowsWeights, torch.nn.Module):
         if self.engine is None:
             raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
         engine = self.engine if not self._current else self.engine.with_weights(self._current)
+        from ._saved import to_u8
+
         return {"format": _STATE_FORMAT, "engine": to_u8(engine.to_bytes())}
 
     def set_extra_state(self, state: Any) -> None:
@@ -390,6 +392,8 @@ class TRTModule(FollowsWeights, torch.nn.Module):
             found = state.get("format") if isinstance(state, dict) else "?"
             raise EngineLoadError(f"not a TRTModule state of format {_STATE_FORMAT} (format {found}); "
                                   "save the module again with this version")
+        from ._saved import engine_of_state
+
         self._load(engine_of_state(state), None)
 
 
@@ -408,67 +412,3 @@ def _default_device(engine: Engine) -> str:
                                                 is None):
         return "cuda"
     return "cpu"
-
-
-def engine_of_state(state: dict[str, Any], *, source: str = "the saved module") -> Engine:
-    """The engine in a TRTModule's extra state (``state_dict()["_extra_state"]``), checksums verified."""
-    try:
-        data = from_u8(state["engine"])
-    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise EngineLoadError(f"malformed TRTModule state in {source} ({type(e).__name__}: {e})") from e
-    return Engine.from_bytes(data, source=source)
-
-
-def to_u8(b: bytes) -> torch.Tensor:
-    """Bytes as a uint8 tensor: what a ``torch.load(weights_only=True)`` archive can hold."""
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
-
-
-def from_u8(t: torch.Tensor) -> bytes:
-    return t.cpu().contiguous().numpy().tobytes()
-
-
-def save(module: Any, path: Any) -> None:
-    """Save a compiled module (a TRTModule, or a SegmentedModule: engines and PyTorch parts): engine
-    bytes, the program's tensors and JSON metadata, no pickled objects.
-
-    Example:
-        >>> save(trt_model, "model.pt"); m = load("model.pt")   # doctest: +SKIP
-    """
-    from ._split import SegmentedModule
-
-    if isinstance(module, SegmentedModule):
-        torch.save(module.saved_state(), path)
-        return
-    if not isinstance(module, TRTModule):
-        from ._partition import SAVE_REFUSAL, PartitionedModule
-
-        if isinstance(module, PartitionedModule):
-            raise UsageError(SAVE_REFUSAL)
-        raise UsageError(f"save() takes a module from compile(); got {type(module).__name__}")
-    torch.save(module.state_dict(), path)
-
-
-def load(path: Any, *, device: str | torch.device | None = None) -> Any:
-    """Load a module saved by :func:`save` (a TRTModule or a SegmentedModule), with
-    ``torch.load(..., weights_only=True)``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # a corrupt archive, or a pickle holding more than tensors and plain data
-        raise EngineLoadError(f"{path} is not a module saved by torch_trt_module.save, or it is corrupt "
-                              f"({type(e).__name__}: {str(e)[:300]})") from e
-    from ._split import SAVED_FORMAT, SegmentedModule
-
-    if isinstance(state, dict) and state.get("format") == SAVED_FORMAT:
-        split = SegmentedModule.from_saved(state, source=str(path))
-        return split.to(device) if device is not None else split
-    module = TRTModule()
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:  # other keys: not a saved TRTModule (EngineLoadError passes through)
-        raise EngineLoadError(f"{path} does not hold a saved TRTModule: {e}") from e
-    if device is not None:
-        module.to(device)
-    return module

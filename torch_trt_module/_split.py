@@ -80,7 +80,8 @@ class SegmentedModule(torch.nn.Module):
 
     def saved_state(self) -> dict[str, Any]:
         """What :func:`torch_trt_module.save` writes: tensors, strings and dicts only."""
-        from ._module import TRTModule, to_u8
+        from ._module import TRTModule
+        from ._saved import to_u8
         from ._program import save_program
 
         engines = {}
@@ -96,7 +97,8 @@ class SegmentedModule(torch.nn.Module):
 
     @classmethod
     def from_saved(cls, state: dict[str, Any], *, source: str) -> "SegmentedModule":
-        from ._module import TRTModule, from_u8
+        from ._module import TRTModule
+        from ._saved import from_u8
         from ._program import load_program
         from ._segments import _copy_size_queries
 

@@ -17,7 +17,7 @@ def read_engine(path: str) -> tuple[Any, str]:
     """An :class:`~torch_trt_module.Engine` from an engine file or a saved TRTModule, and which it
     was. Both hold the same checksummed container; it is verified before anything is used."""
     from .._engine import Engine
-    from .._module import engine_of_state
+    from .._saved import engine_of_state
 
     with open(path, "rb") as f:
         data = f.read()
