@@ -166,3 +166,20 @@ def test_explain_lists_each_part_and_why() -> None:
 def test_partition_split_never_captures_graph_breaks() -> None:
     with pytest.raises(ttm.ExportError, match="data-dependent control flow"):
         ttm.compile(ItemBranch().eval(), torch.randn(2, 8), cache=False, partition="split")
+
+
+def test_the_cli_explains_a_split(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ._support import REPO
+
+    (tmp_path / "split_models.py").write_text(
+        "from tests.test_split import NonZeroBetween\n\ndef factory():\n    return NonZeroBetween()\n")
+    done = subprocess.run([sys.executable, "-m", "torch_trt_module", "explain", "split_models:factory",
+                           "--shapes", "x:1x8,4x8,32x8", "--torch-executed-ops", "aten.gelu,aten.tanh",
+                           "--min-block-size", "2"], capture_output=True, text=True,
+                          env={"PYTHONPATH": f"{tmp_path}:{REPO}", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "PyTorch: 2 ops (aten.gelu.default 1, aten.tanh.default 1): torch_executed_ops" not in done.stdout
+    assert "torch_executed_ops: aten.gelu" in done.stdout and "torch_executed_ops: aten.tanh" in done.stdout

@@ -36,10 +36,11 @@ from typing import Any, Collection, Iterator, Mapping
 
 import filelock
 
-from ._cache_files import (CACHE_DIR_ENV, CACHE_FORMAT_VERSION, MAX_SIZE_ENV, CacheEntry, Corrupt, DeferredBlob,
-                           EntryInfo, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir,
+from ._cache_admin import CacheAdmin
+from ._cache_files import (CACHE_DIR_ENV, CACHE_FORMAT_VERSION, MAX_SIZE_ENV, ORPHAN_AGE_S, CacheEntry, Corrupt,
+                           DeferredBlob, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir,
                            valid_name)
-from ._errors import CacheError, CacheLockTimeout, EngineLoadError
+from ._errors import CacheLockTimeout, EngineLoadError
 from ._io import atomic_write, blob_index, canonical_json, pack, seal, unpack
 
 __all__ = ["CACHE_FORMAT_VERSION", "DEFAULT_MAX_SIZE", "EngineCache", "parse_size", "resolve_cache_dir"]
@@ -48,14 +49,12 @@ logger = logging.getLogger(__name__)
 
 #: Size cap unless ``max_size=`` or ``$TORCH_TRT_MODULE_CACHE_MAX_SIZE`` (e.g. "500M", "2G") says otherwise: 4 GiB.
 DEFAULT_MAX_SIZE: int = 4 * 1024**3
-#: Files without metadata younger than this may belong to a write in progress, so they are left alone.
-ORPHAN_AGE_S = 600.0
 _AUX_KIND = "cache-aux"
 _LOCKS: weakref.WeakValueDictionary[tuple[int, str], filelock.FileLock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
-class EngineCache:
+class EngineCache(CacheAdmin):
     """A directory of verified, size-capped, LRU-evicted entries, safe across threads and processes.
 
     Example:
@@ -374,98 +373,3 @@ class EngineCache:
         """Store a side file atomically, checksummed. False (one WARNING) if the cache is not writable."""
         payload = pack(_AUX_KIND, {"name": name}, {"body": bytes(data)})
         return self._write("aux", f"{check_name(name, 'aux name')}.bin", payload, f"writing aux file {name}")
-
-    # ----- management -----
-    def _scan(self) -> tuple[list[EntryInfo], list[str]]:
-        """Committed entries, least recently used first, and the keys whose metadata is unusable."""
-        infos: list[EntryInfo] = []
-        bad: list[str] = []
-        with contextlib.suppress(FileNotFoundError):
-            for e in os.scandir(self.root / "entries"):
-                key = e.name[:-5]
-                if not e.name.endswith(".json") or not valid_name(key):
-                    continue
-                try:
-                    with open(e.path, "rb") as f:
-                        st, meta = os.fstat(f.fileno()), parse_meta(key, f.read())
-                except FileNotFoundError:  # evicted meanwhile
-                    continue
-                except Corrupt:
-                    bad.append(key)
-                    continue
-                meta["last_used"] = st.st_mtime
-                size = st.st_size + sum(b["size"] for b in meta["blobs"].values())
-                infos.append(EntryInfo(key, size, float(meta["created"]), st.st_mtime, meta))
-        return sorted(infos, key=lambda i: (i.last_used, i.created, i.key)), bad
-
-    @contextlib.contextmanager
-    def _managing(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except OSError as e:
-            raise CacheError(f"could not {what} the engine cache at {self.root}: {e}") from e
-
-    def entries(self) -> list[EntryInfo]:
-        """Committed entries, least recently used first."""
-        with self._managing("list"):
-            return self._scan()[0]
-
-    def total_size(self) -> int:
-        """Bytes used by committed entries (metadata and blobs)."""
-        return sum(i.size_bytes for i in self.entries())
-
-    def evict(self, key: str) -> bool:
-        """Remove ``key`` even if locked (its holder may be evicting an entry it could not load). True if it existed."""
-        with self._managing(f"evict {check_name(key, 'key')} from"):
-            try:
-                meta: dict[str, Any] | None = parse_meta(key, self._meta_path(key).read_bytes())
-            except (FileNotFoundError, Corrupt):
-                meta = None
-            return self._remove_entry(key, meta)
-
-    def clear(self) -> int:
-        """Remove every entry that no one holds locked, and the fingerprint index. Returns the number removed."""
-        with self._managing("clear"):
-            infos, bad = self._scan()
-            n = sum(self._evict_unlocked(k, None) for k in bad)
-            n += sum(self._evict_unlocked(i.key, i.meta) for i in infos)
-            with contextlib.suppress(FileNotFoundError):
-                for e in os.scandir(self.root / "index"):
-                    os.unlink(e.path)
-            self._sweep()
-            return n
-
-    def prune(self, max_size: int | str) -> list[str]:
-        """Evict unlocked entries, least recently used first, until at most ``max_size`` bytes remain, and remove
-        what interrupted writes left. Returns the evicted keys."""
-        cap = parse_size(max_size)
-        with self._managing("prune"):
-            self._sweep()
-            return self._shrink(cap, keep=())
-
-    def _sweep(self) -> None:
-        referenced = {self._blob_path(i.key, n, b["sha256"]).name for i in self._scan()[0]
-                      for n, b in i.meta["blobs"].items()}
-        leftovers, cutoff = self._leftovers(None, referenced), time.time() - ORPHAN_AGE_S
-        for sub in ("index", "aux"):
-            with contextlib.suppress(FileNotFoundError):
-                leftovers += [Path(e.path) for e in os.scandir(self.root / sub)
-                              if e.name.endswith(".tmp") and e.stat().st_mtime < cutoff]
-        for p in leftovers:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
-        if leftovers:
-            logger.info("engine cache %s: removed %d file(s) left by interrupted writes", self.root, len(leftovers))
-
-    def info(self, key_prefix: str) -> EntryInfo:
-        """The entry whose key is, or starts with, ``key_prefix``; ValueError if none or several match."""
-        check_name(key_prefix, "key prefix")
-        infos = self.entries()
-        matches = [i for i in infos if i.key == key_prefix] or [i for i in infos if i.key.startswith(key_prefix)]
-        if not matches:
-            raise ValueError(f"no cache entry under {self.root} has a key starting with {key_prefix!r}; "
-                             "`python -m torch_trt_module cache list` shows the keys")
-        if len(matches) > 1:
-            raise ValueError(f"cache key prefix {key_prefix!r} matches {len(matches)} entries "
-                             f"({', '.join(i.key[:16] for i in matches[:5])}, ...); give more characters")
-        return matches[0]

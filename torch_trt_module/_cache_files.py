@@ -21,12 +21,14 @@ if TYPE_CHECKING:
     from ._cache import EngineCache
 
 __all__ = ["CACHE_DIR_ENV", "CACHE_FORMAT_VERSION", "CacheEntry", "Corrupt", "DeferredBlob", "EntryInfo",
-           "MAX_SIZE_ENV", "check_name", "parse_meta", "parse_size", "resolve_cache_dir", "valid_name"]
+           "MAX_SIZE_ENV", "ORPHAN_AGE_S", "check_name", "parse_meta", "parse_size", "resolve_cache_dir", "valid_name"]
 
 #: Bumped whenever the layout or the metadata changes meaning; entries of other versions are misses.
 CACHE_FORMAT_VERSION: int = 1
 CACHE_DIR_ENV = "TORCH_TRT_MODULE_CACHE"
 MAX_SIZE_ENV = "TORCH_TRT_MODULE_CACHE_MAX_SIZE"
+#: Files without metadata younger than this may belong to a write in progress, so they are left alone.
+ORPHAN_AGE_S = 600.0
 
 _NAME_RE = re.compile(r"[0-9A-Za-z_.-]{1,100}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")

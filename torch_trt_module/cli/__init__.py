@@ -109,7 +109,10 @@ def _parser() -> _Parser:
     c.add_argument("--instance-count", type=int, default=1)
     c.set_defaults(func=cmd_export_triton)
     c = sub.add_parser("explain", parents=[common, model],
-                       help="what compile() would do: one graph and the parser's verdict, or the graph breaks")
+                       help="what compile() would do: one graph and the parser's verdict (and its split into "
+                            "engines and PyTorch), or the graph breaks")
+    c.add_argument("--min-block-size", type=int, help="the fewest ops an engine part may have (default 5)")
+    c.add_argument("--torch-executed-ops", help="ATen ops kept in PyTorch, comma-separated (aten.gelu,aten.sub.Tensor)")
     c.set_defaults(func=cmd_explain)
     c = sub.add_parser("doctor", parents=[common], help="what runs here, and a smoke test of each backend")
     c.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -184,8 +184,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     source, plan, exported = load(args)
     if source.module is None:
         raise UsageError(f"{args.model} is an ONNX file; explain takes a PyTorch model (package.module:factory)")
+    ops = [o for o in (args.torch_executed_ops or "").split(",") if o]
     report = explain(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
-                     precision=args.precision or "fp32")
+                     precision=args.precision or "fp32", min_block_size=args.min_block_size,
+                     torch_executed_ops=ops or None)
     print(report)
     return 0
 
