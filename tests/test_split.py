@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._split import SegmentedModule
+from torch_trt_module import SegmentedModule
 
 from harness.models import ItemBranch
 

@@ -42,6 +42,7 @@ from ._module import TRTModule
 from ._saved import load, save
 from ._partition import PartitionedModule, PartitionReport, explain
 from ._settings import Settings
+from ._split import SegmentedModule
 from ._spec import ExportedModel, TensorSpec
 from ._triton import export_triton
 
@@ -65,6 +66,7 @@ __all__ = [
     "PartitionedModule",
     "PrecisionError",
     "RuntimeFailure",
+    "SegmentedModule",
     "Settings",
     "SettingsError",
     "TRTModule",
