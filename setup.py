@@ -23,7 +23,7 @@ setup(
         "rtx": ["tensorrt-rtx-cu13"],
         "tensorrt": ["tensorrt>=10"],
         "test": TEST,
-        "bench": ["matplotlib", "torchvision", "transformers>=4.40"],
+        "bench": ["matplotlib", "torchvision", "transformers>=4.40", "timm"],
         "triton": ["tritonclient[grpc]"],
     },
     entry_points={"console_scripts": ["torch-trt-module=torch_trt_module.cli:main"],

@@ -16,6 +16,8 @@ import torch_trt_module as ttm
 from torch_trt_module import _bench
 from torch_trt_module._bench import BACKENDS, Timing, make_candidates, markdown_table, measure, time_candidates
 
+from ._support import REPO
+
 
 def counter() -> tuple[Callable[[], None], list[int]]:
     calls = [0]
@@ -134,3 +136,51 @@ def test_time_candidates_times_what_can_run(model_and_export: tuple[torch.nn.Mod
     (trt_module,) = [c for c in cands if c.name == "trtmodule-onnxruntime"]
     assert trt_module.call is not None
     torch.testing.assert_close(trt_module.call({"input": torch.ones(2, 8)}), model(torch.ones(2, 8)).detach())
+
+
+# --------------------------------------------------------------------------- benchmarks/zoo_report.py's coverage helpers
+
+def zoo_report() -> Any:
+    import importlib.util
+
+    path = REPO / "benchmarks" / "zoo_report.py"
+    spec = importlib.util.spec_from_file_location("zoo_report_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_share_of_ops_on_engines_counts_only_graphs_with_a_plan() -> None:
+    split = zoo_report()._graph_split([{"ops": 10, "runs_on": "engine"}, {"ops": 6, "runs_on": "pytorch"},
+                                       {"ops": 4, "runs_on": "next runtime"},
+                                       {"ops": 20, "runs_on": "engine (some calls in pytorch)"},
+                                       {"ops": 10, "runs_on": "split", "engines": 2, "engine_ops": 6}])
+    assert (split["graphs"], split["engines"], split["in_pytorch"], split["next_runtime"], split["split"]) == \
+        (5, 4, 1, 1, 1)
+    assert (split["ops"], split["engine_ops"], split["engine_fraction"]) == (50, 36, 0.72)
+    assert zoo_report()._graph_split([])["engine_fraction"] is None
+
+
+def test_the_coverage_summary_counts_correct_runs_against_the_goal() -> None:
+    rows = [{"model": "a", "result": "full graph", "correct": True},
+            {"model": "b", "result": "partitioned", "correct": True},
+            {"model": "c", "result": "full graph", "correct": False, "failure": "batch 3: too far"},
+            {"model": "d", "result": "failed", "correct": False, "failure": "compile: ExportError: no"}]
+    s = zoo_report().coverage_summary(rows)
+    assert (s["models"], s["correct"], s["full_graph"], s["partitioned"], s["wrong"], s["failed"]) == (4, 2, 1, 1, 1, 1)
+    assert s["rate"] == 0.5 and not s["meets_goal"] and s["partitioned_no_engine"] == 1  # "engines" absent: 0
+    assert s["failures"] == {"c": "batch 3: too far", "d": "compile: ExportError: no"}
+    assert zoo_report().coverage_summary(rows[:2])["meets_goal"]
+    table = zoo_report().render_coverage("hf", {"rows": rows})
+    assert "**2 of 4 run correctly under `partition='auto'` (50%; goal >= 95%: not met)**" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 2 + len(rows)  # header, rule, a row each
+
+
+def test_a_coverage_block_goes_after_the_zoo_table_and_is_replaced_in_place() -> None:
+    zr = zoo_report()
+    start, end = zr.coverage_markers("hf")
+    text = f"# T\n\n## Supported models\n\n{zr.START}\nzoo\n{zr.END}\n\n## Reliability\n"
+    once = zr.replace_block(text, start, end, "first", after=zr.END)
+    assert once == f"# T\n\n## Supported models\n\n{zr.START}\nzoo\n{zr.END}\n\n{start}\nfirst\n{end}\n\n## Reliability\n"
+    assert zr.replace_block(once, start, end, "second", after=zr.END) == once.replace("first", "second")

@@ -234,6 +234,200 @@ def test_mirrors_the_runner_surface(affine: Any) -> None:
     assert [s.name for s in graphs.outputs] == reference.output_names
 
 
+class HostGraphs:
+    """TEST DOUBLE of ``TorchCudaGraphs`` for a runner whose work is torch ops on the CPU (no engine
+    double to record): ``capture`` runs ``fn`` once and the "graph" re-runs it into the outputs it
+    returned then, as a replay rewrites a graph's static outputs from its static inputs."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.syncs = 0
+
+    def order(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def capture_stream(self) -> Iterator[None]:
+        yield
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def stream_handle(self) -> int:
+        return 0
+
+    def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
+        if self.fail is not None:
+            raise self.fail
+        outputs = fn()
+
+        class Replay:
+            def replay(self) -> None:
+                for static, new in zip(outputs, fn()):
+                    static.copy_(new)
+
+        return Replay(), outputs
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2", None])
+def test_max_graphs_must_be_an_int_of_at_least_one(bad: Any) -> None:
+    inner = TorchAffineRunner(torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"max_graphs got .*; expected an int >= 1"):
+        CudaGraphRunner(inner, device="cpu", max_graphs=bad, driver=HostGraphs())
+    assert CudaGraphRunner(inner, device="cpu", max_graphs=1, driver=HostGraphs()).max_graphs == 1
+    assert CudaGraphRunner(inner, device="cpu", driver=HostGraphs()).max_graphs == 4  # the documented default
+
+
+@pytest.mark.parametrize("device, available, why", [
+    ("cpu", False, "no CUDA device is available"),
+    ("cuda", False, "no CUDA device is available"),
+    ("cpu", True, "the module runs on cpu"),
+])
+def test_without_a_driver_cuda_graphs_need_a_cuda_device_and_say_why(device: str, available: bool, why: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    inner = TorchAffineRunner(torch.device(device))
+    with pytest.raises(BackendUnavailable) as err:
+        CudaGraphRunner(inner, device=device)
+    assert str(err.value) == (f"cuda_graphs=True needs a CUDA device to capture graphs on, but {why}. "
+                              "Fix: pass cuda_graphs=False, or run the module on a GPU (device='cuda').")
+
+
+def test_the_wrapped_runner_must_be_on_the_same_device() -> None:
+    with pytest.raises(ValueError, match=r"the wrapped runner is on cpu but device=meta; pass the same device"):
+        CudaGraphRunner(TorchAffineRunner(torch.device("cpu")), device="meta", driver=HostGraphs())
+
+
+def test_a_runner_that_does_not_say_its_device_is_taken_to_be_on_the_given_one() -> None:
+    class Inner:  # TEST DOUBLE: the runner surface, no device attribute
+        backend, inputs, outputs = "test", [], []
+
+    graphs = CudaGraphRunner(Inner(), device="cpu", driver=HostGraphs())  # type: ignore[arg-type]
+    assert graphs.device == torch.device("cpu")
+
+
+def test_a_runner_without_a_dedicated_context_is_captured_as_it_is() -> None:
+    # Runners other than TensorRTRunner keep no per-thread state: no dedicated(), no context to check.
+    inner = TorchAffineRunner(torch.device("cpu"))
+    graphs = CudaGraphRunner(inner, device="cpu", driver=HostGraphs())
+    for rows in (4, 4, 2):
+        x = torch.randn(rows, 6)
+        y, s = graphs.run([x])
+        torch.testing.assert_close(y, x * 2 + 1)
+        torch.testing.assert_close(s, x.sum(-1))
+    assert graphs.stats == {"captures": 2, "replays": 3, "evictions": 0}
+
+
+def test_a_failed_capture_is_a_runtime_failure_that_names_the_shapes_and_the_fix(affine: Any) -> None:
+    graphs, knobs, _, _ = affine
+    error = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    graphs._driver = HostGraphs(fail=error)
+    with pytest.raises(RuntimeFailure) as err:
+        graphs.run([torch.randn(3, 6)])
+    assert str(err.value) == (
+        "could not capture a CUDA graph of the engine for input shapes x=(3, 6): CUDA error: operation not "
+        "permitted when stream is capturing. Engines with data-dependent output shapes, or TensorRT-RTX engines "
+        "built without REQUIRE_USER_ALLOCATION, cannot be captured. Fix: pass cuda_graphs=False.")
+    assert err.value.__cause__ is error and graphs.shapes == []
+    failure = RuntimeFailure("raised by the capture itself")  # passed on as it is
+    graphs._driver = HostGraphs(fail=failure)
+    with pytest.raises(RuntimeFailure) as err2:
+        graphs.run([torch.randn(3, 6)])
+    assert err2.value is failure
+
+
+def test_capture_failures_name_every_input_s_shape() -> None:
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx supplies the real classes the double mirrors")
+    from .trt_double import HostStreams, Knobs, doubles
+
+    inputs = [TensorSpec("a", "float32", ("b", 4), (1, 4), (2, 4), (8, 4)),
+              TensorSpec("b", "float32", ("c", 4), (1, 4), (1, 4), (8, 4))]
+    outputs = [TensorSpec("y", "float32", ("b", 4))]
+    knobs, streams = Knobs(), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["a"] + f["b"]}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    graphs = CudaGraphRunner(runner, device="cpu", driver=HostGraphs(fail=RuntimeError("no")))
+    with pytest.raises(RuntimeFailure, match=r"for input shapes a=\(3, 4\), b=\(1, 4\): no\. "):
+        graphs.run([torch.ones(3, 4), torch.ones(1, 4)])
+
+
+def test_a_context_tensorrt_rtx_cannot_capture_is_refused_with_the_fix(affine: Any) -> None:
+    graphs, knobs, reference, driver = affine
+    knobs.stream_capturable = False  # a TensorRT-RTX engine built without REQUIRE_USER_ALLOCATION
+    with pytest.raises(RuntimeFailure) as err:
+        graphs.run([torch.randn(3, 6)])
+    assert str(err.value) == (
+        "TensorRT says this execution context cannot be captured into a CUDA graph (input shapes x=(3, 6)); a "
+        "TensorRT-RTX engine must be built with BuilderFlag.REQUIRE_USER_ALLOCATION. Fix: pass cuda_graphs=False, "
+        "or rebuild the engine with that flag.")
+    assert knobs.capturable_asked == [driver.stream_handle()] and graphs.shapes == []
+    knobs.stream_capturable = True
+    x = torch.randn(3, 6)
+    _check(graphs.run([x]), reference, x)
+
+
+def test_an_empty_batch_is_captured_not_mistaken_for_a_data_dependent_shape() -> None:
+    runner, knobs, reference, streams = _runner_on_double(Affine(), torch.randn(4, 6), dynamic={"x": {0: (0, 4, 8)}})
+    graphs = CudaGraphRunner(runner, device="cpu", driver=RecordingGraphs(knobs, streams))
+    x = torch.randn(0, 6)
+    _check(graphs.run([x]), reference, x)
+    assert graphs.stats["captures"] == 1
+
+
+def test_a_graph_keeps_its_runner_and_context_alive_until_it_is_dropped(affine: Any) -> None:
+    import gc
+    import weakref
+
+    graphs, _, _, _ = affine
+    made: list[Any] = []
+    dedicated = graphs.inner.dedicated
+
+    def tracked() -> Any:
+        runner, engine = dedicated()
+        made.append((weakref.ref(runner), weakref.ref(engine)))
+        return runner, engine
+
+    graphs.inner.dedicated = tracked  # type: ignore[method-assign]
+    graphs.run([torch.randn(3, 6)])
+    gc.collect()
+    ((runner, engine),) = made
+    # The graph's kernels use the dedicated context: it must live as long as the graph does.
+    assert runner() is not None and engine() is not None
+    graphs.reset()
+    gc.collect()
+    assert runner() is None and engine() is None
+
+
+def test_refit_drops_the_graphs_and_the_next_call_captures_over_the_new_weights() -> None:
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx supplies the real classes the double mirrors")
+    from .trt_double import HostStreams, Knobs, doubles, runtime_module
+
+    inputs = [TensorSpec("x", "float32", ("b", 3), (1, 3), (2, 3), (4, 3))]
+    outputs = [TensorSpec("y", "float32", ("b", 2))]
+    knobs, streams = Knobs(), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda feeds, w: {"y": feeds["x"] @ w["w"].T + w["b"]}, knobs=knobs,
+                           streams=streams, weights={"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)})
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=runtime_module(trt), streams=streams)
+    driver = RecordingGraphs(knobs, streams)
+    graphs = CudaGraphRunner(runner, device="cpu", driver=driver)
+    x = torch.ones(2, 3)
+    torch.testing.assert_close(graphs.run([x])[0], torch.tensor([[3.0, 12.0], [3.0, 12.0]]))
+    syncs = driver.syncs
+    new = {"w": torch.ones(2, 3), "b": torch.tensor([1.0, 2.0])}
+    assert graphs.refit(new) is graphs and graphs.inner is runner
+    assert graphs.shapes == [] and driver.syncs > syncs and knobs.refits == [["b", "w"]]
+    torch.testing.assert_close(graphs.run([x])[0], torch.tensor([[4.0, 5.0], [4.0, 5.0]]))
+    assert graphs.stats["captures"] == 2
+
+
+def test_refit_of_a_runner_that_cannot_take_weights_says_so() -> None:
+    graphs = CudaGraphRunner(TorchAffineRunner(torch.device("cpu")), device="cpu", driver=HostGraphs())
+    graphs.run([torch.randn(2, 6)])
+    with pytest.raises(RuntimeFailure, match=r"^the test runner cannot take new weights$"):
+        graphs.refit({"w": torch.zeros(1)})
+    assert graphs.shapes == [(((2, 6), torch.float32),)]  # nothing dropped
+
+
 # --------------------------------------------------------------------------- real CUDA graphs
 
 class TorchAffineRunner:

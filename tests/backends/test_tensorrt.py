@@ -133,6 +133,36 @@ def test_inputs_infer_shapes_reports_unset_raise(trt: Any) -> None:
         s.module(torch.randn(2, 3, 16, 16))
 
 
+@pytest.mark.parametrize("knobs, message", [
+    (Knobs(fail_execute=True), "TensorRT's execute_async_v3 failed for input shapes a=(3, 4), b=(1, 4); see the "
+                               "torch_trt_module.tensorrt log for the engine's error"),
+    (Knobs(infer_shapes_raises="no"), "TensorRT could not infer the output shapes for input shapes a=(3, 4), "
+                                      "b=(1, 4): no"),
+])
+def test_run_failures_name_every_input_s_shape(trt: Any, knobs: Knobs, message: str) -> None:
+    inputs = [TensorSpec("a", "float32", ("b", 4), (1, 4), (2, 4), (8, 4)),
+              TensorSpec("b", "float32", ("c", 4), (1, 4), (1, 4), (8, 4))]
+    outputs = [TensorSpec("y", "float32", ("b", 4))]
+    streams = HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["a"] + f["b"]}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        runner.run([torch.ones(3, 4), torch.ones(1, 4)])
+    assert str(err.value) == message
+
+
+def test_a_context_tensorrt_cannot_create_is_a_runtime_failure(trt: Any) -> None:
+    inputs, outputs = _specs()
+    knobs, streams = Knobs(no_context=True), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"]}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        runner.run([torch.ones(2, 4)])
+    assert str(err.value) == "TensorRT could not create an execution context (out of GPU memory?)"
+    knobs.no_context = False  # nothing was kept: the next call creates one
+    assert torch.equal(runner.run([torch.ones(2, 4)])[0], torch.ones(2, 4))
+
+
 def test_empty_tensors_never_bind_a_null_pointer(trt: Any) -> None:
     s = Setup(trt, torch.nn.Linear(4, 3), torch.randn(2, 4), dynamic={"input": {0: (0, 2, 8)}})
     out = s.module(torch.randn(0, 4))  # the double returns False for a null address
@@ -152,6 +182,55 @@ def test_data_dependent_output_goes_through_the_output_allocator_and_is_copied_o
     for got, want in firsts:
         assert torch.equal(got, want)
     assert "output" in s.knobs.contexts[0]._c.allocators
+
+
+class Nonzero(torch.nn.Module):  # a data-dependent output of two dimensions, int64
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(x > 0)
+
+
+def test_a_two_dimensional_data_dependent_output_is_copied_out_whole(trt: Any) -> None:
+    s = Setup(trt, Nonzero(), torch.randn(4, 8), dds=("output",))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(5, 8)
+        got = s.module(x)
+        assert got.shape[1] == 2 and torch.equal(got, s.model(x)), f"seed {seed}"
+
+
+def test_the_output_allocator_reuses_a_big_enough_buffer_and_never_returns_null(trt: Any) -> None:
+    from torch_trt_module.backends._tensorrt import _Allocator
+
+    alloc = _Allocator(trt, torch.device("cpu"), {"y": torch.float32})
+    first = alloc.impl.reallocate_output("y", 0, 64, 256)
+    assert alloc.buffers["y"].numel() >= 64 and first == alloc.buffers["y"].data_ptr()
+    assert alloc.impl.reallocate_output("y", 0, 64, 256) == first  # the same size: the same buffer
+    assert alloc.impl.reallocate_output_async("y", 0, 16, 256, 7) == first  # smaller: the same buffer
+    bigger = alloc.impl.reallocate_output("y", first, 256, 256)
+    assert alloc.buffers["y"].numel() >= 256 and bigger == alloc.buffers["y"].data_ptr()
+    assert alloc.impl.reallocate_output("z", 0, 0, 256) != 0  # an empty output still gets memory
+    alloc.impl.notify_shape("y", trt.Dims((4, 2)))
+    alloc.buffers["y"][:32].view(torch.float32)[:] = torch.arange(8.0)
+    taken = alloc.take("y")
+    assert taken.shape == (4, 2) and torch.equal(taken, torch.arange(8.0).reshape(4, 2))
+    assert taken.data_ptr() != bigger  # a copy: the buffer is TensorRT's again for the next call
+
+
+def test_a_dedicated_runner_is_the_same_runner_with_a_context_of_its_own(trt: Any) -> None:
+    inputs, outputs = _specs()
+    engine_cls, _ = doubles(trt)
+    knobs, streams = Knobs(), HostStreams()
+    fake = engine_cls(inputs, outputs, lambda f: {"y": f["x"] * 3}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, backend="tensorrt_rtx", streams=streams)
+    dedicated, engine = runner.dedicated()
+    assert (dedicated.backend, dedicated.device, dedicated.inputs, dedicated.outputs) == \
+        (runner.backend, runner.device, runner.inputs, runner.outputs)
+    assert dedicated.streams is runner.streams and dedicated._unusable is runner._unusable
+    x = torch.randn(2, 4)
+    (got,) = dedicated.run([x])
+    assert torch.equal(got, x * 3) and knobs.handles == [streams.handle]
+    assert engine.context is knobs.contexts[0] and engine.create_execution_context() is engine.context
+    assert engine.num_io_tensors == 2  # everything else is the engine's
 
 
 def test_one_execution_context_per_thread(trt: Any) -> None:
@@ -193,6 +272,62 @@ def test_engines_the_adapter_cannot_bind_are_refused(trt: Any, knobs: Knobs, mes
     fake = engine_cls(inputs, outputs, lambda f: {"y": f["x"]}, knobs=knobs, streams=HostStreams())
     with pytest.raises(ttm.EngineLoadError, match=message):
         TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=HostStreams())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("names", "engine I/O tensors ['x', 'y'] do not match the metadata's ['x', 'z']"),
+    ("mode", "engine tensor 'y' has the wrong I/O mode"),
+    ("location", "engine tensor 'y' is not in device memory; not supported"),
+    ("format", "engine tensor 'x' has the format 'Channel major FP32 format where C % 4 == 0'; only row-major "
+               "linear is supported"),
+    ("vectorized", "engine tensor 'x' has the format 'Row major linear FP32 format (kLINEAR)'; only row-major "
+                   "linear is supported"),
+])
+def test_what_the_adapter_refuses_is_named_exactly(trt: Any, case: str, message: str) -> None:
+    inputs, outputs = _specs()
+    knobs = Knobs(host_location={"y"} if case == "location" else set())
+    if case == "format":
+        knobs.format_desc = "Channel major FP32 format where C % 4 == 0"
+    if case == "vectorized":  # a vectorized dimension, whatever the description says
+        knobs.vectorized_dim = 1
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"]}, knobs=knobs, streams=HostStreams())
+    if case == "names":
+        outputs = [TensorSpec("z", "float32", ("b", 4))]
+    if case == "mode":  # the same names, y said to be an input and x an output
+        inputs, outputs = [TensorSpec("y", "float32", ("b", 4), (1, 4), (2, 4), (8, 4))], [TensorSpec("x", "float32",
+                                                                                                     ("b", 4))]
+    with pytest.raises(ttm.EngineLoadError) as err:
+        TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=HostStreams())
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("rejected, message", [
+    ({"x"}, "TensorRT rejected the address of input 'x'"),
+    ({"y"}, "TensorRT rejected the address of output 'y'"),
+])
+def test_a_rejected_address_raises_and_the_next_call_binds_it_again(trt: Any, rejected: set[str],
+                                                                   message: str) -> None:
+    inputs, outputs = _specs()
+    knobs, streams = Knobs(), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"] * 2}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    x = torch.randn(2, 4)
+    assert torch.equal(runner.run([x])[0], x * 2)
+    knobs.reject_address = rejected
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        runner.run([torch.randn(2, 4)])
+    assert str(err.value) == message
+    # The context's address for that tensor is unknown after a rejection: the adapter must set it again,
+    # even for the tensor it had bound before.
+    knobs.reject_address = set()
+    assert torch.equal(runner.run([x])[0], x * 2)
+
+
+def test_a_rejected_output_allocator_raises(trt: Any) -> None:
+    s = Setup(trt, Masked(), torch.randn(4, 8), dds=("output",), knobs=Knobs(reject_allocator=True))
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        s.runner.run([torch.randn(5, 8)])
+    assert str(err.value) == "TensorRT rejected the output allocator for 'output'"
 
 
 class ManyDtypes(torch.nn.Module):

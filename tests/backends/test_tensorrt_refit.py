@@ -422,3 +422,63 @@ def test_the_refitter_double_refuses_missing_weights_pending_work_and_engines_wi
     with pytest.raises(TypeError, match="factory function returned nullptr"):
         refitter_cls(_small_engine(trt, Knobs(refittable=False)), log)
     assert "isRefittable" in log.errors[-1]
+
+
+# --------------------------------------------------------------------------- the adapter's own refit details
+
+def _small_runner(trt: Any, knobs: Knobs | None = None) -> tuple[TensorRTRunner, Knobs, Any]:
+    knobs = knobs or Knobs()
+    streams = HostStreams()
+    fake = _small_engine(trt, knobs, streams)
+    specs = fake._d.inputs, fake._d.outputs
+    return TensorRTRunner(fake, *specs, "cpu", trt=runtime_module(trt), streams=streams), knobs, fake
+
+
+def test_weights_are_read_when_tensorrt_refits_so_the_host_copies_are_kept_until_then(trt: Any) -> None:
+    # A weight that is not contiguous on the host (or is on a GPU) is copied for TensorRT, which reads the
+    # copy's memory only in refit_cuda_engine: the copies must live until then, not one loop iteration.
+    runner, knobs, fake = _small_runner(trt)
+    w = torch.arange(10.0, 16.0).reshape(3, 2).t()  # (2, 3), not contiguous
+    b = torch.tensor([7.0, 0.0, 8.0, 0.0])[::2]  # not contiguous
+    x = torch.ones(1, 3)
+    runner.refit({"w": w, "b": b})
+    assert knobs.refits == [["b", "w"]]
+    torch.testing.assert_close(runner.run([x])[0], x @ w.contiguous().T + b)
+
+
+def test_refit_errors_name_the_fix(trt: Any) -> None:
+    runner, _, _ = _small_runner(trt, Knobs(refittable=False))
+    with pytest.raises(ttm.EngineNotRefittable) as err:
+        runner.refit({"w": torch.zeros(2, 3)})
+    assert str(err.value) == (
+        "this TensorRT engine was built without BuilderFlag.REFIT (weights='snapshot', or a TensorRT-RTX build on "
+        "a machine without a GPU), so its weights cannot change. Fix: compile with weights='follow' on a machine "
+        "with a GPU")
+    runner, knobs, _ = _small_runner(trt)
+    unknown = {name: torch.zeros(1) for name in "vutsrqp"}  # more than the message lists: the first five, sorted
+    with pytest.raises(ttm.EngineNotRefittable) as err:
+        runner.refit({"w": torch.zeros(2, 3), **unknown})
+    assert str(err.value) == (
+        "TensorRT folded weights ['p', 'q', 'r', 's', 't'] into the engine at build time, so they cannot be refit. "
+        "Fix: compile the model again for its new weights")
+    assert knobs.refits == []
+
+
+def test_a_failed_refit_names_the_weights_still_missing_and_what_to_do(trt: Any) -> None:
+    names = [f"w{i}" for i in range(10)]
+    specs = ([TensorSpec("x", "float32", ("b", 3), (1, 3), (2, 3), (4, 3))], [TensorSpec("y", "float32", ("b", 3))])
+    knobs, streams = Knobs(fused=(frozenset(names),)), HostStreams()  # all ten combined at build
+    fake = doubles(trt)[0](*specs, lambda feeds, w: {"y": feeds["x"] + sum(w.values())}, knobs=knobs, streams=streams,
+                           weights={n: torch.zeros(3) for n in names})
+    runner = TensorRTRunner(fake, *specs, "cpu", trt=runtime_module(trt), streams=streams)
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        runner.refit({"w0": torch.ones(3)})
+    assert str(err.value) == ("TensorRT needs new values for weights ['w1', 'w2', 'w3', 'w4', 'w5', 'w6', 'w7', 'w8'] "
+                              "too before it can refit")  # the first eight of nine
+    knobs.fused, knobs.fail_refit = (), True
+    with pytest.raises(ttm.RuntimeFailure) as err:
+        runner.refit({"w0": torch.ones(3)})
+    assert str(err.value) == (
+        "TensorRT's refit_cuda_engine failed; the engine may hold a mix of old and new weights and must not be used: "
+        "IRefitter::refitCudaEngine: Error Code 1: refit failed (Knobs.fail_refit) [test double]. Fix: refit it "
+        "again with all its weights, or compile the model again")

@@ -37,8 +37,9 @@ It also checks that each bound output buffer holds the shape it reported (on a G
 caching allocator's records; on the CPU when ``Knobs.check_buffers`` is set), supports
 several inputs of any I/O dtype torch and TensorRT share, engines with two optimization
 profiles (the adapter must refuse them), data-dependent output shapes through the
-adapter's ``IOutputAllocator``, and a rejected ``set_input_shape`` leaves that input's shape
-unspecified (stricter than TensorRT promises: the API leaves it unstated).
+adapter's ``IOutputAllocator``, and a rejected ``set_input_shape`` (``set_tensor_address``) leaves
+that input's shape (address) unspecified (stricter than TensorRT promises: the API leaves it
+unstated).
 
 **Refit.** An engine made with ``weights=`` computes with them (``ort_weighted_compute``,
 ``torch_weighted_compute``), is ``refittable`` (unless ``Knobs.refittable`` says otherwise), and
@@ -361,6 +362,10 @@ class Knobs:
     objects take none)."""
 
     fail_execute: bool = False
+    no_context: bool = False  # create_execution_context fails (returns None), as out of device memory
+    reject_address: set[str] = field(default_factory=set)  # tensors whose set_tensor_address returns False
+    reject_allocator: bool = False  # set_output_allocator returns False
+    host_location: set[str] = field(default_factory=set)  # tensors the engine reports in host memory
     infer_shapes_raises: str | None = None
     forget_shapes: set[str] = field(default_factory=set)  # inputs whose shape the context loses
     profiles: int = 1
@@ -377,6 +382,10 @@ class Knobs:
     record: list[tuple[Any, int]] | None = None  # set: execute_async_v3 records instead of running
     handles: list[int] = field(default_factory=list)  # every stream handle execute was given
     contexts: list[Any] = field(default_factory=list)
+    # What a context's is_stream_capturable answers (only where the real class has it: tensorrt_rtx); False is a
+    # TensorRT-RTX engine built without REQUIRE_USER_ALLOCATION. The handles it was asked about.
+    stream_capturable: bool = True
+    capturable_asked: list[int] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=None)
@@ -421,7 +430,8 @@ def doubles(trt: Any) -> tuple[type, type]:
             return getattr(trt.DataType, by_name(dtype).trt)
 
         def get_tensor_location(self, name: str) -> Any:
-            return trt.TensorLocation.DEVICE
+            host = name in self._d.knobs.host_location
+            return trt.TensorLocation.HOST if host else trt.TensorLocation.DEVICE
 
         def get_tensor_vectorized_dim(self, name: str, profile_index: int = 0) -> int:
             return self._d.knobs.vectorized_dim
@@ -437,6 +447,8 @@ def doubles(trt: Any) -> tuple[type, type]:
             return [trt.Dims(s.min), trt.Dims(s.opt), trt.Dims(s.max)]
 
         def create_execution_context(self, *args: Any, **kwargs: Any) -> Any:
+            if self._d.knobs.no_context:
+                return None
             ctx = Context(self)
             self._d.knobs.contexts.append(ctx)
             return ctx
@@ -457,6 +469,8 @@ def doubles(trt: Any) -> tuple[type, type]:
             return self._c.addrs.get(name, 0)
 
         def set_output_allocator(self, name: str, output_allocator: Any) -> bool:
+            if self._c.e.knobs.reject_allocator:
+                return False
             self._c.allocators[name] = output_allocator
             return True
 
@@ -468,6 +482,12 @@ def doubles(trt: Any) -> tuple[type, type]:
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             return self._c.execute(int(stream_handle))
+
+        if hasattr(trt.IExecutionContext, "is_stream_capturable"):  # tensorrt_rtx; not tensorrt_lean
+            def is_stream_capturable(self, stream: int) -> bool:
+                knobs = self._c.e.knobs
+                knobs.capturable_asked.append(int(stream))
+                return bool(knobs.stream_capturable)
 
     Engine.trt = Context.trt = trt
     return Engine, Context
@@ -743,8 +763,9 @@ class _ContextState:
 
     def set_address(self, name: str, addr: int) -> bool:
         self.threads.add(threading.get_ident())
-        if not addr:
-            return False  # TensorRT rejects null pointers
+        if not addr or name in self.e.knobs.reject_address:  # TensorRT rejects null pointers
+            self.addrs.pop(name, None)  # strict: a rejected address leaves the tensor's unspecified
+            return False
         self.addrs[name] = addr
         return True
 
