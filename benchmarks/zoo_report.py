@@ -444,7 +444,9 @@ def _module_split(module: Any) -> dict[str, Any]:
         on = sum(sum(s.ops.values()) for s in segments if s.kind == "engine")
         return {"runs_on": "split", "engines": sum(s.kind == "engine" for s in segments),
                 "engine_share": round(on / ops, 4) if ops else 0.0, "segment_ops": ops, "segment_engine_ops": on,
-                "pytorch_parts": [f"{', '.join(s.ops)}: {s.why[:200]}" for s in segments if s.kind != "engine"][:5]}
+                "pytorch_parts": [f"{sum(s.ops.values())} ops in PyTorch ({', '.join(list(s.ops)[:3])}"
+                                  f"{', ...' if len(s.ops) > 3 else ''}): {s.why[:200]}"
+                                  for s in segments if s.kind != "engine"][:5]}
     engine = module.engine
     return {"runs_on": "engine" if engine.backend in ("tensorrt", "tensorrt_rtx") else "next runtime"}
 
@@ -792,7 +794,7 @@ def _outcome_cell(r: dict[str, Any]) -> str:
         return f"**FAIL**: {_cell(r.get('failure') or r.get('error'))}{note}"
     if r.get("result") == "partitioned":
         why = r.get("reason") or next((w for w in r.get("warnings", []) if "cannot build" in w), "")
-        return f"pass (partitioned because: {_cell(_short(why, 160))}){note}" if why else f"pass{note}"
+        return f"pass (partitioned because: {_cell(_short(why, 240))}){note}" if why else f"pass{note}"
     return f"pass{note}"
 
 
