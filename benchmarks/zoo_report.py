@@ -907,7 +907,16 @@ def coverage_results_md(blocks: dict[str, dict[str, Any]]) -> str:
                      f"timm {env.get('timm')}, onnx {env.get('onnx')}, onnxruntime {env.get('onnxruntime')}, "
                      f"TensorRT-RTX {env.get('tensorrt_rtx')} (builds the engines on the CPU; ONNX Runtime runs "
                      "them: no machine here executes a TensorRT engine)")
-    lines += [""] + [f"Machine: {m}." for m in sorted(machines)]
+    lines += [""] + [f"Machine: {m}. Other jobs shared its 2 cores during the runs, so the compile times "
+                     "in the tables are indicative only." for m in sorted(machines)]
+    for kind, data in blocks.items():
+        states = sorted({(r.get("library") or {}).get("sources_sha256") or "?" for r in data.get("rows", [])})
+        commits = sorted({(r.get("library") or {}).get("commit") or "?" for r in data.get("rows", [])})
+        dirty = any((r.get("library") or {}).get("uncommitted_changes") for r in data.get("rows", []))
+        if data.get("rows"):
+            lines.append(f"Library measured by the {COVERAGE_TITLES[kind]} set: sources sha256 "
+                         f"{', '.join(states)} (commit {', '.join(commits)}"
+                         f"{'; some rows with uncommitted changes' if dirty else ''}).")
     for kind, data in blocks.items():
         failures = coverage_summary(data.get("rows", []))["failures"]
         if failures:
@@ -944,9 +953,13 @@ def run_coverage_set(kind: str, a: argparse.Namespace) -> None:
     if not wanted:
         return
     path = COVERAGE_RESULTS[kind]
-    old = {r["model"]: r for r in load_results(path).get("rows", [])}
-    data = {"generated": time.strftime("%Y-%m-%d %H:%M %Z"), "environment": coverage_environment(),
-            "command": " ".join(["python", "benchmarks/zoo_report.py", *sys.argv[1:]]), "rows": []}
+    previous = load_results(path)
+    old = {r["model"]: r for r in previous.get("rows", [])}
+    now, command = time.strftime("%Y-%m-%d %H:%M %Z"), " ".join(["python", "benchmarks/zoo_report.py", *sys.argv[1:]])
+    data = {"generated": now, "environment": coverage_environment(), "command": command, "rows": []}
+    if (a.models or a.resume) and previous.get("generated"):  # some rows again: the set keeps its run's date
+        data.update(generated=previous["generated"], command=previous.get("command", command),
+                    reruns=[*previous.get("reruns", []), {"when": now, "command": command, "models": wanted}])
 
     def save() -> None:
         order = {s.name: i for i, s in enumerate(specs)}
