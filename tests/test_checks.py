@@ -127,6 +127,64 @@ def test_the_user_s_tolerances_make_the_plain_check(linear: tuple[ttm.ExportedMo
     check_export(ex, ExportCheck(points={"max": (inputs, [outputs[0] + 1])}), loose)  # within atol=2: passes
 
 
+class Times(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module, k: float) -> None:
+        super().__init__()
+        self.inner, self.k = inner, k
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return [o * self.k for o in self.inner(*args)]
+
+
+class Fp32Only(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        if args[0].dtype != torch.float32:
+            raise TypeError("this model has no float64 kernel")
+        return self.inner(*args)
+
+
+def test_a_graph_as_close_to_float64_as_eager_s_fp32_passes_against_float64(
+        linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    # Eager's fp32 is itself off the exact result (rounding piling up through deep BatchNorm stacks);
+    # here eager is made off by 5e-3, the graph is not: against float64 the graph is the better one.
+    ex, check, settings = linear
+    assert check.model is not None
+    inputs, outputs = check.points["example"]
+    off = [outputs[0] + 5e-3]
+    with pytest.raises(ExportError):  # without the model, the plain verdict: refused
+        check_export(ex, ExportCheck(points={"example": (inputs, off)}), settings)
+    check_export(ex, ExportCheck(points={"example": (inputs, off)}, model=check.model), settings)
+    report = ex.extra["export_report"]
+    assert report.passed and report.reference_name == "eager in float64"
+    assert report.numerics is not None and report.numerics.startswith("eager in float64: the graph missed")
+    assert report.outputs[0].atol == pytest.approx(2 * 5e-3, rel=1e-3)  # twice eager's own error
+
+
+def test_a_wrong_graph_is_still_refused_against_float64(linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, settings = linear
+    assert check.model is not None
+    inputs, outputs = check.points["example"]
+    doubled = Times(check.model, 2.0)  # eager (and its float64) say 2x: the graph is wrong for this model
+    with pytest.raises(ExportError, match="does not match eager at the example inputs"):
+        check_export(ex, ExportCheck(points={"example": (inputs, [outputs[0] * 2])}, model=doubled), settings)
+
+
+def test_without_a_float64_run_the_first_verdict_stands(linear: tuple[ttm.ExportedModel, ExportCheck, Settings]) -> None:
+    ex, check, settings = linear
+    assert check.model is not None
+    inputs, outputs = check.points["example"]
+    with pytest.raises(ExportError, match="does not match eager"):
+        check_export(ex, ExportCheck(points={"example": (inputs, [outputs[0] + 5e-3])}, model=Fp32Only(check.model)),
+                     settings)
+    loose = Settings.from_options(rtol=1e-4, atol=1e-4)  # the user's own tolerances: no second opinion
+    with pytest.raises(ExportError, match="does not match eager"):
+        check_export(ex, ExportCheck(points={"example": (inputs, [outputs[0] + 5e-3])}, model=check.model), loose)
+
+
 # --------------------------------------------------------------------------- the compiled module
 
 @pytest.fixture(scope="module")

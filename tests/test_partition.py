@@ -125,3 +125,26 @@ def test_fasterrcnn_backbone_is_an_engine_and_its_postprocessing_runs_in_pytorch
     no_plan = [m for m in modules if isinstance(m, SegmentedModule)
                or (isinstance(m, ttm.TRTModule) and m.engine is not None and not m.engine.has_plan)]
     assert no_plan, [p["graph"] for p in parts]
+
+
+def test_a_graph_whose_engine_build_fails_at_its_first_call_counts_as_pytorch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The graphs are handed to the backend at the first call and built there; a build failing then
+    # must show in fallbacks and repr() as in parts(), not as a graph on an engine.
+    from torch_trt_module import _compile
+
+    model = ItemBranch().eval()
+    fast = ttm.compile(model, torch.randn(2, 8), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule)
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise ttm.BuildError("forced for the test: the builder failed")
+
+    monkeypatch.setattr(_compile, "compile", refuse)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fast(x), model(x))
+    parts = fast.parts()
+    assert fast.graphs == len(parts) >= 2 and fast.fallbacks == len(parts)
+    assert all(p["runs"] == "pytorch" for p in parts)
+    assert any("BuildError: forced for the test" in p["why"] for p in parts)
+    assert f"on engines=0, in PyTorch={len(parts)}" in repr(fast)

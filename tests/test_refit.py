@@ -398,3 +398,37 @@ def test_tensorrt_rtx_cannot_build_refittable_weights_without_a_gpu(flags: list[
     assert len(plain) > 0
     with pytest.raises(ttm.BuildError, match="CUDA_SUCCESS"):
         build_serialized(ex.onnx, ex.inputs, backend="tensorrt_rtx", flags=flags)
+
+
+class LazyTable(nn.Module):
+    """Creates a buffer at its first forward, as timm's ConViT does; run under inference_mode, the
+    buffer is an inference tensor, which has no version counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("table", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.arange(4.0)
+        return self.lin(x) + self.table
+
+
+def test_weights_made_under_inference_mode_are_followed_where_they_can_be(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = LazyTable().eval()
+    with torch.inference_mode():
+        model(torch.randn(1, 4))
+    assert model.table is not None and model.table.is_inference()
+    with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
+        fast = ttm.compile(model, torch.randn(2, 4), cache=False)
+    assert "table" in fast.weight_names
+    assert any("cannot see in-place writes made under torch.inference_mode to table" in r.getMessage()
+               for r in caplog.records)
+    _close(fast, model, torch.randn(3, 4))
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)  # an ordinary weight beside it is still followed
+    _close(fast, model, torch.randn(3, 4))
+    model.table = torch.arange(4.0) * 2  # so is a reassignment of the inference tensor
+    _close(fast, model, torch.randn(3, 4))

@@ -9,6 +9,7 @@ where it runs on a CUDA GPU (ONNX Runtime computes strict fp32).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any
 
@@ -73,6 +74,8 @@ def check_export(exported: ExportedModel, check: ExportCheck, settings: Settings
         report = compare_outputs(got, expected, tolerance=tolerance, names=exported.output_names,
                                  what="onnxruntime", reference_name="eager")
         report.numerics = numerics
+        if not report.passed and check.model is not None and settings.rtol is None and settings.atol is None:
+            report = _against_float64(check.model, inputs, expected, got, tolerance, exported.output_names) or report
         reports[label] = report
         if not report.passed:
             exported.extra["export_reports"] = reports
@@ -87,6 +90,41 @@ def check_export(exported: ExportedModel, check: ExportCheck, settings: Settings
                     _WHERE[label], error)
     worst = max((o.max_abs for r in reports.values() for o in r.outputs), default=0.0)
     log.info("export check: onnxruntime vs eager passed at %s (max abs err %.3g)", ", ".join(reports), worst)
+
+
+def _against_float64(model: torch.nn.Module, inputs: list[torch.Tensor], eager: list[torch.Tensor],
+                     got: list[torch.Tensor], tolerance: Tolerance, names: list[str]) -> ParityReport | None:
+    """A second opinion for an fp32 graph that misses eager's fp32 outputs: both against the model
+    run in float64. Eager's fp32 is itself only an approximation; where rounding errors pile up
+    (deep stacks of BatchNorm with measured statistics), a correct graph ends as far from eager as
+    eager is from the exact result. The graph passes when it is within twice eager's own fp32 error
+    of float64, output by output (with the policy's rtol, rms bar and cosine bound). None where
+    the model cannot run in float64 (an op without a float64 kernel, no memory for the copy): then
+    the first verdict stands. Costs a copy of the model and one call, only on this path."""
+    try:
+        exact_model = copy.deepcopy(model).double()
+        with torch.inference_mode():
+            exact = [t.detach() for t in exact_model(*[t.double() if t.is_floating_point() else t for t in inputs])]
+    except Exception:  # noqa: BLE001 - no second opinion; the graph stays refused
+        log.debug("export check: the float64 reference could not run", exc_info=True)
+        return None
+    del exact_model  # free the copy before the comparison
+    if len(exact) != len(eager):
+        return None
+    atol: dict[str, float] = {}
+    for name, e, x in zip(names, eager, exact):
+        own = (e.double() - x.to(e.device)).abs().max().item() if e.is_floating_point() and e.numel() else 0.0
+        atol[name] = max(tolerance.atol, 2.0 * own)
+    report = compare_outputs([g.double() if g.is_floating_point() else g for g in got], [x.cpu() for x in exact],
+                             tolerance=tolerance, atol=atol, names=names, what="onnxruntime",
+                             reference_name="eager in float64")
+    if not report.passed:
+        return None
+    report.numerics = ("eager in float64: the graph missed eager's fp32 outputs, but is within twice eager's own "
+                       "fp32 error of the float64 result; fp32 tolerance policy with that absolute bar")
+    log.info("export check: the graph differs from eager's fp32 outputs by as much as eager's fp32 differs from "
+             "float64 (bars %s); accepted against float64", {n: f"{a:.3g}" for n, a in atol.items()})
+    return report
 
 
 def _specialised_hint(label: str) -> str:

@@ -96,7 +96,7 @@ def describe(fn: Any) -> dict[str, Any]:
         return {"graph": fn.label, "runs": "pytorch", "module": None, "why": fn.reason}
     if isinstance(fn, _Engine):
         if fn.failed:
-            return {"graph": fn.label, "runs": "pytorch", "module": None, "why": "its engine build failed"}
+            return {"graph": fn.label, "runs": "pytorch", "module": None, "why": fn.why}
         return {"graph": fn.label, "runs": "engine" if fn.module is not None else "pending", "module": fn.module,
                 "why": ""}
     return {"graph": "?", "runs": "pytorch", "module": None, "why": f"unknown ({type(fn).__name__})"}
@@ -192,6 +192,7 @@ class _Engine:
         self.consts = [(i, where[0]) for i, (kind, where) in enumerate(call._slots) if kind == "const"]
         self.max_rebuilds = Settings.from_options(**options).max_rebuilds
         self.rebuilds, self.failed, self.warned = 0, False, False
+        self.why = ""  # why the first build failed, for describe()
         self.module: Any = None
         self.ranges: list[tuple[int, int, int, int]] = []  # (input, dim, min, max), every dim of every input
         self.lock = threading.Lock()
@@ -216,8 +217,8 @@ class _Engine:
                 except Exception as e:  # noqa: BLE001 - a TorchTRTError, or a bug: the graph runs in PyTorch
                     log.debug("%s: compile failed", self.label, exc_info=True)
                     if self.module is None:
-                        self.failed = True
-                        _fallback(self.gm, self.label, f"{type(e).__name__}: {e}")
+                        self.failed, self.why = True, f"its engine build failed: {type(e).__name__}: {e}"
+                        _fallback(self.gm, self.label, self.why)
                         return self.gm.forward(*args)
                     self.rebuilds = self.max_rebuilds  # no more rebuilds are tried
                     return self._eager(args, f"rebuilding for new shapes failed: {type(e).__name__}: {e}")

@@ -45,6 +45,9 @@ class ExportCheck:
     points: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     strict: bool = False
+    #: The flat eager model the points ran on (fp32 exports only): the check runs it in float64
+    #: for a second opinion when the graph misses eager's fp32 (see ``_checks``).
+    model: torch.nn.Module | None = None
 
 
 def _leaf_names(tree: TreeSpec) -> list[str]:
@@ -213,8 +216,8 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
 def _check_points(reference: torch.nn.Module, wrapper: "Flat", names: list[str], leaves: list[torch.Tensor],
                   example_out: list[torch.Tensor] | None, profiles: Profiles, strict: bool) -> ExportCheck:
     """Eager's outputs at the example and at the profile's min, max and an off-opt point."""
-    check = ExportCheck(strict=strict)
     flat = Flat(reference, wrapper.params, wrapper.call_tree).eval()
+    check = ExportCheck(strict=strict, model=flat if example_out is not None else None)
     seen: set[tuple[tuple[int, ...], ...]] = set()
     for label in ("example", "min", "max", "off"):
         point = leaves if label == "example" else corner(names, leaves, profiles, label)

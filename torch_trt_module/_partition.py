@@ -56,17 +56,12 @@ class PartitionedModule(torch.nn.Module):
 
         self.model = model
         self.reason = reason
-        self.graphs = 0
-        self.fallbacks = 0
         options = dict(options)
 
         self.__dict__["_made"] = []  # what the backend returned per graph (see parts())
 
         def backend(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-            before = _dynamo.STATS["fallbacks"]
             fn = _dynamo.backend(gm, example_inputs, options=options)
-            self.graphs += 1
-            self.fallbacks += _dynamo.STATS["fallbacks"] - before
             self._made.append(fn)
             return fn
 
@@ -93,6 +88,17 @@ class PartitionedModule(torch.nn.Module):
         from ._dynamo import describe
 
         return [describe(fn) for fn in self._made]
+
+    @property
+    def graphs(self) -> int:
+        """How many graphs dynamo captured so far."""
+        return len(self._made)
+
+    @property
+    def fallbacks(self) -> int:
+        """How many of them run in PyTorch, counted from :meth:`parts`: a graph whose engine build
+        failed at its first call counts here too."""
+        return sum(p["runs"] == "pytorch" for p in self.parts())
 
     def extra_repr(self) -> str:
         return (f"graphs={self.graphs}, on engines={self.graphs - self.fallbacks}, in PyTorch={self.fallbacks}, "

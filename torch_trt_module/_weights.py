@@ -160,16 +160,29 @@ class WeightWatch:
         self.names = names
         self._source = weakref.ref(source, self._gone)
         self._tensors: list[torch.Tensor] = []
+        self._versioned: list[torch.Tensor] = []  # those with a version counter
+        self._blind: list[str] = []  # the names of those without
         self._handles = [m.register_load_state_dict_post_hook(_bump) for m in source.modules()]
         self._signature: tuple[Any, ...] = ()
         self._resolve()
 
     def _gone(self, _: Any) -> None:
-        self._tensors = []  # the source is gone: nothing can change any more, and nothing is kept alive
+        self._tensors = self._versioned = []  # the source is gone: nothing can change any more, and nothing is kept alive
 
     def _resolve(self) -> None:
         source = self._source()
         self._tensors = [] if source is None else [_resolve(source, n) for n in self.names]
+        # Inference tensors (made under torch.inference_mode, as a buffer a forward creates lazily
+        # there) have no version counter: reading it raises. They can only be written in place
+        # inside inference_mode, which no signature sees; a reassignment still bumps the epoch.
+        self._versioned = [t for t in self._tensors if not t.is_inference()]
+        blind = [n for n, t in zip(self.names, self._tensors) if t.is_inference()]
+        if blind and blind != self._blind:
+            log.warning("weights='follow' cannot see in-place writes made under torch.inference_mode to %s "
+                        "(inference tensors have no version counter); a reassignment or load_state_dict is "
+                        "still followed. Create them outside inference_mode, or call refit(model) after such writes",
+                        ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else ""))
+        self._blind = blind
         if source is not None:
             _watched.update(source.modules())
 
@@ -178,7 +191,7 @@ class WeightWatch:
         if not ts:
             return ()
         first = ts[0]
-        return _epoch[0], sum(map(_version, ts)), first.data_ptr(), first.dtype, first.device
+        return _epoch[0], sum(map(_version, self._versioned)), first.data_ptr(), first.dtype, first.device
 
     def changed(self) -> bool:
         return self._now() != self._signature

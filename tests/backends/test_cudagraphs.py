@@ -12,6 +12,7 @@ captures a real TensorRT engine where one can run.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
@@ -86,9 +87,11 @@ class Masked(torch.nn.Module):  # a data-dependent output shape
 
 
 def _runner_on_double(model: torch.nn.Module, example: torch.Tensor, dynamic: Any = "batch",
-                      dds: tuple[str, ...] = ()) -> tuple[TensorRTRunner, Any, ttm.TRTModule, Any]:
-    """A real TensorRTRunner over the strict engine double (its knobs), and the ONNX Runtime reference."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx supplies the real classes the double mirrors")
+                      dds: tuple[str, ...] = (), real: str = "tensorrt_rtx"
+                      ) -> tuple[TensorRTRunner, Any, ttm.TRTModule, Any]:
+    """A real TensorRTRunner over the strict engine double (its knobs), and the ONNX Runtime reference.
+    ``real``: the module whose classes the double mirrors (tensorrt_rtx, or TensorRT's tensorrt_lean)."""
+    trt = pytest.importorskip(real, reason=f"{real} supplies the real classes the double mirrors")
     pytest.importorskip("onnxruntime")
     from .trt_double import HostStreams, Knobs, doubles, ort_compute
 
@@ -100,7 +103,8 @@ def _runner_on_double(model: torch.nn.Module, example: torch.Tensor, dynamic: An
     knobs, streams = Knobs(), HostStreams()
     fake = doubles(trt)[0](ex.inputs, ex.outputs, ort_compute(engine.onnx, ex.output_names), knobs=knobs,
                            streams=streams, dds_outputs=dds)
-    runner = TensorRTRunner(fake, ex.inputs, ex.outputs, "cpu", trt=trt, backend="tensorrt_rtx", streams=streams)
+    backend = "tensorrt_rtx" if real == "tensorrt_rtx" else "tensorrt"
+    runner = TensorRTRunner(fake, ex.inputs, ex.outputs, "cpu", trt=trt, backend=backend, streams=streams)
     return runner, knobs, reference, streams
 
 
@@ -194,6 +198,28 @@ def test_least_recently_used_graph_is_dropped(affine: Any) -> None:
     _check(graphs.run([x]), reference, x)
     graphs.reset()
     assert graphs.shapes == []
+
+
+def test_captures_and_drops_are_logged_with_their_shapes(affine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    graphs, _, _, _ = affine  # max_graphs=2
+    with caplog.at_level(logging.INFO, logger="torch_trt_module.backends._cudagraphs"):
+        for n in (1, 2, 3):
+            graphs.run([torch.randn(n, 6)])
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graphs: captured a graph for input shapes x=(1, 6) (1 kept)",
+        "CUDA graphs: captured a graph for input shapes x=(2, 6) (2 kept)",
+        "CUDA graphs: dropped the graph for input shapes [(1, 6)] (least recently used; max_graphs=2)",
+        "CUDA graphs: captured a graph for input shapes x=(3, 6) (2 kept)",
+    ]
+
+
+def test_a_tensorrt_context_which_cannot_say_whether_it_is_capturable_is_captured() -> None:
+    # tensorrt_lean's IExecutionContext has no is_stream_capturable (TensorRT-RTX's has): not asked.
+    runner, knobs, reference, streams = _runner_on_double(Affine(), torch.randn(4, 6), real="tensorrt_lean")
+    graphs = CudaGraphRunner(runner, device="cpu", driver=RecordingGraphs(knobs, streams))
+    x = torch.randn(3, 6)
+    _check(graphs.run([x]), reference, x)
+    assert graphs.stats["captures"] == 1 and knobs.capturable_asked == []
 
 
 def test_data_dependent_output_cannot_be_captured() -> None:

@@ -10,9 +10,10 @@ one. tests/gpu/ runs the same double asynchronously on real CUDA streams, and th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import pytest
 import torch
@@ -85,6 +86,57 @@ def test_work_is_enqueued_on_the_stream_the_adapter_was_given(trt: Any) -> None:
     x = torch.randn(2, 3, 16, 16)
     assert compare_outputs(s.module(x), s.model(x)).passed
     assert s.knobs.handles == [s.streams.handle]
+
+
+class RecordingStreams(HostStreams):
+    """HostStreams that also records what the runner hands them: the tensors whose memory each enqueued
+    run uses (CudaStreams records them on its side stream, so their memory is not reused too early), and
+    the handles it waits on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used: list[list[torch.Tensor]] = []
+        self.waited: list[int] = []
+
+    @contextlib.contextmanager
+    def enqueue(self, tensors: Sequence[torch.Tensor]) -> Iterator[int]:
+        self.used.append(list(tensors))
+        with super().enqueue(tensors) as handle:
+            yield handle
+
+    def wait(self, handle: int) -> None:
+        self.waited.append(handle)
+        super().wait(handle)
+
+
+def _ptrs(tensors: Sequence[torch.Tensor]) -> set[int]:
+    return {t.data_ptr() for t in tensors}
+
+
+def test_the_streams_get_every_tensor_the_work_uses(trt: Any) -> None:
+    inputs = [TensorSpec("x", "float32", ("b", 4), (0, 4), (2, 4), (8, 4))]
+    outputs = [TensorSpec("y", "float32", ("b", 4)), TensorSpec("s", "float32", ("b",))]
+    streams = RecordingStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"] * 2, "s": f["x"].sum(1)}, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    x = torch.randn(3, 4)
+    y, total = runner.run([x])
+    assert _ptrs(streams.used[-1]) == _ptrs([x, y, total]) and streams.waited == []
+    empty = torch.empty(0, 4)
+    runner.run([empty])  # the placeholders bound in place of empty tensors are used too (never null)
+    assert len(streams.used[-1]) == 6
+
+
+def test_data_dependent_outputs_are_read_after_waiting_on_the_handle_the_work_ran_on(trt: Any) -> None:
+    inputs = [TensorSpec("x", "float32", ("b", 4), (1, 4), (2, 4), (8, 4))]
+    outputs = [TensorSpec("y", "float32", ("n",))]
+    streams = RecordingStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"][f["x"] > 0]}, streams=streams, dds_outputs=["y"])
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    x = torch.randn(3, 4)
+    (y,) = runner.run([x])
+    assert torch.equal(y, x[x > 0]) and streams.waited == [streams.handle]
+    assert _ptrs(streams.used[-1]) == {x.data_ptr()}  # TensorRT's own buffer is read after the wait
 
 
 def test_set_input_shape_only_when_the_shape_changes(trt: Any) -> None:
@@ -233,6 +285,17 @@ def test_a_dedicated_runner_is_the_same_runner_with_a_context_of_its_own(trt: An
     assert engine.num_io_tensors == 2  # everything else is the engine's
 
 
+def test_a_runner_defaults_to_the_tensorrt_backend_and_to_its_device_s_streams(trt: Any) -> None:
+    from torch_trt_module.backends._tensorrt import CudaStreams
+
+    inputs, outputs = _specs()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"]}, streams=HostStreams())
+    on_cpu = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt)
+    assert on_cpu.backend == "tensorrt" and not isinstance(on_cpu.streams, CudaStreams)
+    on_gpu = TensorRTRunner(fake, inputs, outputs, "cuda:1", trt=trt)  # nothing touches CUDA before a run
+    assert isinstance(on_gpu.streams, CudaStreams) and on_gpu.streams.device == torch.device("cuda", 1)
+
+
 def test_one_execution_context_per_thread(trt: Any) -> None:
     s = Setup(trt, ConvTuple(), torch.randn(2, 3, 16, 16))
     errors: list[str] = []
@@ -321,6 +384,30 @@ def test_a_rejected_address_raises_and_the_next_call_binds_it_again(trt: Any, re
     # even for the tensor it had bound before.
     knobs.reject_address = set()
     assert torch.equal(runner.run([x])[0], x * 2)
+
+
+def test_a_rejection_at_the_first_call_raises_the_adapter_s_error(trt: Any) -> None:
+    # Nothing is cached yet for the tensor TensorRT refuses: the error is still the adapter's own.
+    inputs, outputs = _specs()
+    knobs, streams = Knobs(reject_address={"x"}), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"]}, knobs=knobs, streams=streams)
+    with pytest.raises(ttm.InputError, match=r"TensorRT rejected shape \(9, 4\) for input 'x'"):
+        TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams).run([torch.ones(9, 4)])
+    with pytest.raises(ttm.RuntimeFailure, match="^TensorRT rejected the address of input 'x'$"):
+        TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams).run([torch.ones(2, 4)])
+
+
+class MaskedAndScaled(torch.nn.Module):  # a data-dependent output, then one of a static shape
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[x > 0], x * 2
+
+
+def test_outputs_after_a_data_dependent_one_are_bound_too(trt: Any) -> None:
+    s = Setup(trt, MaskedAndScaled(), torch.randn(4, 8), dds=("output_0",))
+    x = torch.randn(5, 8)
+    got = s.module(x)
+    want = s.model(x)
+    assert len(got) == 2 and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_a_rejected_output_allocator_raises(trt: Any) -> None:
