@@ -183,3 +183,31 @@ def test_the_cli_explains_a_split(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "PyTorch: 2 ops (aten.gelu.default 1, aten.tanh.default 1): torch_executed_ops" not in done.stdout
     assert "torch_executed_ops: aten.gelu" in done.stdout and "torch_executed_ops: aten.tanh" in done.stdout
+
+
+def test_a_part_whose_build_fails_stays_in_pytorch_with_the_builder_s_whole_reason(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from torch_trt_module import _compile
+
+    from ._support import require_rtx
+
+    require_rtx()
+    real = _compile.compile
+
+    def refuse(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        if kwargs.get("partition") == "never":  # an engine part
+            raise ttm.BuildError("tensorrt_rtx failed to build the engine:\n  [E] AveragePool: window 320 is larger "
+                                 "than the maximum 256\n  [E] build aborted")
+        return real(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_compile, "compile", refuse)
+    torch.manual_seed(0)
+    model = NonZeroBetween().eval()
+    with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
+        fast = real(model, torch.randn(4, 8), cache=False)
+    said = [r.getMessage() for r in caplog.records if r.name == "torch_trt_module._split"]
+    assert said == ["part fused_0 of NonZeroBetween runs in PyTorch: its build failed: tensorrt_rtx failed to build "
+                    "the engine: [E] AveragePool: window 320 is larger than the maximum 256 [E] build aborted"]
+    _check(fast, model, 3)  # no engine part left: the whole graph runs on the next runtime

@@ -165,7 +165,9 @@ def compile_split(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
         try:
             module = compile_module(sub, tuple(seen[seg.name]), dynamic=dynamic, partition="never", **part_options)
         except TorchTRTError as e:
-            seg.kind, seg.why = "pytorch", f"its build failed: {str(e).splitlines()[0][:300]}"
+            # The builder's own words are often on the lines after the first (TensorRT's log): keep them.
+            said = " ".join(str(e).split())
+            seg.kind, seg.why = "pytorch", f"its build failed: {said if len(said) <= 1000 else said[:999] + '…'}"
             log.warning("part %s of %s runs in PyTorch: %s", seg.name, type(model).__name__, seg.why)
             continue
         setattr(graph, seg.name, module)
