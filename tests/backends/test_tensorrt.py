@@ -116,15 +116,19 @@ def _ptrs(tensors: Sequence[torch.Tensor]) -> set[int]:
 def test_the_streams_get_every_tensor_the_work_uses(trt: Any) -> None:
     inputs = [TensorSpec("x", "float32", ("b", 4), (0, 4), (2, 4), (8, 4))]
     outputs = [TensorSpec("y", "float32", ("b", 4)), TensorSpec("s", "float32", ("b",))]
-    streams = RecordingStreams()
-    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"] * 2, "s": f["x"].sum(1)}, streams=streams)
+    streams, knobs = RecordingStreams(), Knobs()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"] * 2, "s": f["x"].sum(1)}, knobs=knobs,
+                           streams=streams)
     runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
     x = torch.randn(3, 4)
     y, total = runner.run([x])
     assert _ptrs(streams.used[-1]) == _ptrs([x, y, total]) and streams.waited == []
     empty = torch.empty(0, 4)
     runner.run([empty])  # the placeholders bound in place of empty tensors are used too (never null)
-    assert len(streams.used[-1]) == 6
+    used = streams.used[-1]
+    assert len(used) == 6 and all(isinstance(t, torch.Tensor) for t in used)
+    bound = set(knobs.contexts[-1]._c.addrs.values())
+    assert len(bound) == 3 and bound <= _ptrs(used)  # every address TensorRT holds is one the streams keep alive
 
 
 def test_data_dependent_outputs_are_read_after_waiting_on_the_handle_the_work_ran_on(trt: Any) -> None:
@@ -145,6 +149,30 @@ def test_set_input_shape_only_when_the_shape_changes(trt: Any) -> None:
         s.module(torch.randn(2, 3, 16, 16))
     s.module(torch.randn(3, 3, 16, 16))
     assert s.knobs.contexts[0]._c.set_shape_calls == 2
+
+
+def test_set_tensor_address_only_when_the_address_changes(trt: Any) -> None:
+    inputs, outputs = _specs()
+    knobs, streams = Knobs(), HostStreams()
+    fake = doubles(trt)[0](inputs, outputs, lambda f: {"y": f["x"] * 2}, knobs=knobs, streams=streams)
+    runner = TensorRTRunner(fake, inputs, outputs, "cpu", trt=trt, streams=streams)
+    x = torch.randn(2, 4)
+    calls: list[str] = []
+    runner.run([x])
+    ctx = knobs.contexts[0]._c
+    real_set = ctx.set_address
+
+    def counting(name: str, addr: int) -> bool:
+        calls.append(name)
+        return real_set(name, addr)
+
+    ctx.set_address = counting
+    for _ in range(3):  # the same input tensor: only the (new) output is bound again
+        assert torch.equal(runner.run([x])[0], x * 2)
+    assert calls == ["y", "y", "y"]
+    x2 = torch.randn(2, 4)
+    assert torch.equal(runner.run([x2])[0], x2 * 2)  # a new input tensor is bound
+    assert calls[3:] == ["x", "y"]
 
 
 def test_non_contiguous_and_channels_last_inputs_are_bound_correctly(trt: Any) -> None:
@@ -325,7 +353,8 @@ def _specs() -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 @pytest.mark.parametrize("knobs,message", [
     (Knobs(dtype_override={"y": "float16"}), "engine tensor 'y' is .*HALF, metadata says float32"),
-    (Knobs(profiles=2), "the engine has 2 optimization profiles"),
+    (Knobs(profiles=2), "^the engine has 2 optimization profiles; torch_trt_module builds and runs engines with "
+                        r"exactly one \(profile 0\)$"),
     (Knobs(vectorized_dim=1, format_desc="Two wide channel vectorized row major FP16 format"), "only row-major linear"),
     (Knobs(format_desc="Channel major FP32 format where C % 4 == 0"), "only row-major linear"),
 ])

@@ -447,6 +447,7 @@ def doubles(trt: Any) -> tuple[type, type]:
             return [trt.Dims(s.min), trt.Dims(s.opt), trt.Dims(s.max)]
 
         def create_execution_context(self, *args: Any, **kwargs: Any) -> Any:
+            self._d.on_its_device("create_execution_context")
             if self._d.knobs.no_context:
                 return None
             ctx = Context(self)
@@ -481,6 +482,7 @@ def doubles(trt: Any) -> tuple[type, type]:
             return trt.Dims(self._c.shape_of(name))
 
         def execute_async_v3(self, stream_handle: int) -> bool:
+            self._c.e.on_its_device("execute_async_v3")
             return self._c.execute(int(stream_handle))
 
         if hasattr(trt.IExecutionContext, "is_stream_capturable"):  # tensorrt_rtx; not tensorrt_lean
@@ -574,6 +576,7 @@ def refitter_double(trt: Any) -> type:
             return self._r.missing()
 
         def refit_cuda_engine(self) -> bool:
+            self._r.e.on_its_device("refit_cuda_engine")
             return self._r.refit()
 
     Refitter.trt = trt
@@ -705,6 +708,16 @@ class _EngineState:
         self._events: list[Any] = []  # on a GPU: one event after each run's writes
         self._lock = threading.Lock()
 
+
+    def on_its_device(self, what: str) -> None:
+        """Stricter than TensorRT, which creates contexts, runs and refits on the *current* CUDA
+        device whatever the engine's (it fails later, or writes another GPU's memory): a call made
+        while another device is current is the adapter's bug, so the double stops there."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            current = torch.cuda.current_device()
+            if current != self.device.index:
+                raise AssertionError(f"{what} while cuda:{current} is the current device; the engine is on "
+                                     f"{self.device} [test double]")
     def evaluate(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.weights is None:
             return self.compute(feeds)

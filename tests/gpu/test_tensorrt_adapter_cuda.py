@@ -154,13 +154,25 @@ def test_a_runner_on_the_second_gpu_keeps_the_current_device() -> None:
     trt = importlib.import_module(REAL[0])
     inputs = [TensorSpec("x", "float32", ("b", 4), (1, 4), (2, 4), (8, 4))]
     outputs = [TensorSpec("y", "float32", ("b", 4))]
-    fake = doubles(trt)[0](inputs, outputs, torch_compute(lambda x: x + 1, ["x"], ["y"]), device="cuda:1")
-    runner = TensorRTRunner(fake, inputs, outputs, "cuda:1", trt=trt)
+    # The double fails any context creation, run or refit made while cuda:0 is current (TensorRT would
+    # make it on cuda:0): the runner must enter its own device for each, and leave the current one as it was.
+    model = torch.nn.Linear(4, 4).cuda(1)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fake = doubles(trt)[0](inputs, outputs, torch_weighted_compute(model, ["x"], ["y"]), device="cuda:1",
+                           weights=old)
+    runner = TensorRTRunner(fake, inputs, outputs, "cuda:1", trt=runtime_module(trt))
     torch.cuda.set_device(0)
     x = torch.randn(2, 4, device="cuda:1")
     (y,) = runner.run([x])
     assert y.device == torch.device("cuda:1") and torch.cuda.current_device() == 0
-    torch.testing.assert_close(y, x + 1)
+    with torch.inference_mode():
+        torch.testing.assert_close(y, model(x))
+    new = {n: torch.randn_like(w) for n, w in old.items()}
+    runner.refit(new)
+    assert torch.cuda.current_device() == 0
+    (y,) = runner.run([x])
+    with torch.inference_mode():
+        torch.testing.assert_close(y, torch.func.functional_call(model, new, (x,)))
 
 
 def test_a_real_module_pattern_with_the_double(trt: Any) -> None:
