@@ -147,15 +147,12 @@ def breakdown(module: Any, x: torch.Tensor, n: int) -> list[tuple[str, float | N
     pub.bind_input(name_in, "cpu", 0, np.float32, (1, 16), x.data_ptr())
     pub.bind_output(name_out, "cpu", 0, np.float32, (1, 16), out.data_ptr())
 
-    def helper(modname: str, attr: str) -> Any:  # looked up once: only the call is timed
-        try:
-            return getattr(__import__(f"torch_trt_module.{modname}", fromlist=[attr]), attr)
-        except (ImportError, AttributeError):
-            return None
+    def helper(modname: str, attr: str) -> Any:  # looked up once: only the call is timed; a rename fails here
+        return getattr(__import__(f"torch_trt_module.{modname}", fromlist=[attr]), attr)
 
-    bind_call_fn, match_fn, unflatten_fn = (helper("_signature", "bind_call"), helper("_module", "_match"),
+    bind_call_fn, match_fn, unflatten_fn = (helper("_signature", "bind_call"), helper("_inputs", "match_inputs"),
                                             helper("_spec", "unflatten"))
-    bound = bind_call_fn(ex.params, (x,), {}) if bind_call_fn else None
+    bound = bind_call_fn(ex.params, (x,), {})
 
     def bind_call() -> Any:
         return bind_call_fn(ex.params, (x,), {})  # type: ignore[misc]
@@ -176,7 +173,7 @@ def breakdown(module: Any, x: torch.Tensor, n: int) -> list[tuple[str, float | N
              "planned": lambda: planned(prepared), "direct": lambda: sess.run_with_iobinding(pub)}
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("  _signature.bind_call(params, args, kwargs) (kwargs or nested inputs only)", bind_call),
-        ("  _module._match(call_tree, bound) (kwargs or nested inputs only)", match),
+        ("  _inputs.match_inputs(call_tree, bound) (kwargs or nested inputs only)", match),
         ("  TRTModule._prepare(leaves) (grad, dtype, device, profile checks, contiguous)",
          lambda: module._prepare([x])),
         ("  _spec.unflatten(output_tree, outs)", unflatten),
