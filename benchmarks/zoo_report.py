@@ -587,18 +587,10 @@ def coverage_environment() -> dict[str, Any]:
         env["timm"] = timm.__version__
     except ImportError:
         env["timm"] = None
-    env["cpu"] = _cpu_name()
+    from _common import cpu_name
+
+    env["cpu"] = cpu_name()
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def coverage_summary(rows: list[dict[str, Any]], goal: float = COVERAGE_GOAL) -> dict[str, Any]:

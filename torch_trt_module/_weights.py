@@ -167,7 +167,8 @@ class WeightWatch:
         self._resolve()
 
     def _gone(self, _: Any) -> None:
-        self._tensors = self._versioned = []  # the source is gone: nothing can change any more, and nothing is kept alive
+        # The source is gone: nothing can change any more, and nothing is kept alive.
+        self._tensors = self._versioned = []
 
     def _resolve(self) -> None:
         source = self._source()

@@ -28,19 +28,12 @@ from torch_trt_module.backends._tensorrt import TensorRTRunner
 
 # --------------------------------------------------------------------------- test doubles
 
-class RecordingGraphs:
-    """TEST DOUBLE of ``TorchCudaGraphs`` for a CPU machine.
+class HostDriver:
+    """What both CUDA-graph driver doubles below share: no streams to order, a capture stream that
+    is the current one, and a count of the synchronisations asked for."""
 
-    ``capture`` runs ``fn`` but has the engine double record, instead of executing, every
-    ``execute_async_v3`` it enqueues (``Knobs.record``), as stream capture records kernels
-    without running them. ``replay`` re-issues the recorded calls on the same contexts, which
-    read the inputs and write the outputs at the addresses bound at capture time, as a
-    graph's kernels do.
-    """
-
-    def __init__(self, knobs: Any = None, streams: Any = None) -> None:
+    def __init__(self) -> None:
         self.syncs = 0
-        self.knobs, self.streams = knobs, streams
 
     def order(self) -> None:
         pass
@@ -54,6 +47,21 @@ class RecordingGraphs:
 
     def stream_handle(self) -> int:
         return 0
+
+
+class RecordingGraphs(HostDriver):
+    """TEST DOUBLE of ``TorchCudaGraphs`` for a CPU machine.
+
+    ``capture`` runs ``fn`` but has the engine double record, instead of executing, every
+    ``execute_async_v3`` it enqueues (``Knobs.record``), as stream capture records kernels
+    without running them. ``replay`` re-issues the recorded calls on the same contexts, which
+    read the inputs and write the outputs at the addresses bound at capture time, as a
+    graph's kernels do.
+    """
+
+    def __init__(self, knobs: Any = None, streams: Any = None) -> None:
+        super().__init__()
+        self.knobs, self.streams = knobs, streams
 
     def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
         from .trt_double import replay
@@ -260,27 +268,14 @@ def test_mirrors_the_runner_surface(affine: Any) -> None:
     assert [s.name for s in graphs.outputs] == reference.output_names
 
 
-class HostGraphs:
+class HostGraphs(HostDriver):
     """TEST DOUBLE of ``TorchCudaGraphs`` for a runner whose work is torch ops on the CPU (no engine
     double to record): ``capture`` runs ``fn`` once and the "graph" re-runs it into the outputs it
     returned then, as a replay rewrites a graph's static outputs from its static inputs."""
 
     def __init__(self, fail: BaseException | None = None) -> None:
+        super().__init__()
         self.fail = fail
-        self.syncs = 0
-
-    def order(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def capture_stream(self) -> Iterator[None]:
-        yield
-
-    def synchronize(self) -> None:
-        self.syncs += 1
-
-    def stream_handle(self) -> int:
-        return 0
 
     def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Any, list[torch.Tensor]]:
         if self.fail is not None:
