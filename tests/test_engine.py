@@ -27,7 +27,18 @@ def engine(exported: ttm.ExportedModel) -> Engine:
     return ttm.build_engine(exported, backend="onnxruntime")
 
 
-def with_plan(engine: Engine, plan: bytes = b"PLAN" * 100, program: bytes | None = b"PROGRAM") -> Engine:
+def _real_program() -> bytes:
+    # A stored program is checked when an engine is read (nothing in it may be evaluated), so the
+    # tests carry a real one, not placeholder bytes.
+    program = ttm.export_onnx(torch.nn.Linear(4, 2).eval(), torch.randn(2, 4), exporter="dynamo").program
+    assert program is not None
+    return program
+
+
+PROGRAM = _real_program()
+
+
+def with_plan(engine: Engine, plan: bytes = b"PLAN" * 100, program: bytes | None = PROGRAM) -> Engine:
     """The ONNX Runtime engine's graph and metadata with a (fake) plan: Engine never parses a plan."""
     return Engine("tensorrt_rtx", plan, engine.onnx, dict(engine.meta), program=program)
 
@@ -115,10 +126,10 @@ def test_threads_racing_for_a_deferred_blob_read_it_once(engine: Engine) -> None
 
 def test_to_bytes_reads_deferred_blobs(engine: Engine) -> None:
     read = Reads(b"the plan")
-    lazy = Engine("tensorrt_rtx", None, engine.onnx, engine.meta, program=b"prog",
+    lazy = Engine("tensorrt_rtx", None, engine.onnx, engine.meta, program=PROGRAM,
                   deferred={"plan": Deferred(8, read)})
     back = Engine.from_bytes(lazy.to_bytes())
-    assert read.calls == 1 and back.plan == b"the plan" and back.program == b"prog" and back.onnx == engine.onnx
+    assert read.calls == 1 and back.plan == b"the plan" and back.program == PROGRAM and back.onnx == engine.onnx
 
 
 # --------------------------------------------------------------------------- bytes and files
@@ -127,7 +138,7 @@ def test_bytes_round_trip(engine: Engine) -> None:
     full = with_plan(engine)
     back = Engine.from_bytes(full.to_bytes())
     assert (back.backend, back.plan, back.onnx, back.program, back.meta) == \
-        ("tensorrt_rtx", full.plan, full.onnx, b"PROGRAM", full.meta)
+        ("tensorrt_rtx", full.plan, full.onnx, PROGRAM, full.meta)
     plain = Engine.from_bytes(engine.to_bytes())
     assert plain.plan is None and plain.program is None and not plain.has_plan and plain.meta == engine.meta
 

@@ -255,3 +255,16 @@ def test_every_single_byte_flip_is_detected() -> None:
 
 def test_bytes_after_the_last_blob_are_refused() -> None:
     load_error(pack("k", {}, {"x": b"1"}) + b"appended")
+
+
+def test_unpack_only_reads_the_named_blobs_and_still_checks_the_end() -> None:
+    from torch_trt_module._io import pack as _pack, unpack as _unpack
+
+    data = _pack("k", {"n": 1}, {"a": b"1" * 10, "b": b"2" * 10, "c": b"3"})
+    assert _unpack(data, kind="k", only=("b",)) == ({"n": 1}, {"b": b"2" * 10})
+    bad_a = data[:-21] + b"X" + data[-20:]  # a flip in blob "a": not read, so not seen
+    assert _unpack(bad_a, kind="k", only=("b", "c"))[1] == {"b": b"2" * 10, "c": b"3"}
+    with pytest.raises(EngineLoadError, match="checksum mismatch in the 'a' blob"):
+        _unpack(bad_a, kind="k")
+    with pytest.raises(EngineLoadError, match="1 unexpected bytes after the last blob"):
+        _unpack(data + b"!", kind="k", only=("a",))

@@ -16,6 +16,11 @@ metadata lands last is whole. Files no metadata points to are removed once older
 ``ORPHAN_AGE_S``. The last-used time is the metadata file's mtime, so a hit costs one
 ``os.utime``. Sizes count metadata and blobs, not index, aux or lock files.
 
+The directory must be private (``_cache_safety.directory_problem``): one that others can write is
+not used at all, with one WARNING. Files are opened without following symlinks and only if
+regular; clear and prune remove only names the layout above writes. With
+``$TORCH_TRT_MODULE_CACHE_KEY`` set, metadata and index records are signed (:mod:`._sign`).
+
 get/put/lookup/record/read_aux/write_aux never raise for corrupt data or I/O errors: a bad
 entry is evicted and missed with one WARNING; a failed write returns False, with one WARNING
 per :class:`EngineCache`. Bad arguments (a key like ``"../x"``) raise ValueError or TypeError;
@@ -37,11 +42,13 @@ from typing import Any, Collection, Iterator, Mapping
 import filelock
 
 from ._cache_admin import CacheAdmin
+from ._cache_side import CacheSideFiles
+from ._cache_safety import NotRegular, directory_problem, open_regular, ours, read_regular
 from ._cache_files import (CACHE_DIR_ENV, CACHE_FORMAT_VERSION, MAX_SIZE_ENV, ORPHAN_AGE_S, CacheEntry, Corrupt,
-                           DeferredBlob, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir,
-                           valid_name)
-from ._errors import CacheLockTimeout, EngineLoadError
-from ._io import atomic_write, blob_index, canonical_json, pack, seal, unpack
+                           DeferredBlob, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir)
+from ._errors import CacheLockTimeout
+from ._io import atomic_write, blob_index, canonical_json, seal
+from ._sign import sign, signing_key
 
 __all__ = ["CACHE_FORMAT_VERSION", "DEFAULT_MAX_SIZE", "EngineCache", "parse_size", "resolve_cache_dir"]
 
@@ -49,12 +56,12 @@ logger = logging.getLogger(__name__)
 
 #: Size cap unless ``max_size=`` or ``$TORCH_TRT_MODULE_CACHE_MAX_SIZE`` (e.g. "500M", "2G") says otherwise: 4 GiB.
 DEFAULT_MAX_SIZE: int = 4 * 1024**3
-_AUX_KIND = "cache-aux"
 _LOCKS: weakref.WeakValueDictionary[tuple[int, str], filelock.FileLock] = weakref.WeakValueDictionary()
 _LOCKS_GUARD = threading.Lock()
+_WARNED_UNSAFE: set[str] = set()  # one WARNING per unsafe directory and process
 
 
-class EngineCache(CacheAdmin):
+class EngineCache(CacheSideFiles, CacheAdmin):
     """A directory of verified, size-capped, LRU-evicted entries, safe across threads and processes.
 
     Example:
@@ -72,6 +79,8 @@ class EngineCache(CacheAdmin):
         self.root = resolve_cache_dir(root)
         self.max_size = parse_size(max_size) if max_size is not None else self._default_max_size()
         self._warned_unwritable = False
+        self._unsafe: str | None = None
+        self._checked = False
 
     def __repr__(self) -> str:
         return f"EngineCache(root={str(self.root)!r}, max_size={self.max_size})"
@@ -84,6 +93,23 @@ class EngineCache(CacheAdmin):
             except ValueError as e:  # a typo in the environment must not break the user's run
                 logger.warning("ignoring $%s: %s; using the default cap of %d bytes", MAX_SIZE_ENV, e, DEFAULT_MAX_SIZE)
         return DEFAULT_MAX_SIZE
+
+    def _usable(self) -> bool:
+        """Whether entries may be read from (and written to) the directory: False, with one WARNING per
+        directory, where others can write it (see ``_cache_safety.directory_problem``). compile() then
+        runs without the cache: reading entries others can plant would run their engines."""
+        if not self._checked:
+            self._unsafe = directory_problem(self.root, shared_ok=signing_key() is not None)
+            self._checked = True
+        if self._unsafe is None:
+            return True
+        if self._unsafe not in _WARNED_UNSAFE:
+            _WARNED_UNSAFE.add(self._unsafe)
+            logger.warning("engine cache directory %s is not private, so it is not used (no reads, no writes): %s. "
+                           "Others who can write it could plant engines. Or set $TORCH_TRT_MODULE_CACHE_KEY (the "
+                           "same secret for everyone who shares it) to share a cache between users of a group",
+                           self.root, self._unsafe)
+        return False
 
     def _meta_path(self, key: str) -> Path:
         return self.root / "entries" / f"{key}.json"
@@ -110,6 +136,8 @@ class EngineCache(CacheAdmin):
                        "this cache are not reported.", self.root, e, what, CACHE_DIR_ENV)
 
     def _filelock(self, name: str) -> filelock.FileLock | None:
+        if not self._usable():
+            return None
         try:
             d = self._ensure("locks")
         except OSError as e:
@@ -127,9 +155,11 @@ class EngineCache(CacheAdmin):
     # ----- reading -----
     def _read_blob(self, key: str, name: str, info: dict[str, Any]) -> bytes:
         try:
-            data = self._blob_path(key, name, info["sha256"]).read_bytes()
+            data = read_regular(self._blob_path(key, name, info["sha256"]))[1]
         except FileNotFoundError:
             raise Corrupt(f"blob {name!r} is missing") from None
+        except NotRegular as e:
+            raise Corrupt(str(e)) from None
         check_blob(name, info, data)
         return data
 
@@ -142,11 +172,15 @@ class EngineCache(CacheAdmin):
         there are left alone (neither read nor returned).
         """
         check_name(key, "key")
-        path, meta = self._meta_path(key), None
+        if not self._usable():
+            return None
+        path, meta, st = self._meta_path(key), None, None
         deferred: dict[str, DeferredBlob] = {}
         try:
-            with open(path, "rb") as f:
-                st, raw = os.fstat(f.fileno()), f.read()
+            try:
+                st, raw = read_regular(path)  # no symlink followed, and a FIFO cannot block the read
+            except NotRegular as e:
+                raise Corrupt(str(e)) from None
             meta = parse_meta(key, raw)
             wanted = set(meta["blobs"]) if only is None else set(meta["blobs"]) & set(only)
             blobs = {name: self._read_blob(key, name, meta["blobs"][name]) for name in sorted(wanted - set(defer))}
@@ -165,8 +199,8 @@ class EngineCache(CacheAdmin):
                 d.close()
             logger.warning("engine cache entry %s is unusable (%s); evicting it and rebuilding", key, e)
             with contextlib.suppress(OSError):
-                now = os.stat(path)  # evict only what we read: a writer may have committed a good entry since
-                if (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
+                now = os.lstat(path)  # evict only what we read: a writer may have committed a good entry since
+                if st is None or (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns):
                     self._remove_entry(key, meta)
             return None
         except OSError as e:
@@ -180,9 +214,11 @@ class EngineCache(CacheAdmin):
 
     def _open_blob(self, key: str, name: str, info: dict[str, Any]) -> DeferredBlob:
         try:
-            f = open(self._blob_path(key, name, info["sha256"]), "rb")  # noqa: SIM115 - DeferredBlob closes it
+            f = open_regular(self._blob_path(key, name, info["sha256"]))  # DeferredBlob closes it
         except FileNotFoundError:
             raise Corrupt(f"blob {name!r} is missing") from None
+        except NotRegular as e:
+            raise Corrupt(str(e)) from None
         try:
             check_size(name, info, os.fstat(f.fileno()).st_size)
         except Corrupt:
@@ -198,6 +234,8 @@ class EngineCache(CacheAdmin):
                 n = e.name
                 if key is not None and not n.startswith((f"{key}+", f".{key}+", f".{key}.json.")):
                     continue
+                if not ours("entries", n):  # never a file the layout did not write
+                    continue
                 if (n.startswith(".") and n.endswith(".tmp")) or (n.endswith(".blob") and n not in referenced):
                     with contextlib.suppress(FileNotFoundError):
                         if e.stat(follow_symlinks=False).st_mtime < cutoff:
@@ -212,6 +250,8 @@ class EngineCache(CacheAdmin):
         and ``meta_sha256`` in the metadata, replacing fields of those names.
         """
         check_name(key, "key")
+        if not self._usable():
+            return False
         data = {check_name(n, "blob name"): b for n, b in blobs.items()}
         if bad := [n for n, b in data.items() if not isinstance(b, (bytes, bytearray, memoryview))]:
             raise TypeError(f"cache blob {bad[0]!r} is a {type(data[bad[0]]).__name__}; expected bytes")
@@ -223,6 +263,9 @@ class EngineCache(CacheAdmin):
         now = time.time()
         infos = blob_index(data)
         full.update(format_version=CACHE_FORMAT_VERSION, key=key, created=now, last_used=now, blobs=infos)
+        full.pop("meta_hmac", None)
+        if (mac := sign(canonical_json(full))) is not None:  # covers the blobs through their sha256
+            full["meta_hmac"] = mac
         full = seal(full, "meta_sha256")
         paths = {n: self._blob_path(key, n, i["sha256"]) for n, i in infos.items()}
         new_files = []
@@ -292,7 +335,7 @@ class EngineCache(CacheAdmin):
                         max_size, total)
         return evicted
 
-    # ----- locks, index, aux -----
+    # ----- locks (index records and aux files: _cache_side.CacheSideFiles) -----
     @contextlib.contextmanager
     def lock(self, name: str, timeout: float | None = None) -> Iterator[None]:
         """Hold the inter-process lock ``name`` (None waits forever). A no-op if the cache is not writable.
@@ -315,61 +358,3 @@ class EngineCache(CacheAdmin):
         finally:
             if lk is not None:
                 lk.release()
-
-    def lookup(self, fingerprint: str) -> str | None:
-        """The content key recorded for ``fingerprint``, or None (a corrupt record is removed with a WARNING)."""
-        path = self.root / "index" / f"{check_name(fingerprint, 'fingerprint')}.json"
-        try:
-            rec = json.loads(path.read_bytes().decode("utf-8"))
-            if (isinstance(rec, dict) and rec.get("format_version") == CACHE_FORMAT_VERSION
-                    and rec.get("fingerprint") == fingerprint and valid_name(rec.get("key"))):
-                return rec["key"]  # type: ignore[no-any-return]
-            why = "malformed record"
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            why = "not valid JSON"
-        except OSError as e:
-            logger.warning("engine cache index %s cannot be read (%s); treating it as a miss", fingerprint, e)
-            return None
-        logger.warning("engine cache index %s is unusable (%s); removing it", fingerprint, why)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None
-
-    def _write(self, sub: str, filename: str, data: bytes, what: str) -> bool:
-        try:
-            atomic_write(self._ensure(sub) / filename, data)
-            return True
-        except OSError as e:
-            self._warn_unwritable(what, e)
-            return False
-
-    def record(self, fingerprint: str, key: str) -> bool:
-        """Remember that ``fingerprint`` leads to ``key``. False (one WARNING) if the cache is not writable."""
-        rec = {"format_version": CACHE_FORMAT_VERSION, "fingerprint": check_name(fingerprint, "fingerprint"),
-               "key": check_name(key, "key")}
-        return self._write("index", f"{fingerprint}.json", canonical_json(rec), f"recording fingerprint {fingerprint}")
-
-    def read_aux(self, name: str) -> bytes | None:
-        """A side file stored by :meth:`write_aux`, or None if absent or corrupt (then removed, with a WARNING)."""
-        path = self.root / "aux" / f"{check_name(name, 'aux name')}.bin"
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            logger.warning("engine cache aux file %s cannot be read (%s); ignoring it", name, e)
-            return None
-        try:
-            return unpack(raw, kind=_AUX_KIND, source=f"engine cache aux file {name}")[1]["body"]
-        except (EngineLoadError, KeyError) as e:
-            logger.warning("%s; removing it", e)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None
-
-    def write_aux(self, name: str, data: bytes) -> bool:
-        """Store a side file atomically, checksummed. False (one WARNING) if the cache is not writable."""
-        payload = pack(_AUX_KIND, {"name": name}, {"body": bytes(data)})
-        return self._write("aux", f"{check_name(name, 'aux name')}.bin", payload, f"writing aux file {name}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Iterator
 
 from ._cache_files import ORPHAN_AGE_S, Corrupt, EntryInfo, check_name, parse_meta, parse_size, valid_name
+from ._cache_safety import SUBDIRS, NotRegular, ours, read_regular
 from ._errors import CacheError
 
 __all__ = ["CacheAdmin"]
@@ -45,11 +46,11 @@ class CacheAdmin:
                 if not e.name.endswith(".json") or not valid_name(key):
                     continue
                 try:
-                    with open(e.path, "rb") as f:
-                        st, meta = os.fstat(f.fileno()), parse_meta(key, f.read())
+                    st, raw = read_regular(e.path)  # a FIFO or a symlink named like an entry is not read
+                    meta = parse_meta(key, raw)
                 except FileNotFoundError:  # evicted meanwhile
                     continue
-                except Corrupt:
+                except (Corrupt, NotRegular):
                     bad.append(key)
                     continue
                 meta["last_used"] = st.st_mtime
@@ -77,22 +78,46 @@ class CacheAdmin:
         """Remove ``key`` even if locked (its holder may be evicting an entry it could not load). True if it existed."""
         with self._managing(f"evict {check_name(key, 'key')} from"):
             try:
-                meta: dict[str, Any] | None = parse_meta(key, self._meta_path(key).read_bytes())
-            except (FileNotFoundError, Corrupt):
+                meta: dict[str, Any] | None = parse_meta(key, read_regular(self._meta_path(key))[1])
+            except (FileNotFoundError, NotRegular, Corrupt):
                 meta = None
             return self._remove_entry(key, meta)
 
     def clear(self) -> int:
-        """Remove every entry that no one holds locked, and the fingerprint index. Returns the number removed."""
+        """Remove every entry that no one holds locked, and the fingerprint index. Returns the number removed.
+        Only files the cache's layout writes are removed: anything else found in its folders is left, and
+        named in one WARNING (:meth:`foreign_files` lists them)."""
         with self._managing("clear"):
             infos, bad = self._scan()
             n = sum(self._evict_unlocked(k, None) for k in bad)
             n += sum(self._evict_unlocked(i.key, i.meta) for i in infos)
             with contextlib.suppress(FileNotFoundError):
                 for e in os.scandir(self.root / "index"):
-                    os.unlink(e.path)
+                    if ours("index", e.name) and not e.is_dir(follow_symlinks=False):
+                        os.unlink(e.path)
             self._sweep()
             return n
+
+    def foreign_files(self) -> list[Path]:
+        """Files in the cache's folders that its layout does not write (a README, a stray copy): never
+        removed by :meth:`clear` or :meth:`prune`. The cache directory's own top level is ours only for
+        its four folders."""
+        found: list[Path] = []
+        with self._managing("list"), contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(self.root):
+                if e.name in SUBDIRS and e.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(FileNotFoundError):
+                        found += [Path(f.path) for f in os.scandir(e.path)
+                                  if not ours(e.name, f.name) or f.is_dir(follow_symlinks=False)]
+                else:
+                    found.append(Path(e.path))
+        return sorted(found)
+
+    def _report_foreign(self) -> None:
+        if foreign := self.foreign_files():
+            shown = ", ".join(str(p.relative_to(self.root)) for p in foreign[:5])
+            logger.warning("engine cache %s holds %d file(s) it did not write, left in place: %s%s", self.root,
+                           len(foreign), shown, ", ..." if len(foreign) > 5 else "")
 
     def prune(self, max_size: int | str) -> list[str]:
         """Evict unlocked entries, least recently used first, until at most ``max_size`` bytes remain, and remove
@@ -109,12 +134,14 @@ class CacheAdmin:
         for sub in ("index", "aux"):
             with contextlib.suppress(FileNotFoundError):
                 leftovers += [Path(e.path) for e in os.scandir(self.root / sub)
-                              if e.name.endswith(".tmp") and e.stat().st_mtime < cutoff]
+                              if e.name.endswith(".tmp") and ours(sub, e.name)
+                              and e.stat(follow_symlinks=False).st_mtime < cutoff]
         for p in leftovers:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
         if leftovers:
             logger.info("engine cache %s: removed %d file(s) left by interrupted writes", self.root, len(leftovers))
+        self._report_foreign()
 
     def info(self, key_prefix: str) -> EntryInfo:
         """The entry whose key is, or starts with, ``key_prefix``; ValueError if none or several match."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import CacheError
-from ._io import blob_problem, header_problem
+from ._io import blob_problem, canonical_json, header_problem
+from ._sign import signature_problem
 
 if TYPE_CHECKING:
     from ._cache import EngineCache
@@ -174,6 +175,9 @@ def parse_meta(key: str, raw: bytes) -> dict[str, Any]:
         raise Corrupt(f"metadata lacks {', '.join(map(repr, missing))}")
     if header_problem(meta, "meta_sha256"):
         raise Corrupt("metadata checksum mismatch")
+    mac = meta.pop("meta_hmac", None)
+    if problem := signature_problem(canonical_json(meta), mac, what="the entry"):
+        raise Corrupt(problem)
     if meta["key"] != key:
         raise Corrupt(f"metadata is for key {meta['key']!r}")
     blobs = meta["blobs"]

@@ -151,7 +151,10 @@ class Engine:
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "bytes") -> "Engine":
         """An engine from :meth:`to_bytes`'s bytes, every checksum verified first."""
+        from ._onnx_safety import check_engine_blobs
+
         header, blobs = unpack(data, kind=_KIND, source=source, what="torch_trt_module engine file")
+        check_engine_blobs(blobs, source=source)  # before any parser: no external files, no code in the program
         try:
             if header["format"] != ENGINE_FORMAT:
                 raise EngineLoadError(f"{source}: engine format {header['format']} != {ENGINE_FORMAT}; build and save "

@@ -24,6 +24,8 @@ import torch
 from ._cache import EngineCache
 from ._engine import Deferred, Engine
 from ._errors import CacheError, EngineLoadError, TorchTRTError
+from ._onnx_safety import check_engine_blobs, check_self_contained
+from ._program import check_program
 from ._spec import ExportedModel
 from .backends import BackendChoice, Runner, make_runner, rtx_runs_on
 from .backends._onnxruntime import optimized_graph_name
@@ -58,15 +60,18 @@ def read_entry(cache: EngineCache, key: str, device: torch.device, choice: Backe
         return None
     try:
         meta = entry.meta["engine_meta"]
+        source = f"engine cache entry {key[:16]}"
+        check_engine_blobs(entry.blobs, source=source)  # before any parser: no external files, no code
         onnx, session = entry.blobs.get("onnx"), None
         if "onnx" in entry.deferred:
-            onnx, session = _onnx_and_session(entry.deferred, meta, device)
+            onnx, session = _onnx_and_session(entry.deferred, meta, device, source)
         deferred = {}
         if "engine" in entry.deferred:
             blob = entry.deferred["engine"]
             deferred["plan"] = Deferred(blob.size, _plan_loader(blob, cache, key, onnx, meta, rebuild))
         if "program" in entry.deferred:
-            deferred["program"] = Deferred(entry.deferred["program"].size, _program_loader(entry.deferred["program"]))
+            deferred["program"] = Deferred(entry.deferred["program"].size,
+                                           _program_loader(entry.deferred["program"], cache, key))
         engine = Engine(entry.meta["backend"], entry.blobs.get("engine"), onnx, meta,
                         program=entry.blobs.get("program"), deferred=deferred)
         engine.exported  # parses the metadata: a malformed entry fails here, not in forward
@@ -105,7 +110,8 @@ def store_entry(cache: EngineCache, key: str, engine: Engine, device: torch.devi
     return session
 
 
-def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: torch.device) -> tuple[bytes, Any]:
+def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: torch.device,
+                      source: str) -> tuple[bytes, Any]:
     """Read the ONNX blob (and ONNX Runtime's optimized copy of it, if this machine has one),
     then make the session from those bytes while their sha256 is computed (both release the
     GIL). Only checked bytes are used: a mismatch raises CacheError and the session is dropped.
@@ -117,6 +123,11 @@ def _onnx_and_session(deferred: dict[str, Any], meta: dict[str, Any], device: to
     blob, opt_blob = deferred["onnx"], deferred.get(optimized_graph_name(half=half) or "")
     data = blob.read()
     opt = opt_blob.read() if opt_blob is not None else None
+    # Checked before ONNX Runtime sees them, as every stored graph is (the checksums are checked
+    # while the session is made, and a mismatch drops it).
+    check_self_contained(data, source=source)
+    if opt is not None:
+        check_self_contained(opt, source=source, what="ONNX Runtime optimized graph")
     with ThreadPoolExecutor(1, thread_name_prefix="torch_trt_module-ort") as pool:
         made = pool.submit(OnnxRuntimeRunner, data, ex.inputs, ex.outputs, device, half=half, optimized=opt)
         try:
@@ -174,14 +185,19 @@ def _plan_loader(blob: Any, cache: EngineCache, key: str, onnx: bytes, meta: dic
     return load
 
 
-def _program_loader(blob: Any) -> Callable[[], bytes | None]:
+def _program_loader(blob: Any, cache: EngineCache, key: str) -> Callable[[], bytes | None]:
     """Read the deferred PyTorch program. It cannot be rebuilt without the model: if it fails its
-    checksum, the engine goes on without it (the entry was evicted; the next compile() rebuilds it)."""
+    checksum, or its check (:func:`~torch_trt_module._program.check_program`), the engine goes on
+    without it (the entry is evicted; the next compile() rebuilds it)."""
 
     def load() -> bytes | None:
         try:
-            return blob()  # type: ignore[no-any-return]
+            data: bytes = blob()
+            check_program(data, source=f"engine cache entry {key[:16]}")
+            return data
         except TorchTRTError as e:
+            with contextlib.suppress(TorchTRTError):
+                cache.evict(key)
             log.warning("%s; this engine has no PyTorch program until it is compiled again", e)
             return None
 

@@ -7,6 +7,10 @@ sha256. An engine file and a module's state hold it as one byte string (:func:`p
 that a blob can be read late, or never), with the same index and the same checks
 (:func:`blob_index`, :func:`blob_problem`, :func:`seal`, :func:`header_problem`). There is
 no pickle anywhere: reading a container runs no code.
+
+With ``$TORCH_TRT_MODULE_CACHE_KEY`` set, :func:`pack` also signs the header (an HMAC that covers
+each blob through its sha256) and :func:`unpack` refuses what is unsigned or signed with another
+key (:mod:`._sign`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from ._errors import EngineLoadError
 
@@ -113,18 +117,28 @@ def pack(kind: str, header: Mapping[str, Any], blobs: Mapping[str, bytes]) -> by
         >>> unpack(data, kind="example")
         ({'note': 'hi'}, {'a': b'123'})
     """
-    head = seal({"kind": kind, "format": CONTAINER_FORMAT, "header": dict(header), "blobs": blob_index(blobs),
-                 "order": list(blobs)})
-    raw = canonical_json(head)
+    from ._sign import sign
+
+    head: dict[str, Any] = {"kind": kind, "format": CONTAINER_FORMAT, "header": dict(header),
+                            "blobs": blob_index(blobs), "order": list(blobs)}
+    if (mac := sign(canonical_json(head))) is not None:
+        head["hmac"] = mac
+    raw = canonical_json(seal(head))
     return b"".join([_MAGIC, struct.pack("<Q", len(raw)), raw, *(bytes(blobs[n]) for n in blobs)])
 
 
 def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "bytes",
-           what: str | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+           what: str | None = None, signed: bool = True,
+           only: Collection[str] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The header and blobs of a :func:`pack` result, every checksum verified first.
 
     Raises :class:`~torch_trt_module.EngineLoadError` naming ``source`` and what is wrong.
+    ``signed=False``: do not ask for a signature (a container inside another one, whose
+    signature covers it). ``only``: read and check just these blobs (the others are skipped,
+    and the check that nothing follows the last blob still runs).
     """
+    from ._sign import signature_problem
+
     what = what or f"torch_trt_module {kind}"
     data = bytes(data)
     if len(data) < _HEAD or not data.startswith(_MAGIC):
@@ -148,6 +162,9 @@ def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "by
     problem = header_problem(head)
     if problem:
         raise EngineLoadError(f"{source}: checksum mismatch in the header: {problem} (corrupt file)")
+    mac = head.pop("hmac", None)
+    if signed and (problem := signature_problem(canonical_json(head), mac, what=source)):
+        raise EngineLoadError(problem)
     if head.get("kind") != kind or head.get("format") != CONTAINER_FORMAT:
         raise EngineLoadError(f"{source} holds a {head.get('kind')!r} of format {head.get('format')}, not a {kind!r} "
                               f"of format {CONTAINER_FORMAT}; write it again with this version")
@@ -156,6 +173,9 @@ def unpack(data: bytes | bytearray | memoryview, *, kind: str, source: str = "by
     try:
         for name in head["order"]:
             info = head["blobs"][name]
+            if only is not None and name not in only:
+                off += int(info["size"])
+                continue
             blob = data[off:off + info["size"]]
             off += info["size"]
             problem = blob_problem(name, info, blob)

@@ -12,12 +12,13 @@ import torch
 
 from ._dtypes import by_onnx, dtype_name
 from ._errors import ExportError, InputError
+from ._onnx_safety import fields
 from ._signature import Param
 from ._spec import ExportedModel, TensorSpec
 from ._tree import TreeSpec
 
-__all__ = ["check_graph", "exported_from_onnx", "graph_dims", "graph_dtype", "initializer_values", "load",
-           "normalize_einsum", "onnx_io", "op_summary", "with_initializers"]
+__all__ = ["check_graph", "exported_from_onnx", "graph_dims", "graph_dtype", "initializer_values",
+           "initializers_equal", "load", "normalize_einsum", "onnx_io", "op_summary", "with_initializers"]
 
 Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
 IO = list[tuple[str, torch.dtype, tuple[Any, ...]]]
@@ -109,6 +110,30 @@ def with_initializers(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join(pieces)
 
 
+def initializers_equal(data: bytes, values: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every initializer ``name`` of the graph holds exactly the bytes of ``values[name]`` (same
+    dtype and size, in ``raw_data``). False wherever it cannot tell: a cheap "no refit needed" test
+    (a byte comparison at each initializer's offset, no protobuf parse)."""
+    import numpy as np
+
+    spans = _raw_data_spans(data)
+    whole = np.frombuffer(data, dtype=np.uint8)
+    for name, t in values.items():
+        span = spans.get(name)
+        row = by_onnx(span[2]) if span is not None else None
+        if span is None or row is None or row.torch != t.dtype:
+            return False
+        t = t.detach().cpu().contiguous()
+        if span[1] - span[0] != t.numel() * t.element_size():
+            return False
+        mine, theirs = whole[span[0]:span[1]], t.view(-1).view(torch.uint8).numpy()
+        if mine.size % 8 == 0:  # compared 8 bytes at a time: half the time on resnet18's 45 MB
+            mine, theirs = mine.view(np.uint64), theirs.view(np.uint64)
+        if not np.array_equal(mine, theirs):
+            return False
+    return True
+
+
 def _with_initializers_parsed(data: bytes, values: Mapping[str, torch.Tensor]) -> bytes:
     from onnx import numpy_helper
 
@@ -128,35 +153,7 @@ def _with_initializers_parsed(data: bytes, values: Mapping[str, torch.Tensor]) -
 # The protobuf wire format, read just far enough to find where each initializer's raw_data lies
 # (ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto: data_type = 2, name = 8,
 # raw_data = 9, data_location = 14). Payloads are skipped, never copied.
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf: bytes, start: int, end: int) -> Any:
-    i = start
-    while i < end:
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, j = _varint(buf, i)
-            yield field, value, i, j
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            j = i + n
-            yield field, None, i, j
-        elif wire in (1, 5):
-            j = i + (8 if wire == 1 else 4)
-            yield field, None, i, j
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        i = j
+_fields = fields
 
 
 def _raw_data_spans(data: bytes) -> dict[str, tuple[int, int, int]]:

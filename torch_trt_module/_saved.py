@@ -15,16 +15,45 @@ from ._engine import Engine
 from ._errors import EngineLoadError, UsageError
 from ._module import TRTModule
 
-__all__ = ["engine_of_state", "from_u8", "load", "save", "to_u8"]
+__all__ = ["engine_of_state", "from_u8", "load", "read_state", "save", "to_u8"]
+
+_STATE_SOURCE = "the saved module"  # what a TRTModule's state is called where its file is not known
+_SIGNATURE = "signature"  # a saved SegmentedModule's HMAC (see _sign); a TRTModule's container signs itself
 
 
-def engine_of_state(state: dict[str, Any], *, source: str = "the saved module") -> Engine:
+def engine_of_state(state: dict[str, Any], *, source: str = _STATE_SOURCE) -> Engine:
     """The engine in a TRTModule's extra state (``state_dict()["_extra_state"]``), checksums verified."""
     try:
         data = from_u8(state["engine"])
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise EngineLoadError(f"malformed TRTModule state in {source} ({type(e).__name__}: {e})") from e
     return Engine.from_bytes(data, source=source)
+
+
+def read_state(path: Any) -> Any:
+    """What ``torch.save`` wrote at ``path``, read with ``weights_only=True`` (so it runs no code).
+
+    A file that is missing or unreadable raises its ``OSError``; one that is cut off or damaged
+    (torch reports that as ``OSError: [Errno 22]`` or a ``RuntimeError``) or holds more than
+    tensors and plain data raises :class:`EngineLoadError` naming the path."""
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged archive, or a pickle holding more than plain data
+        try:
+            whole = zipfile.is_zipfile(path)  # the end record of the zip is what a cut-off file lacks
+        except OSError:
+            whole = False
+        if not whole:
+            raise EngineLoadError(
+                f"{path} is truncated or corrupt: it is not a complete torch.save archive ({type(e).__name__}: "
+                f"{str(e)[:200]}). An interrupted copy or download leaves such a file: copy it again, or save the "
+                "module again") from e
+        raise EngineLoadError(f"{path} is not a module saved by torch_trt_module.save, or it is corrupt "
+                              f"({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def to_u8(b: bytes) -> torch.Tensor:
@@ -46,7 +75,12 @@ def save(module: Any, path: Any) -> None:
     from ._split import SegmentedModule
 
     if isinstance(module, SegmentedModule):
-        torch.save(module.saved_state(), path)
+        from ._sign import sign, state_digest
+
+        state = module.saved_state()
+        if (mac := sign(state_digest(state))) is not None:
+            state[_SIGNATURE] = mac
+        torch.save(state, path)
         return
     if not isinstance(module, TRTModule):
         from ._partition import SAVE_REFUSAL, PartitionedModule
@@ -60,22 +94,32 @@ def save(module: Any, path: Any) -> None:
 def load(path: Any, *, device: str | torch.device | None = None) -> Any:
     """Load a module saved by :func:`save` (a TRTModule or a SegmentedModule), with
     ``torch.load(..., weights_only=True)``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # a corrupt archive, or a pickle holding more than tensors and plain data
-        raise EngineLoadError(f"{path} is not a module saved by torch_trt_module.save, or it is corrupt "
-                              f"({type(e).__name__}: {str(e)[:300]})") from e
+    if device is not None:  # before reading anything: a CUDA device this machine lacks, said plainly
+        from .backends import usable_device
+
+        device = usable_device(device, fix="pass device='cpu', or leave device out (the module then lives where it "
+                                            "can run)")
+    state = read_state(path)
     from ._split import SAVED_FORMAT, SegmentedModule
 
     if isinstance(state, dict) and state.get("format") == SAVED_FORMAT:
-        split = SegmentedModule.from_saved(state, source=str(path))
+        from ._sign import signature_problem, state_digest
+
+        body = {k: v for k, v in state.items() if k != _SIGNATURE}
+        if problem := signature_problem(state_digest(body), state.get(_SIGNATURE), what=str(path)):
+            raise EngineLoadError(problem)
+        split = SegmentedModule.from_saved(body, source=str(path))
         return split.to(device) if device is not None else split
+    if not isinstance(state, dict):
+        raise EngineLoadError(f"{path} holds a {type(state).__name__}, not a module saved by torch_trt_module.save")
     module = TRTModule()
     try:
         module.load_state_dict(state)
-    except RuntimeError as e:  # other keys: not a saved TRTModule (EngineLoadError passes through)
+    except EngineLoadError as e:  # the state does not know its file: name it
+        why = str(e)
+        named = why.replace(_STATE_SOURCE, str(path), 1) if why.startswith(_STATE_SOURCE) else f"{path}: {why}"
+        raise EngineLoadError(named) from e
+    except RuntimeError as e:  # other keys: not a saved TRTModule
         raise EngineLoadError(f"{path} does not hold a saved TRTModule: {e}") from e
     if device is not None:
         module.to(device)

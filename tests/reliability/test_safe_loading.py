@@ -210,8 +210,8 @@ def test_cache_is_private_json_and_raw_blobs(tmp_path: Path, umask: int) -> None
         elif p.suffix == ".blob":
             assert data in blobs  # the engine's own bytes, not a container of objects
             kinds.add("blob")
-        elif p.parent.name == "aux":  # TensorRT timing caches: raw bytes behind a checksum header
-            assert data.startswith(b"TTMAUX1\n")
+        elif p.parent.name == "aux":  # timing caches, the cache's counts: _io's checksummed container
+            assert data.startswith(b"TTMBOX03")
         else:
             assert p.suffix == ".lock" and data == b""
             kinds.add("lock")
