@@ -4,6 +4,7 @@ runs (on ONNX Runtime) without it."""
 from setuptools import find_packages, setup
 
 TEST = ["pytest>=7", "torchvision", "transformers>=4.40", "filelock>=3.12", "tritonclient[grpc]",
+        "redis",  # the remote engine cache's client; its tests start a real redis-server
         # the real TensorRT 11.4 runtime classes: the test double is derived from them
         "tensorrt-lean-cu13"]
 
