@@ -84,21 +84,89 @@ def _tokens(batch: int) -> dict[str, torch.Tensor]:
             "token_type_ids": torch.zeros(batch, SEQ, dtype=torch.int64)}
 
 
+def _resnet50() -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet50(weights=None)
+
+
+def _vit() -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.vit_b_16(weights=None)
+
+
+def _bert_base() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig())  # BERT-base: 12 layers, hidden 768, 12 heads
+
+
 MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable[[int], dict[str, torch.Tensor]]]] = {
     "resnet18": (_resnet18, _image),
     "mobilenet_v3_small": (_mobilenet, _image),
     "bert": (_bert, _tokens),
+    "resnet50": (_resnet50, _image),
+    "vit_b_16": (_vit, _image),
+    "bert-base": (_bert_base, _tokens),
 }
+
+#: The GPU comparison of issue 21: compile() as a user calls it beside eager and torch.compile, each
+#: from the model (not from an exported graph). ``-fp16``: autocast for eager and torch.compile,
+#: ``precision="fp16"`` (with ``cast_inputs=True``: fp32 inputs, as autocast takes) for compile().
+GPU_BACKENDS = ("eager", "eager-fp16", "torch.compile", "torch.compile-fp16", "torch.compile-reduce-overhead",
+                "trtmodule", "trtmodule-fp16", "trtmodule+cudagraphs")
+
+
+def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str, torch.Tensor], hi: int,
+                     device: torch.device) -> list[Any]:
+    """Candidates for the names of :data:`GPU_BACKENDS`, each made as a user would."""
+    import contextlib
+
+    import torch_trt_module as ttm
+    from torch_trt_module._bench import Candidate
+
+    m = model.to(device)
+    out = []
+    for name in names:
+        fp16 = name.endswith("-fp16")
+        ctx = (lambda: torch.autocast(device.type, torch.float16)) if fp16 else contextlib.nullcontext
+        try:
+            if name.startswith("eager"):
+                fn: Any = m
+            elif name.startswith("torch.compile"):
+                fn = torch.compile(m, mode="reduce-overhead" if name.endswith("reduce-overhead") else None)
+            else:
+                t0 = time.perf_counter()
+                fn = ttm.compile(m, ((), {k: v.to(device) for k, v in example.items()}),
+                                 dynamic={k: {0: (1, 8, hi)} for k in example}, precision="fp16" if fp16 else "fp32",
+                                 cast_inputs=fp16, cuda_graphs=name.endswith("cudagraphs"))
+                print(f"{name}: compile() {time.perf_counter() - t0:.1f} s; {fn!r}", file=sys.stderr)
+                ctx = contextlib.nullcontext
+        except Exception as e:  # noqa: BLE001 - the other rows still run
+            out.append(Candidate(name, device, reason=f"failed to set up: {type(e).__name__}: {e}".splitlines()[0]))
+            continue
+
+        def call(kw: dict[str, torch.Tensor], fn: Any = fn, ctx: Any = ctx) -> Any:
+            with ctx():
+                return fn(**kw)
+
+        out.append(Candidate(name, device, call))
+    return out
 
 
 def bench_model(name: str, backends: list[str], batches: list[int], device: torch.device,
                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    from torch_trt_module._bench import make_candidates, time_candidates
+    from torch_trt_module._bench import make_candidates
 
     factory, inputs = MODELS[name]
     torch.manual_seed(0)
     model = factory().eval()
     exported, export_error = None, None
+    if set(backends) <= set(GPU_BACKENDS) and set(backends) - {"eager", "torch.compile"}:
+        # issue 21's comparison: every backend from the model, no exported graph needed
+        cands = _user_candidates(backends, model, inputs(2), max(32, *batches), device)
+        return _time_rows(name, cands, batches, args)
     try:
         from torch_trt_module import export_onnx
 
@@ -109,9 +177,16 @@ def bench_model(name: str, backends: list[str], batches: list[int], device: torc
         print(f"{name}: exported in {time.perf_counter() - t0:.1f} s ({exported.exporter})", file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - eager and torch.compile still run
         export_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-    rows: list[dict[str, Any]] = []
     cands = make_candidates(backends, model=model, exported=exported, device=device, export_error=export_error,
                             ort_threads=args.threads)
+    return _time_rows(name, cands, batches, args)
+
+
+def _time_rows(name: str, cands: list[Any], batches: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    from torch_trt_module._bench import time_candidates
+
+    factory, inputs = MODELS[name]
+    rows: list[dict[str, Any]] = []
     for c in cands:
         if c.reason:
             rows.append({"model": name, "backend": c.name, "batch": None, "status": "not runnable", "reason": c.reason})

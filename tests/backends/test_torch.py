@@ -50,7 +50,8 @@ def _net() -> Net:
 
 def test_the_torch_runtime_matches_eager_exactly_and_takes_no_gradients() -> None:
     model = _net()
-    module = ttm.compile(model, torch.randn(2, 3, 16, 16), runtime="torch", cache=False)
+    # optimize="none": the program as captured (the passes change rounding: test_torch_passes.py)
+    module = ttm.compile(model, torch.randn(2, 3, 16, 16), runtime="torch", cache=False, optimize="none")
     assert module.backend == "torch" and isinstance(module.runner, TorchRunner)
     for batch in (1, 5, 32):
         x = torch.randn(batch, 3, 16, 16)
@@ -81,7 +82,7 @@ def test_outputs_never_alias_inputs_or_each_other() -> None:
 
 def test_a_saved_module_reloads_onto_the_torch_runtime_with_weights_only(tmp_path: Path) -> None:
     model = _net()
-    module = ttm.compile(model, torch.randn(2, 3, 16, 16), cache=False)
+    module = ttm.compile(model, torch.randn(2, 3, 16, 16), cache=False, optimize="none")  # bit for bit below
     assert module.engine is not None and module.engine.has_program
     path = tmp_path / "m.pt"
     ttm.save(module, path)
@@ -125,14 +126,14 @@ def test_a_corrupt_program_in_the_cache_is_rebuilt_never_run(tmp_path: Path) -> 
     root = tmp_path / "cache"
     model = _net()
     x = torch.randn(2, 3, 16, 16)
-    ttm.compile(model, x, runtime="torch", cache_dir=root)
+    ttm.compile(model, x, runtime="torch", cache_dir=root, optimize="none")  # bit for bit below
     (blob,) = (root / "entries").glob("*+program+*.blob")
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x40
     blob.write_bytes(bytes(data))
     builds = _compile.STATS["builds"]
     with faults.capture_warnings() as warned:
-        module = ttm.compile(model, x, runtime="torch", cache_dir=root)
+        module = ttm.compile(model, x, runtime="torch", cache_dir=root, optimize="none")
     assert _compile.STATS["builds"] == builds + 1
     assert any("checksum mismatch for blob 'program'" in w for w in warned), warned
     y = torch.randn(3, 3, 16, 16)

@@ -17,6 +17,7 @@ import torch
 
 from .._errors import EngineLoadError, RuntimeFailure
 from .._spec import TensorSpec
+from ._torch_opt import Optimized
 
 __all__ = ["TorchRunner"]
 
@@ -33,7 +34,7 @@ class TorchRunner:
 
     backend = "torch"
 
-    def __init__(self, engine: Any, device: torch.device | str) -> None:
+    def __init__(self, engine: Any, device: torch.device | str, *, optimize: str | None = None) -> None:
         from torch.export.graph_signature import InputKind, OutputKind
 
         from .._program import load_program
@@ -74,7 +75,18 @@ class TorchRunner:
         self._graph = program.graph_module
         self._call = self._graph.forward  # no nn.Module dispatch: the graph has no hooks of its own
         self._all_out = len(self._user_out) == len(sig.output_specs)
+        mode = optimize or str((engine.meta.get("settings") or {}).get("optimize", "auto")).split("@")[0]
+        self._opt = Optimized.make(self._graph, self.weight_names, self._weights, mode, self.device) \
+            if mode != "none" else None
+        if self._opt is not None:
+            self._weights = self._opt.weights
+            self._call = self._opt.call
         self._weight_ids = frozenset(id(_root(w)) for w in self._weights)
+
+    @property
+    def optimized(self) -> str:
+        """What the optimizing runtime does with the program here ("none": it runs as captured)."""
+        return self._opt.describe() if self._opt is not None else "none"
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
@@ -94,8 +106,11 @@ class TorchRunner:
     def refit(self, values: Mapping[str, torch.Tensor]) -> "TorchRunner":
         """Use these values for the program's weights (by name, as :attr:`weight_names`). The list is
         swapped whole, so a call in another thread sees the old weights or the new ones, never a mix."""
-        weights = [values[n].to(self.device, w.dtype).contiguous() if n in values else w
-                   for n, w in zip(self.weight_names, self._weights)]
+        if self._opt is not None:  # derived weights (folded BatchNorms) are derived again
+            weights = self._opt.refit(values)
+        else:
+            weights = [values[n].to(self.device, w.dtype).contiguous() if n in values else w
+                       for n, w in zip(self.weight_names, self._weights)]
         self._weight_ids = frozenset(id(_root(w)) for w in weights)
         self._weights = weights
         return self

@@ -1,0 +1,169 @@
+"""The PyTorch runtime's inference passes (backends/_torch_passes.py) and the optimizing runner
+(backends/_torch_opt.py), each against the program as captured, on the CPU. The GPU side
+(TorchInductor on CUDA, channels_last) runs in tests/gpu/test_acceptance.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+from torch_trt_module import _settings
+from torch_trt_module._program import load_program
+from torch_trt_module.backends import _torch_opt
+from torch_trt_module.backends._torch_passes import optimize_graph
+
+
+def _stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BatchNorms with statistics and affine values far from the identity (a fold that forgot one shows)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model.eval()
+
+
+class ConvBN(torch.nn.Module):
+    """Folds: conv+BN (with and without conv bias, BN with and without affine), a 1-d conv.
+    Does not fold: a conv whose output is also read elsewhere (the BN must stay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8, affine=False)
+        self.c3, self.b3 = torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8)
+        self.c4, self.b4 = torch.nn.Conv1d(8, 4, 1), torch.nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(x)))
+        h = torch.relu(self.b2(self.c2(h))) + h
+        y = self.c3(h)
+        h = self.b3(y) + y  # c3's output has two readers: not folded
+        return self.b4(self.c4(h.flatten(2))).mean(-1)
+
+
+def _program(model: torch.nn.Module, x: torch.Tensor, **options: object):
+    fast = ttm.compile(model, x, cache=False, **options)
+    program = load_program(fast.engine.program)
+    from torch.export.graph_signature import InputKind
+
+    state = {**program.state_dict, **program.constants}
+    names = [s.target for s in program.graph_signature.input_specs if s.kind != InputKind.USER_INPUT]
+    return fast, program.graph_module, names, [state[n] for n in names]
+
+
+def _count(gm: torch.fx.GraphModule, op: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and op in str(n.target))
+
+
+def test_batchnorm_folding_matches_the_captured_program() -> None:
+    model = _stats(ConvBN())
+    x = torch.randn(2, 3, 12, 12)
+    _, gm, names, weights = _program(model, x)
+    opt, plan = optimize_graph(gm, names)
+    assert _count(gm, "batch_norm") == 4
+    assert _count(opt, "batch_norm") == 1 and plan.folds == 3  # b3 stays: c3's output is read twice
+    for batch in (1, 5):
+        xb = torch.randn(batch, 3, 12, 12)
+        (want,) = gm(*weights, xb)
+        (got,) = opt(*plan.derive(dict(zip(names, weights))), xb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, model(xb), rtol=1e-5, atol=1e-5)
+    # the original graph is left as it was
+    assert _count(gm, "batch_norm") == 4
+
+
+def test_fp16_program_folds_through_its_cast() -> None:
+    model = _stats(ConvBN())
+    x = torch.randn(2, 3, 12, 12)
+    _, gm, names, weights = _program(model, x, precision="fp16")
+    opt, plan = optimize_graph(gm, names)
+    assert plan.folds >= 2 and _count(opt, "batch_norm") < _count(gm, "batch_norm")
+    assert _count(opt, "_assert_tensor_metadata") == 0
+    xb = torch.randn(3, 3, 12, 12).half()
+    (want,) = gm(*weights, xb)
+    (got,) = opt(*plan.derive(dict(zip(names, weights))), xb)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_channels_last_lays_out_conv_weights_only() -> None:
+    model = _stats(ConvBN())
+    _, gm, names, weights = _program(model, torch.randn(2, 3, 12, 12))
+    opt, plan = optimize_graph(gm, names)
+    derived = plan.derive(dict(zip(names, weights)), channels_last=True)
+    conv4d = [derived[i] for i in plan.conv_weights if derived[i].dim() == 4]
+    assert len(conv4d) == 3
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and w.stride(1) == 1 for w in conv4d)
+    others = [w for i, w in enumerate(derived) if i not in plan.conv_weights]
+    assert all(w.is_contiguous() for w in others)
+    xb = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(opt(*derived, xb)[0], gm(*weights, xb)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimize", ["passes", "inductor"])
+def test_runner_refolds_at_every_refit(optimize: str) -> None:
+    """Follow mode: BatchNorm statistics and conv weights change; the folded weights follow."""
+    model = _stats(ConvBN())
+    fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize=optimize)
+    assert fast.runner.optimized == ("3 BatchNorms folded, TorchInductor" if optimize == "inductor"
+                                      else "3 BatchNorms folded, eager kernels")
+    x = torch.randn(4, 3, 12, 12)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    for step in range(3):
+        with torch.no_grad():
+            model.b1.running_var.mul_(1.5)
+            model.b2.running_mean.add_(0.3)
+            model.c1.weight.mul_(0.9)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4, msg=f"stale after step {step}")
+
+
+def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A double of torch.compile whose compiled function raises, as Inductor does where it
+    cannot compile (no compiler, an op it lacks): the module still computes, and says so once."""
+
+    def failing_compile(fn, **_: object):
+        def compiled(*args: object) -> object:
+            raise RuntimeError("InductorError: no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    _torch_opt._warned.clear()
+    model = _stats(ConvBN())
+    fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
+                       verify=False)
+    x = torch.randn(2, 3, 12, 12)
+    with caplog.at_level(logging.WARNING):
+        out1, out2 = fast(x), fast(x)
+    torch.testing.assert_close(out1, model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out2, out1)
+    warned = [r.getMessage() for r in caplog.records if "TorchInductor could not compile" in r.getMessage()]
+    assert warned == ["TorchInductor could not compile this program (RuntimeError: InductorError: no C++ "
+                      "compiler); it runs without Inductor"]
+    assert fast.runner.optimized == "3 BatchNorms folded, eager kernels"
+
+
+def test_optimize_is_keyed_with_its_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    default = _settings.Settings.from_options()
+    assert default.engine_fields()["optimize"] == f"auto@{_settings.OPTIMIZE_VERSION}"
+    assert _settings.Settings.from_options(optimize="none").engine_fields() != default.engine_fields()
+    before = default.engine_fields()
+    monkeypatch.setattr(_settings, "OPTIMIZE_VERSION", "bnfold-2")
+    assert default.engine_fields() != before
+    with pytest.raises(ttm.SettingsError, match="option 'optimize'"):
+        _settings.Settings.from_options(optimize="fast")
+
+
+def test_optimize_none_runs_the_program_as_captured() -> None:
+    model = _stats(ConvBN())
+    fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="none")
+    assert fast.runner.optimized == "none"
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,192 @@
+"""Inference passes over the captured PyTorch program, for the optimizing GPU runtime.
+
+The program torch.export captured is a training-IR graph whose weights are placeholders
+(``TorchRunner`` passes them in as arguments). These passes rewrite it the way an inference
+compiler would before TorchInductor sees it:
+
+- **BatchNorm folding.** ``conv2d -> batch_norm(training=False)`` becomes one ``conv2d`` with
+  folded weights (``w * gamma / sqrt(var + eps)``, and a bias to match). The folded weights are
+  *derived* weights: a :class:`WeightPlan` recomputes them from the program's own weights, so a
+  refit refolds them and the graph never goes stale. An fp16 program's ``conv2d -> to(fp32) ->
+  batch_norm`` folds too (the conv keeps its dtype, the cast stays for what follows).
+- ``_assert_tensor_metadata`` checks are dropped: they guard the export, not the computation, and
+  they pin the dtypes a pass may change.
+
+Every pass is checked against the unoptimized program on the CPU (``tests/backends/test_torch_passes.py``).
+:data:`PASSES_VERSION` is part of the cache key (``_keys``): a changed pass is a miss.
+
+Example:
+    >>> graph, plan = optimize_graph(runner.graph_module, runner.weight_names)   # doctest: +SKIP
+    >>> weights = plan.derive(dict(zip(runner.weight_names, runner.weights)))      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+__all__ = ["PASSES_VERSION", "WeightPlan", "optimize_graph"]
+
+#: Bump when a pass changes what it computes: the cache key includes it.
+PASSES_VERSION = "bnfold-1"
+
+_aten = torch.ops.aten
+_CONVS = {_aten.conv2d.default, _aten.conv1d.default, _aten.conv3d.default}
+_ASSERTS = {getattr(_aten, "_assert_tensor_metadata").default} if hasattr(_aten, "_assert_tensor_metadata") else set()
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """A folded conv's weight or bias: from the conv's weight/bias and the BatchNorm's tensors."""
+
+    kind: str  # "weight" or "bias"
+    conv_weight: str
+    conv_bias: str | None
+    bn_weight: str | None
+    bn_bias: str | None
+    mean: str
+    var: str
+    eps: float
+
+    def compute(self, w: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        cw = w[self.conv_weight]
+        var = w[self.var].float()
+        scale = torch.rsqrt(var + self.eps)
+        if self.bn_weight is not None:
+            scale = scale * w[self.bn_weight].float()
+        if self.kind == "weight":
+            shape = (-1,) + (1,) * (cw.dim() - 1)
+            return (cw.float() * scale.reshape(shape)).to(cw.dtype)
+        bias = w[self.conv_bias].float() if self.conv_bias is not None else torch.zeros_like(var)
+        out = (bias - w[self.mean].float()) * scale
+        if self.bn_bias is not None:
+            out = out + w[self.bn_bias].float()
+        return out.to(cw.dtype)
+
+
+@dataclass
+class WeightPlan:
+    """How the optimized graph's weight arguments derive from the program's weights: each is
+    either one of them by name (a ``str``) or a fold of several (a :class:`_Fold`)."""
+
+    recipes: list[str | _Fold] = field(default_factory=list)
+    #: Indices of the 4-d weights that convolutions read (what ``channels_last`` lays out).
+    conv_weights: frozenset[int] = frozenset()
+
+    @property
+    def sources(self) -> set[str]:
+        """The program weights the derived ones read (what a refit must supply or keep)."""
+        names: set[str] = set()
+        for r in self.recipes:
+            if isinstance(r, str):
+                names.add(r)
+            else:
+                names.update(n for n in (r.conv_weight, r.conv_bias, r.bn_weight, r.bn_bias, r.mean, r.var)
+                             if n is not None)
+        return names
+
+    @property
+    def folds(self) -> int:
+        return sum(isinstance(r, _Fold) and r.kind == "weight" for r in self.recipes)
+
+    def derive(self, weights: Mapping[str, torch.Tensor], *, channels_last: bool = False) -> list[torch.Tensor]:
+        """The optimized graph's weight arguments, in order, from the program's ``weights``;
+        ``channels_last``: the 4-d convolution weights in that memory format (cuDNN's NHWC kernels
+        then need no per-call copy of them)."""
+        with torch.no_grad():
+            out = [weights[r] if isinstance(r, str) else r.compute(weights).contiguous() for r in self.recipes]
+            if channels_last:
+                out = [w.contiguous(memory_format=torch.channels_last) if i in self.conv_weights and w.dim() == 4
+                       else w for i, w in enumerate(out)]
+            return out
+
+
+def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[str], *, fold: bool = True
+                   ) -> tuple[torch.fx.GraphModule, WeightPlan]:
+    """A copy of ``graph_module`` (whose first ``len(weight_names)`` placeholders are the weights,
+    by those names, and the rest the user inputs) with the inference passes applied, and the
+    plan that computes its weight arguments. The original graph is left as it is."""
+    gm = copy.deepcopy(graph_module)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    n_weights = len(weight_names)
+    if len(placeholders) < n_weights:
+        raise ValueError(f"the graph has {len(placeholders)} placeholders, fewer than its {n_weights} weights")
+    name_of = {node: name for node, name in zip(placeholders, weight_names)}
+    recipe_of: dict[torch.fx.Node, str | _Fold] = dict(name_of)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS:
+            graph.erase_node(node)
+    first_input = placeholders[n_weights] if len(placeholders) > n_weights else None
+    if fold:
+        for bn in list(graph.nodes):
+            _fold_one(graph, bn, name_of, recipe_of, first_input)
+    graph.eliminate_dead_code()
+    weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
+    # The weights come first, in a fixed order, then the user inputs, as TorchRunner calls it.
+    inputs = [n for n in graph.nodes if n.op == "placeholder" and n not in recipe_of]
+    for n in reversed(weights_nodes + inputs):
+        head = next(iter(graph.nodes))
+        if head is not n:
+            head.prepend(n)
+    graph.lint()
+    gm.recompile()
+    index = {n: i for i, n in enumerate(weights_nodes)}
+    conv_weights = frozenset(index[n.args[1]] for n in graph.nodes if n.op == "call_function"
+                             and n.target in _CONVS and len(n.args) > 1 and n.args[1] in index)
+    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights)
+
+
+def _fold_one(graph: torch.fx.Graph, bn: torch.fx.Node, name_of: dict[torch.fx.Node, str],
+              recipe_of: dict[torch.fx.Node, str | _Fold], first_input: torch.fx.Node | None) -> None:
+    """Fold ``bn`` into the convolution that feeds it, where the pattern allows; else do nothing."""
+    if bn.op != "call_function" or bn.target is not _aten.batch_norm.default:
+        return
+    args = list(bn.args) + [None] * (9 - len(bn.args))
+    x, bn_w, bn_b, mean, var, training, _, eps = args[:8]
+    if training or not isinstance(eps, float) and not isinstance(eps, int):
+        return
+    for t in (bn_w, bn_b):
+        if t is not None and t not in name_of:
+            return
+    if mean not in name_of or var not in name_of:
+        return
+    cast = None
+    conv = x
+    if isinstance(conv, torch.fx.Node) and conv.op == "call_function" and conv.target is _aten.to.dtype \
+            and len(conv.users) == 1:
+        cast, conv = conv, conv.args[0]
+    if not isinstance(conv, torch.fx.Node) or conv.op != "call_function" or conv.target not in _CONVS \
+            or len(conv.users) != 1:
+        return
+    cargs = list(conv.args)
+    cw = cargs[1]
+    cb = cargs[2] if len(cargs) > 2 else conv.kwargs.get("bias")
+    if cw not in name_of or (cb is not None and cb not in name_of):
+        return
+    common = dict(conv_weight=name_of[cw], conv_bias=name_of[cb] if cb is not None else None,
+                  bn_weight=name_of[bn_w] if bn_w is not None else None,
+                  bn_bias=name_of[bn_b] if bn_b is not None else None,
+                  mean=name_of[mean], var=name_of[var], eps=float(eps))
+    with graph.inserting_before(first_input or conv):
+        fw = graph.placeholder(f"{name_of[cw].replace('.', '_')}__folded_w")
+        fb = graph.placeholder(f"{name_of[cw].replace('.', '_')}__folded_b")
+    fw.meta.update(cw.meta)
+    recipe_of[fw] = _Fold("weight", **common)
+    recipe_of[fb] = _Fold("bias", **common)
+    cargs[1] = fw
+    if len(cargs) > 2:
+        cargs[2] = fb
+        conv.args = tuple(cargs)
+    else:
+        conv.args = tuple(cargs)
+        conv.kwargs = {**conv.kwargs, "bias": fb}
+    bn.replace_all_uses_with(cast if cast is not None else conv)
+    graph.erase_node(bn)
+    for old in (cw, cb, bn_w, bn_b, mean, var):
+        if old is not None and not old.users:
+            recipe_of.pop(old, None)
+            graph.erase_node(old)
