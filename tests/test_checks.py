@@ -213,3 +213,86 @@ def test_check_compiled_raises_with_the_report_when_they_differ(compiled: tuple[
                           "parity: compiled (onnxruntime) vs eager: FAIL")
     assert msg.endswith("\nLoosen rtol=/atol=, or pass verify=False to skip this check.")
     assert info.value.report is not None and not info.value.report.passed
+
+
+# --------------------------------------------------------------------------- issue 20: the check after the build
+
+class Cancels(torch.nn.Module):
+    """Large partial results that cancel: eager's fp32 is off the exact result by up to 1.5e-4 at an
+    output rms of 8e-3 (44% of the elements outside rtol 1e-3 / atol 1e-5), cosine 0.999997."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 256) * 100)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self.w
+        return y - y * 0.99999
+
+
+class Exact:
+    """A compiled module that computes the exact (float64) result, rounded to fp32, plus ``shift``:
+    what a correct engine whose rounding differs from eager's looks like (shift 0), or a wrong one."""
+
+    numerics = "fp32"
+    backend = "onnxruntime"
+
+    def __init__(self, model: torch.nn.Module, shift: float = 0.0) -> None:
+        self.model64, self.shift = copy.deepcopy(model).double(), shift
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model64(x.double()) + self.shift).float()
+
+
+@pytest.fixture
+def cancels() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Cancels().eval()
+    return model, torch.randn(8, 64)
+
+
+def test_check_compiled_takes_the_float64_second_opinion(cancels: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    # A correct fp32 module was refused after the build (the export check had the second opinion, this
+    # one did not): max abs 1.5e-4 at rms 8e-3, cosine 0.999997.
+    model, x = cancels
+    report = check_compiled(Exact(model), model, (x,), {}, Settings(), torch.device("cpu"))
+    assert report.passed and report.reference_name == "eager in float64"
+    assert report.numerics == ("eager in float64: the compiled module missed eager's fp32 outputs, but is within "
+                               "twice eager's own fp32 error of the float64 result; fp32 tolerance policy with that "
+                               "absolute bar")
+    assert report.what == "compiled (onnxruntime)" and report.outputs[0].name == "out"
+
+
+def test_check_compiled_still_refuses_a_wrong_module_against_float64(
+        cancels: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    model, x = cancels
+    with pytest.raises(VerificationError) as info:
+        check_compiled(Exact(model, shift=1e-3), model, (x,), {}, Settings(), torch.device("cpu"))
+    msg = str(info.value)
+    assert msg.startswith("the compiled module does not match eager on the example inputs:\n"
+                          "parity: compiled (onnxruntime) vs eager: FAIL (0/1 outputs pass)")
+    assert "reference numerics: eager as configured (no TF32); fp32 tolerance policy" in msg
+
+
+def test_check_compiled_with_the_user_s_tolerances_takes_no_second_opinion(
+        cancels: tuple[torch.nn.Module, torch.Tensor]) -> None:
+    model, x = cancels
+    with pytest.raises(VerificationError, match="^the compiled module does not match eager on the example inputs"):
+        check_compiled(Exact(model), model, (x,), {}, Settings.from_options(rtol=1e-4, atol=1e-5), torch.device("cpu"))
+
+
+def test_check_compiled_runs_eager_and_the_module_on_copies() -> None:
+    class Doubles(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mul_(2) + 1
+
+    class Module:  # what a compiled module computes: Doubles' outputs, without writing to its input
+        numerics, backend = "fp32", "onnxruntime"
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 + 1
+
+    x = torch.randn(3, 4)
+    before = x.clone()
+    check_compiled(Module(), Doubles(), (x,), {}, Settings(), torch.device("cpu"))
+    assert torch.equal(x, before)

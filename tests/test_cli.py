@@ -292,6 +292,32 @@ def test_export_triton_writes_the_engine_with_the_options(engine_file: Path, tmp
     assert "wrote Triton model 'tiny'" in out
 
 
+def test_export_triton_takes_the_readme_s_positional_name_and_its_fixes_are_flags(tmp_path: Path) -> None:
+    """issue 24: README's `export-triton model.pt model_repository resnet18` failed with "unrecognized
+    arguments: resnet18", and a re-run suggested overwrite=True and version=2, which the CLI lacked."""
+    saved = tmp_path / "model.pt"
+    ttm.save(ttm.compile(torch.nn.Linear(16, 4).eval(), torch.randn(2, 16), cache=False, backend="onnxruntime"), saved)
+    repo = tmp_path / "model_repository"
+    code, out, err = run("export-triton", str(saved), str(repo), "resnet18")
+    assert code == 0, err
+    assert out == f"wrote Triton model 'resnet18' (onnxruntime) to {repo / 'resnet18'}\n"
+    code, out, err = run("export-triton", str(saved), str(repo), "resnet18")
+    assert code == 1
+    assert err == (f"torch-trt-module export-triton: error: {repo / 'resnet18' / '1'} already exists and is not "
+                   "empty (model.onnx). Fix: pass --overwrite to replace it, or --version 2 to add a version. "
+                   "(run with --verbose for details)\n")
+    code, _, err = run("export-triton", str(saved), str(repo), "resnet18", "--version", "2")
+    assert code == 0, err
+    assert (repo / "resnet18" / "2" / "model.onnx").is_file()
+    code, _, err = run("export-triton", str(saved), str(repo), "resnet18", "--version", "3", "--max-batch-size", "0")
+    assert code == 1 and "Fix: pass --overwrite to replace it, or use another NAME." in err
+    code, _, err = run("export-triton", str(saved), str(repo), "resnet18", "--max-batch-size", "0", "--overwrite")
+    assert code == 0, err
+    assert "max_batch_size: 0" in (repo / "resnet18" / "config.pbtxt").read_text()
+    code, _, err = run("export-triton", str(saved), str(repo), "a", "--name", "b")
+    assert code == 2 and "export-triton got two model names, 'a' (NAME) and 'b' (--name); give one" in err
+
+
 # ---------------------------------------------------------------- shapes
 
 def test_parse_shapes_forms() -> None:
@@ -309,3 +335,27 @@ def test_parse_shapes_forms() -> None:
 def test_inspect_of_a_file_that_is_no_engine_is_a_usage_error(models_dir: Path) -> None:
     code, _, err = run("inspect", str(models_dir / "ttm_cli_models.py"))
     assert code == 2 and "is not an engine file, a saved TRTModule or an .onnx file" in err
+
+
+def test_verify_on_a_cuda_device_this_machine_lacks_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 24: `verify --device cuda` with no GPU raised torch's raw "Found no NVIDIA driver"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run("verify", "torchvision.models:resnet18", "--device", "cuda")
+    assert (code, out) == (2, "")
+    assert err == ("torch-trt-module verify: error: --device 'cuda' asks for a CUDA GPU, but torch can use none on "
+                   "this machine (torch.cuda.is_available() is False: no NVIDIA driver or GPU, or a CPU-only torch). "
+                   "Fix: pass --device cpu, or leave --device out\n")
+
+
+def test_build_checks_the_output_directory_before_exporting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 24: `build -o /missing/dir/x` failed only after the whole export, naming a .tmp file."""
+    from torch_trt_module.cli import _inputs
+
+    monkeypatch.setattr(_inputs, "load", lambda *a, **k: pytest.fail("exported before checking -o"))
+    missing = tmp_path / "missing" / "dir"
+    code, out, err = run("build", "torchvision.models:resnet18", "-o", str(missing / "x.ttm"))
+    assert (code, out) == (2, "")
+    assert err == (f"torch-trt-module build: error: -o {missing / 'x.ttm'}: the directory {missing} does not exist. "
+                   f"Fix: create it (mkdir -p {missing}) or write elsewhere\n")
+    code, _, err = run("build", "torchvision.models:resnet18", "-o", str(tmp_path))
+    assert code == 2 and f"-o {tmp_path} is a directory; give a file name" in err

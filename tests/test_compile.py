@@ -308,3 +308,189 @@ def test_rtx_hit_is_served_when_the_gpu_accepts_it(monkeypatch: pytest.MonkeyPat
     builds, hits = _compile.STATS["builds"], _compile.STATS["cache_hits"]
     ttm.compile(model, x, cache_dir=cache_dir)
     assert (_compile.STATS["builds"], _compile.STATS["cache_hits"]) == (builds, hits + 1)
+
+
+# --------------------------------------------------------------------------- training mode (issue 20)
+
+def _modes(model: torch.nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def _training_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("torch_trt_module")
+            and r.levelno == logging.WARNING and "training mode" in r.getMessage()]
+
+
+def test_resnet18_in_training_mode_compiles_its_inference_semantics_as_written(
+        caplog: pytest.LogCaptureFixture) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()  # untouched: in training mode, as users write it
+    assert model.training
+    stats = {n: b.clone() for n, b in model.named_buffers()}
+    before = _modes(model)
+    x = torch.randn(2, 3, 64, 64)
+    fast = ttm.compile(model, x, max_batch=4)
+    assert model.training and _modes(model) == before  # no submodule's mode changed
+    # eager ran in eval mode on every check: BatchNorm's running statistics were not updated
+    assert all(torch.equal(stats[n], b) for n, b in model.named_buffers())
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        y = torch.randn(3, 3, 64, 64)
+        torch.testing.assert_close(fast(y), reference(y), rtol=1e-3, atol=1e-4)
+    (said,) = _training_warnings(caplog)
+    assert said.startswith("ResNet: it is in training mode; compile() compiles its inference semantics (dropout off, "
+                           "BatchNorm running statistics), as torch.onnx.export does")
+
+
+class _Mixed(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.bn = torch.nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.drop(self.lin(x)))
+
+
+def test_mixed_modes_are_restored_exactly_also_when_compile_raises(caplog: pytest.LogCaptureFixture) -> None:
+    model = _Mixed().train()
+    model.bn.eval()  # a frozen BatchNorm inside a model in training mode
+    before = _modes(model)
+    x = torch.randn(4, 8)
+    fast = ttm.compile(model, x, cache=False)
+    assert _modes(model) == before
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), copy.deepcopy(model).eval()(x))
+    (said,) = _training_warnings(caplog)
+    assert said.startswith("_Mixed: it is in training mode;")
+
+    model.eval()
+    model.drop.train()  # only a submodule: still one WARNING, naming it
+    caplog.clear()
+    ttm.compile(model, x, cache=False)
+    (said,) = _training_warnings(caplog)
+    assert "_Mixed: 1 of its submodules are (drop) in training mode" in said
+    assert not model.training and model.drop.training
+
+    class Fails(_Mixed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert not self.training  # eager runs in eval mode ...
+            raise RuntimeError("the model's own error")
+
+    failing = Fails().train()
+    before = _modes(failing)
+    with pytest.raises(Exception):
+        ttm.compile(failing, x, cache=False, partition="never")
+    assert _modes(failing) == before  # ... and every mode is back after compile() raised
+
+
+def test_lazy_mode_builds_the_inference_semantics_at_the_first_call(caplog: pytest.LogCaptureFixture) -> None:
+    model = _Mixed().eval()
+    fast = ttm.compile(model, cache=False)
+    model.train()  # back to training before the first call, which builds
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        got = fast(x)
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(got, copy.deepcopy(model).eval()(x))
+    (said,) = _training_warnings(caplog)
+    assert "the lazy module's build compiles its inference semantics" in said
+
+
+def test_a_compiled_submodule_computes_inference_after_its_parents_train(caplog: pytest.LogCaptureFixture) -> None:
+    inner = _Mixed().eval()
+    parent = torch.nn.Sequential(ttm.compile(inner, torch.randn(4, 8), cache=False), torch.nn.ReLU())
+    parent.train()  # as a training loop does to the whole model
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(parent(x), inner(x).relu())  # no raise; inference semantics
+    (said,) = _training_warnings(caplog)  # said once
+    assert said.startswith("TRTModule is in training mode (a parent's train() reaches it): a compiled module "
+                           "computes inference all the same")
+
+
+def test_a_segmented_module_takes_its_parents_train() -> None:
+    class Between(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x).relu() + 1
+
+    model = Between().eval()
+    split = ttm.compile(model, torch.randn(4, 8), torch_executed_ops={"aten.relu"}, min_block_size=1, cache=False)
+    assert isinstance(split, ttm.SegmentedModule)
+    parent = torch.nn.Sequential(split).train()  # before: UsageError from SegmentedModule.train
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(parent(x), model(x))
+    assert split.training
+
+
+def test_a_partitioned_module_of_a_training_model_computes_inference(caplog: pytest.LogCaptureFixture) -> None:
+    class DropBranch(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.9)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.drop(x)
+            if y.sum().item() > 0:
+                return y * 2
+            return y - 1
+
+    model = DropBranch()  # training mode
+    fast = ttm.compile(model, torch.randn(2, 8), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule) and model.training and model.drop.training
+    x = torch.randn(3, 8).abs() + 0.1
+    for _ in range(3):  # dropout off: exactly x * 2, every time
+        torch.testing.assert_close(fast(x), x * 2)
+    assert model.training and model.drop.training
+
+
+def test_a_follow_hit_whose_engine_holds_the_models_weights_keeps_the_optimized_session(tmp_path: Path) -> None:
+    model = TinyNet(0)
+    x = example()
+    ttm.compile(model, x, cache_dir=tmp_path)  # cold: stores ONNX Runtime's optimized graph too
+    with counting() as n:
+        same = ttm.compile(TinyNet(0), x, cache_dir=tmp_path)  # the same weights: nothing to refit
+    assert n["cache_hits"] == 1 and same.runner.used_optimized and outputs_ok(same, 0)
+    other = TinyNet(1)  # the same structure, other weights: a hit refit to them, never the stored ones
+    with counting() as n:
+        refit = ttm.compile(other, x, cache_dir=tmp_path)
+    assert n["cache_hits"] == 1 and not refit.runner.used_optimized
+    with torch.no_grad():
+        torch.testing.assert_close(refit(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_semantics_nests_and_the_last_block_out_restores() -> None:
+    from torch_trt_module._modes import eval_semantics
+
+    model = _Mixed().train()
+    model.bn.eval()
+    before = _modes(model)
+    with eval_semantics(model):
+        assert not any(_modes(model).values())
+        with eval_semantics(model):  # a nested block (a lazy build inside a partitioned call) ...
+            pass
+        assert not any(_modes(model).values())  # ... does not restore what the outer block relies on
+        with eval_semantics(model.lin):  # nor does a block on a submodule
+            pass
+        assert not any(_modes(model).values())
+    assert _modes(model) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_semantics(model):
+            raise RuntimeError("inside")
+    assert _modes(model) == before
+    # Overlapping blocks (a child's compile() in one thread, the parent's partitioned call in another):
+    # the child's block ends first, and the parent's still sees eval; the last one out restores.
+    child, parent = eval_semantics(model.lin), eval_semantics(model)
+    child.__enter__()
+    parent.__enter__()
+    child.__exit__(None, None, None)
+    assert not model.lin.training
+    parent.__exit__(None, None, None)
+    assert _modes(model) == before

@@ -87,3 +87,146 @@ def test_fp16_precision_exports_a_half_graph_and_keeps_user_dtypes() -> None:
     assert ex.inputs[0].dtype == "float16" and ex.outputs[0].dtype == "float16"
     assert ex.user_input_dtypes == ("float32",) and ex.user_output_dtypes == ("float32",)
     assert next(model.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+# --------------------------------------------------------------------------- issue 20: what forward does with its inputs
+
+class WritesItsInput(torch.nn.Module):
+    """Preprocessing in place, as ``x.div_(255)`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.l(x)
+
+
+def test_a_forward_that_writes_to_its_input_leaves_the_caller_s_example_alone() -> None:
+    # compile() ran eager three times on the caller's tensor (x8), then refused its own correct module.
+    model = WritesItsInput().eval()
+    x = torch.randn(4, 8)
+    before = x.clone()
+    fast = ttm.compile(model, x, backend="onnxruntime")
+    assert torch.equal(x, before)
+    assert isinstance(fast, ttm.TRTModule)
+    y = torch.randn(6, 8)
+    y_before = y.clone()
+    with torch.no_grad():
+        expected = model(y_before.clone())
+        got = fast(y)
+    assert torch.equal(y, y_before)  # the engine never writes to the caller's input
+    torch.testing.assert_close(got, expected)
+
+
+def test_on_the_pytorch_runtime_such_a_forward_writes_no_input_either() -> None:
+    # The PyTorch runtime runs torch.export's program of the model: it copies the input it writes to.
+    model = WritesItsInput().eval()
+    x = torch.randn(4, 8)
+    before = x.clone()
+    fast = ttm.compile(model, x, runtime="torch")
+    assert fast.backend == "torch" and torch.equal(x, before)
+    y = torch.ones(3, 8)
+    with torch.no_grad():
+        got = fast(y)
+        expected = model(torch.ones(3, 8))
+    assert torch.equal(y, torch.ones(3, 8))
+    torch.testing.assert_close(got, expected)
+
+
+class ReturnsTwice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.l(x)
+        return y, y  # Hugging Face: last_hidden_state is hidden_states[-1]
+
+
+def test_an_output_returned_twice_compiles_and_both_are_right() -> None:
+    # A raw KeyError: 'output_0' from _export.py before: the exporter named one value twice.
+    model = ReturnsTwice().eval()
+    ex = ttm.export_onnx(model, torch.randn(4, 8))
+    assert ex.output_names == ["output_0", "output_1"]
+    fast = ttm.compile(model, torch.randn(4, 8), backend="onnxruntime")
+    assert isinstance(fast, ttm.TRTModule)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        first, second = fast(x)
+        expected = model(x)[0]
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+
+
+class PassesMaskThrough(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.l(x) * mask, mask
+
+
+def test_an_input_returned_as_an_output_compiles_to_one_engine() -> None:
+    # It was called "input 'mask' is not used by the model" and silently became a PartitionedModule.
+    model = PassesMaskThrough().eval()
+    ex = ttm.export_onnx(model, (torch.randn(4, 8), torch.ones(4, 8)))
+    assert ex.input_names == ["x", "mask"] and ex.output_names == ["output_0", "output_1"]
+    fast = ttm.compile(model, (torch.randn(4, 8), torch.ones(4, 8)), backend="onnxruntime")
+    assert isinstance(fast, ttm.TRTModule)
+    x, mask = torch.randn(5, 8), (torch.rand(5, 8) > 0.5).float()
+    with torch.no_grad():
+        out, got_mask = fast(x, mask)
+        expected = model(x, mask)[0]
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(got_mask, mask) and got_mask is not mask
+
+
+# --------------------------------------------------------------------------- issue 20: a batch-1 broadcast input
+
+class AddsPositions(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.l(x + pos)
+
+
+def test_a_batch_1_input_beside_a_batched_one_broadcasts_and_stays_static() -> None:
+    # pos was grown to 2 rows for the export, which failed ("size of tensor a (s39) must match..."),
+    # and the model silently became a PartitionedModule.
+    model = AddsPositions().eval()
+    ex = ttm.export_onnx(model, (torch.randn(4, 8), torch.randn(1, 8)))
+    assert [s.profile_str() for s in ex.inputs] == ["(1..32, 8)", "(1, 8)"]
+    fast = ttm.compile(model, (torch.randn(4, 8), torch.randn(1, 8)), backend="onnxruntime")
+    assert isinstance(fast, ttm.TRTModule)
+    x, pos = torch.randn(7, 8), torch.randn(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, pos), model(x, pos))
+    with pytest.raises(ttm.InputError) as info:
+        fast(x, torch.randn(7, 8))
+    assert str(info.value) == (
+        "input 'pos' has shape (7, 8) outside the engine's profile (1, 8) (dim 0 = 7 not in 1..1). Dim 0 is static: "
+        "the module was compiled for size 1 there, the example's (not a dynamic dim; a size the weights fix, such "
+        "as a Conv's channels, cannot be one). Pass a tensor of size 1 in dim 0.")
+
+
+def test_when_every_input_has_batch_1_every_dim_0_is_dynamic() -> None:
+    # The example cannot tell a batch from a broadcast: both stay dynamic (README, "dynamic").
+    model = AddsPositions().eval()
+    ex = ttm.export_onnx(model, (torch.randn(1, 8), torch.randn(1, 8)))
+    assert [s.profile_str() for s in ex.inputs] == ["(1..32, 8)", "(1..32, 8)"]
+    fast = ttm.compile(model, (torch.randn(1, 8), torch.randn(1, 8)), backend="onnxruntime")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        for pos in (torch.randn(5, 8), torch.randn(1, 8)):  # the graph broadcasts as eager does
+            torch.testing.assert_close(fast(x, pos), model(x, pos))
+
+
+def test_a_static_input_under_an_explicit_dynamic_dict_is_kept_as_given() -> None:
+    ex = ttm.export_onnx(AddsPositions().eval(), (torch.randn(4, 8), torch.randn(1, 8)),
+                         dynamic={"x": {0: (1, 4, 16)}})
+    assert [s.profile_str() for s in ex.inputs] == ["(1..16, 8)", "(1, 8)"]

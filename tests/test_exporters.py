@@ -189,3 +189,43 @@ def test_summary_keeps_the_first_meaningful_line() -> None:
     assert summary(RuntimeError("preamble\n## Exception summary\n\n\x1b[31mthe cause\x1b[0m\nmore")) == "the cause"
     assert summary(KeyError()) == "KeyError"
     assert len(summary(RuntimeError("x" * 1000))) == 400
+
+
+# --------------------------------------------------------------------------- issue 20: dims each dynamic on their own
+
+class Adds(torch.nn.Module):
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return x + pos
+
+
+def test_inputs_combined_in_dims_dynamic_each_on_their_own_get_the_dynamic_fix() -> None:
+    import torch_trt_module as ttm
+
+    with pytest.raises(ttm.ExportError) as info:
+        ttm.export_onnx(Adds(), (torch.randn(4, 8), torch.randn(1, 8)),
+                        dynamic={"x": {0: (1, 4, 32)}, "pos": {0: (1, 1, 32)}})
+    assert str(info.value).endswith(
+        " The inputs ['x', 'pos'] each have dynamic dims of their own, and the model combines them elementwise: an "
+        "input that is not batched (a table, an operand that broadcasts) must keep a static size there. Fix: name "
+        "only the batched inputs' dims in dynamic=, e.g. dynamic={'x': {0: (1, 4, 32)}}.")
+
+
+def test_a_channel_dim_declared_dynamic_names_the_weights_whole(caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 20: following the old out-of-profile hint (make the Conv's channel dim dynamic) gave a
+    # PartitionedModule and a warning cut off mid-sentence. The warning is whole, and names the weights.
+    import torch_trt_module as ttm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    with pytest.raises(ExportError) as info:
+        ttm.export_onnx(model, torch.randn(2, 3, 16, 16), dynamic={"input": {1: (3, 3, 4)}})
+    msg = str(info.value)
+    assert msg.startswith("a dynamic dimension was specialised by the model (input_1 = 3): ")
+    assert msg.endswith(
+        "\". The model's weights or code fix that size (a Conv's or Linear's input channels, a view/reshape with a "
+        "hard-coded size). Fix: make that dimension static (dynamic=None, or leave it out of dynamic=), or compute "
+        "the size from x.shape.")  # one period after torch's own words, not two
+    with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
+        fast = ttm.compile(model, torch.randn(2, 3, 16, 16), backend="onnxruntime",
+                           dynamic={"input": {1: (3, 3, 4)}})
+    assert isinstance(fast, ttm.PartitionedModule)
+    assert "or compute the size from x.shape.). partition='auto'" in caplog.text

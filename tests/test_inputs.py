@@ -111,9 +111,19 @@ def test_widen_hint_covers_the_shape_and_keeps_the_other_dynamic_dims() -> None:
         "Recompile with dynamic={'x': {0: (1, 4, 9), 2: (8, 16, 32)}} (or without example_inputs for lazy mode)."
     assert widen_hint(X, (2, 3, 4)) == \
         "Recompile with dynamic={'x': {0: (1, 4, 8), 2: (4, 16, 32)}} (or without example_inputs for lazy mode)."
-    # A static dim the call changes becomes dynamic.
-    assert widen_hint(X, (2, 5, 16)) == ("Recompile with dynamic={'x': {0: (1, 4, 8), 1: (3, 3, 5), 2: (8, 16, 32)}} "
-                                         "(or without example_inputs for lazy mode).")
+
+
+def test_widen_hint_for_a_static_dim_never_suggests_making_it_dynamic() -> None:
+    # Issue 20: a wrong channel count was told to make the Conv's channel dim dynamic, and following
+    # that advice made a PartitionedModule. A static dim is the example's size: say so.
+    assert widen_hint(X, (2, 5, 16)) == (
+        "Dim 1 is static: the module was compiled for size 3 there, the example's (not a dynamic dim; a size the "
+        "weights fix, such as a Conv's channels, cannot be one). Pass a tensor of size 3 in dim 1.")
+    y = TensorSpec("y", "float32", ("b", 3, 16, 16), min=(1, 3, 16, 16), opt=(4, 3, 16, 16), max=(8, 3, 16, 16))
+    assert widen_hint(y, (9, 4, 16, 20)) == (
+        "Dims 1, 3 are static: the module was compiled for sizes 3, 16 there, the example's (not a dynamic dim; a "
+        "size the weights fix, such as a Conv's channels, cannot be one). Pass a tensor of sizes 3, 16 in dims 1, 3. "
+        "Recompile with dynamic={'y': {0: (1, 4, 9)}} (or without example_inputs for lazy mode).")
 
 
 def test_widen_hint_for_another_rank_or_no_profile() -> None:

@@ -259,3 +259,163 @@ def test_graph_modules_with_the_same_weights_and_other_code_never_share_a_finger
     vars(b).pop("fn", None), vars(a).pop("fn", None)  # only the graphs differ now
     assert _keys.module_fingerprint(a) != _keys.module_fingerprint(b)
     assert _keys.module_fingerprint(a) == _keys.module_fingerprint(a)
+
+
+# --------------------------------------------------------------------------- values forward reads (issue 20, 3)
+
+_SCALED = '''
+import os, torch
+
+SCALE = float(os.environ["SCALE"])
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * SCALE
+'''
+
+
+def test_a_global_read_by_forward_set_from_the_environment_misses_in_a_second_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    (tmp_path / "scaled_model.py").write_text(_SCALED)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SCALE", "1")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    scaled = importlib.import_module("scaled_model")
+    with counting() as first:
+        ttm.compile(scaled.Scaled().eval(), torch.randn(2, 4), backend="onnxruntime", cache_dir=root)
+    assert first["exports"] == 1
+    code = """
+        import json, sys, torch
+        sys.path.insert(0, sys.argv[1])
+        import torch_trt_module as ttm
+        from torch_trt_module import _compile
+        from scaled_model import Scaled
+        model = Scaled().eval()
+        fast = ttm.compile(model, torch.randn(2, 4), backend="onnxruntime", cache_dir=sys.argv[2])
+        x = torch.randn(3, 4)
+        with torch.no_grad():
+            err = (fast(x) - model(x)).abs().max().item()
+        print(json.dumps({"stats": _compile.STATS, "err": err}))
+    """
+    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+                           + textwrap.dedent(code), str(tmp_path), str(root)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "SCALE": "5"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["stats"]["exports"] == 1 and got["stats"]["cache_hits"] == 0  # SCALE=5: a miss, not the SCALE=1 engine
+    assert got["err"] < 1e-5
+
+
+class _Reads(torch.nn.Module):
+    """A forward whose result depends on a dict, a config object, a partial and a module global."""
+
+    def __init__(self, cfg: Any, act: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+        self.cfg, self.act = cfg, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg["scale"] if isinstance(self.cfg, dict) else self.cfg.scale
+        return self.act(self.lin(x) * scale) * _OFFSET["value"]
+
+
+_OFFSET = {"value": 1.0}
+
+
+class _Config:
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+        self.name = "cfg"
+
+
+def _leaky(slope: float) -> Any:
+    import functools
+
+    return functools.partial(torch.nn.functional.leaky_relu, negative_slope=slope)
+
+
+def _hf_config(scale: float) -> Any:
+    transformers = pytest.importorskip("transformers")
+    return transformers.PretrainedConfig(scale=scale)
+
+
+@pytest.mark.parametrize("what, make, change", [
+    ("a dict attribute", lambda: _Reads({"scale": 2.0}, _leaky(0.1)), lambda m: m.cfg.update(scale=3.0)),
+    ("a config object", lambda: _Reads(_Config(2.0), _leaky(0.1)), lambda m: setattr(m.cfg, "scale", 3.0)),
+    ("a Hugging Face config", lambda: _Reads(_hf_config(2.0), _leaky(0.1)), lambda m: setattr(m.cfg, "scale", 3.0)),
+    ("a functools.partial", lambda: _Reads({"scale": 2.0}, _leaky(0.1)), lambda m: setattr(m, "act", _leaky(0.3))),
+    ("a module global", lambda: _Reads({"scale": 2.0}, _leaky(0.1)), lambda m: _OFFSET.update(value=-2.0)),
+])
+def test_a_value_forward_reads_changes_the_fingerprint(what: str, make: Callable[[], Any],
+                                                       change: Callable[[Any], None], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(_OFFSET, "value", 1.0)
+    model = make().eval()
+    x = torch.randn(3, 4) - 1  # negative values: leaky_relu's slope shows
+    ttm.compile(model, x, backend="onnxruntime", cache_dir=tmp_path)
+    with counting() as again:
+        ttm.compile(model, x, backend="onnxruntime", cache_dir=tmp_path)
+    assert again["cache_hits"] == 1 and again["exports"] == 0  # unchanged: a hit, as before
+    change(model)
+    with counting() as changed:
+        fast = ttm.compile(model, x, backend="onnxruntime", cache_dir=tmp_path)
+    assert changed["exports"] == 1 and changed["cache_hits"] == 0, what  # before: a hit, serving the old engine
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+class _Opaque(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import itertools
+
+        self.lin = torch.nn.Linear(4, 4)
+        self.counter = itertools.count()  # no __dict__, no slots: its state cannot be read
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_a_value_that_cannot_be_fingerprinted_is_always_a_miss(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="torch_trt_module")
+    model = _Opaque().eval()
+    x = torch.randn(2, 4)
+    settings = Settings.from_options(backend="onnxruntime")
+    choice = BackendChoice("onnxruntime", "onnxruntime", "test")
+    assert _keys.fingerprint(model, (x,), {}, settings, choice, torch.device("cpu")) is None
+    with counting() as done:
+        for _ in range(2):
+            fast = ttm.compile(model, x, backend="onnxruntime", cache_dir=tmp_path)
+    # each a miss (an export), never a hit on a guess; the content key still finds the built engine
+    assert done["exports"] == 2 and done["builds"] == 1 and done["cache_hits"] == 0
+    assert fingerprints(tmp_path) == set()  # nothing recorded under a fingerprint
+    assert any("no fingerprint for _Opaque: _Opaque.counter: a itertools.count, whose contents cannot be read"
+               in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_the_values_read_are_bounded_and_cycles_end() -> None:
+    from torch_trt_module._values import MAX_DEPTH, Tokens, Unfingerprintable
+
+    tokens = Tokens(code_id=lambda obj: "code")
+    loop: dict[str, Any] = {"scale": 2.0}
+    loop["self"] = loop
+    assert tokens.token(loop) == "dict{str:'scale'=float:2.0,str:'self'=cycle:dict}"
+    deep: Any = 1.0
+    for _ in range(MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(Unfingerprintable, match=r"value\[0\](\[0\])*: values nested deeper than 8"):
+        Tokens(code_id=lambda obj: "code").token(deep)

@@ -321,3 +321,57 @@ def test_compile_fp16_uses_mixed_precision() -> None:
     class_h([got], eager(model, (x,)))
     full = ttm.compile(model, x, precision="fp16", backend="onnxruntime", cache=False, keep_fp32=False)
     assert full.engine is not None and {t for _, t in op_input_types(full.engine.onnx)} == {"FLOAT16"}
+
+
+# --------------------------------------------------------------------------- bf16 on the CPU (issue 24)
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).relu()
+
+
+class _EmbedLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids))
+
+
+BF16_ON_CPU = ("the module lives on the CPU and is bf16: ONNX Runtime's CPU provider has no bf16 Conv or MatMul, and "
+               "its Python binding cannot bind bfloat16, so PyTorch runs the bf16 program captured at compile time")
+
+
+@pytest.mark.parametrize("make, example", [(_ConvNet, lambda: torch.randn(2, 3, 8, 8)),
+                                           (_EmbedLinear, lambda: torch.randint(0, 10, (2, 5)))])
+def test_bf16_on_the_cpu_runs_in_bf16_on_the_pytorch_program(make: Callable[[], torch.nn.Module],
+                                                             example: Callable[[], torch.Tensor]) -> None:
+    """A Conv model used to raise a raw onnxruntime InvalidGraph, an Embedding+Linear one to become a
+    PartitionedModule running eager fp32 with a warning that it 'does not export as one graph'."""
+    torch.manual_seed(0)
+    model = make().eval()
+    fast = ttm.compile(model, example(), precision="bf16", cache=False)
+    assert isinstance(fast, ttm.TRTModule) and fast.backend == "torch" and fast.numerics == "bf16"
+    assert fast.runtime_reason == BF16_ON_CPU
+    x = example()
+    got = fast(x)
+    assert got.dtype == torch.float32  # eager's dtype, computed in bf16
+    torch.testing.assert_close(got, model(x), rtol=2e-2, atol=3e-2)
+    assert not torch.equal(got, model(x))
+
+
+def test_a_bf16_engine_without_a_program_cannot_run_on_the_cpu() -> None:
+    from torch_trt_module.backends import choose_runtime
+
+    with pytest.raises(ttm.BackendUnavailable) as e:
+        choose_runtime("onnxruntime", {"model": {"precision": "bf16"}}, "cpu", has_plan=False, has_program=False)
+    assert str(e.value) == (
+        "this bf16 engine cannot run on the CPU: ONNX Runtime's CPU provider has no bf16 Conv or MatMul, and its "
+        "Python binding cannot bind bfloat16, and the engine has no PyTorch program (its graph came from the "
+        "TorchScript exporter or an .onnx file). Fix: compile with exporter='dynamo' (the PyTorch program then runs it "
+        "in bf16), with precision='fp32', or on a GPU")

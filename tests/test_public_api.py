@@ -23,6 +23,16 @@ INTERNAL_EXCEPTIONS = {
     # Raised by TRTModule._prepare for an out-of-profile shape and caught by TRTModule._forward,
     # which widens the profile (lazy mode) or raises InputError with the same message.
     "torch_trt_module._module._OutOfProfile",
+    # Raised by the fingerprint's value reader (_values.Tokens) for a value it cannot identify, and
+    # caught by _keys.fingerprint, which then gives no fingerprint (compile() misses).
+    "torch_trt_module._values.Unfingerprintable",
+    # Raised by the cache's safe opener for a symlink, FIFO, directory or device (an OSError, so
+    # every caller's existing handling of unreadable files applies), and never read.
+    "torch_trt_module._cache_safety.NotRegular",
+    # Raised inside the ONNX and program checks and caught there, which raise EngineLoadError
+    # naming where in the stored blob the refused field is.
+    "torch_trt_module._onnx_safety._NamesAFile",
+    "torch_trt_module._program_safety._Refused",
 }
 
 

@@ -97,8 +97,10 @@ def test_split_inputs_forms() -> None:
     assert split_inputs(([x], {}))[0][0] is x
     args, kwargs = split_inputs((x, {"k": y}))  # a 2-tuple ending in a dict means (args, kwargs)
     assert args[0] is x and kwargs["k"] is y
+    args, kwargs = split_inputs([x, y])  # a list is the positional arguments, as Torch-TensorRT takes them
+    assert args == (x, y) and kwargs == {}
     lst = [x, y]
-    assert split_inputs(lst) == ((lst,), {})
+    assert split_inputs((lst,)) == ((lst,), {})  # one list argument
     assert split_inputs(()) == ((), {})
 
 

@@ -5,6 +5,7 @@ and class names read back from JSON never resolve to anything but a container of
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from typing import Any
 
@@ -105,6 +106,24 @@ def test_what_cannot_be_flattened_is_named_by_its_path() -> None:
         flatten({"a": {(1, 2): t(1)}})
     with pytest.raises(TypeError, match=r"^input \['a'\]: dict key"):
         flatten({"a": {1.5: t(1)}}, what="input")
+
+
+@dataclasses.dataclass
+class DC:
+    a: torch.Tensor
+
+
+def test_an_unregistered_dataclass_is_named_with_the_fix() -> None:
+    # Issue 20: "output  is a DC" (an empty name) for a dataclass returned whole.
+    with pytest.raises(TypeError) as info:
+        flatten(DC(t(1)), what="output", allow_const=False)
+    assert str(info.value) == ("output (the whole value) is a DC; expected tensors nested in tuples, lists and dicts "
+                               "(or None). Fix: register it with torch.utils._pytree.register_dataclass(DC), or "
+                               "return its tensors in a tuple or dict")
+    with pytest.raises(TypeError, match=r"^output \[1\] is a DC; "):
+        flatten((t(1), DC(t(2))), what="output", allow_const=False)
+    with pytest.raises(TypeError, match=r"^value \(the whole value\): dict key 1.5 is not a str or int$"):
+        flatten({1.5: t(1)})
 
 
 # --------------------------------------------------------------------------- leaf paths

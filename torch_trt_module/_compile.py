@@ -7,6 +7,7 @@ module; this one only sequences them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,9 @@ from ._errors import BuildError, ExportError, InputError, TorchTRTError, Unsuppo
 from ._export import export_with_settings
 from ._inputs import match_inputs
 from ._keys import content_key, fingerprint, keyed_by_value, timing_cache_name
+from ._modes import eval_semantics, training_modules
 from ._module import TRTModule
+from ._onnx import initializers_equal
 from ._partition import PartitionedModule
 from ._settings import Settings, freeze_dynamic
 from ._signature import bind_call, split_inputs
@@ -45,8 +48,10 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
     :class:`PartitionedModule` (torch.compile's graphs) for a model that does not export as one graph.
 
     Args:
-        model: an ``nn.Module`` in eval mode.
-        example_inputs: a tensor, a tuple of positional arguments, or ``(args, kwargs)``.
+        model: an ``nn.Module``. Its inference semantics are compiled (dropout off, BatchNorm running
+            statistics), as ``torch.onnx.export`` does; a model in training mode stays in it (one WARNING).
+        example_inputs: a tensor, a tuple or list of positional arguments (a list as Torch-TensorRT
+            takes them; one list argument is ``([a, b],)``), or ``(args, kwargs)``.
             ``None`` returns a lazy module that builds at its first call.
         dynamic: ``None`` (static shapes), ``"batch"`` (dim 0 of every input dynamic,
             1..max(32, example)), or ``{input_name: {dim: (min, opt, max)}}``.
@@ -58,7 +63,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
             the compiled module against eager on the example.
         **options: any other :class:`Settings` field (``runtime``, ``max_batch``, ``targets``,
             ``workspace``, ``optimization_level``, ``tf32``, ``cache``, ``cache_max_size``,
-            ``max_rebuilds``, ``cast_inputs``, ``device``, ``rtol``, ``atol``, ``exporter``,
+            ``max_rebuilds``, ``cast_inputs``, ``device``, ``rtol``, ``atol``, ``exporter``, ``process_group``,
             ``partition``, ``min_block_size``, ``torch_executed_ops``, ...).
 
     Example:
@@ -73,9 +78,16 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"compile() takes an nn.Module; got {type(model).__name__}. Fix: wrap the function in a "
                          "torch.nn.Module whose forward calls it")
-    if model.training:
-        raise InputError("the model is in training mode; compile() builds inference engines: call model.eval() "
-                         "first (dropout and batch-norm statistics differ between the modes)")
+    said = _say_eval_semantics(model, "compile()")
+    with eval_semantics(model):  # inference semantics; every submodule's own mode is restored after
+        return _compile_eval(model, example_inputs, settings, options, precision=precision, backend=backend,
+                             cache_dir=cache_dir, verify=verify, said=said)
+
+
+def _compile_eval(model: torch.nn.Module, example_inputs: Any, settings: Settings, options: dict[str, Any], *,
+                  precision: str, backend: str, cache_dir: Any, verify: bool, said: bool
+                  ) -> "TRTModule | SegmentedModule | PartitionedModule":
+    """compile()'s work, with ``model`` in eval mode (inside :func:`eval_semantics`)."""
     device = _device_for(model, settings)
     choice = select_backend(settings.backend, device, runtime=settings.runtime)
     module_options = {"cast_inputs": settings.cast_inputs, "allow_host_code": settings.allow_host_code,
@@ -83,11 +95,18 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
                       "weights": settings.weights}
     if example_inputs is None:
         state = {"settings": settings}
+        told = [said]  # one WARNING about training mode, at compile() or at the first build
 
         def build(args: tuple[Any, ...], kwargs: dict[str, Any], mod: TRTModule) -> Compiled:
             if mod.engine is not None:  # a rebuild: widen the profile to cover the old one and this call
                 state["settings"] = state["settings"].replace(dynamic=freeze_dynamic(_widened(mod, args, kwargs)))
-            return compile_engine(model, args, kwargs, state["settings"], choice, device)
+            if not told[0]:
+                told[0] = _say_eval_semantics(model, "the lazy module's build")
+            settings = state["settings"]
+            if settings.process_group is None:  # a first call ranks need not reach together: no collective
+                settings = settings.replace(process_group=False)
+            with eval_semantics(model):  # the source may have gone back to train() since compile()
+                return compile_engine(model, args, kwargs, settings, choice, device)
 
         return TRTModule.lazy(build, device=device, max_rebuilds=settings.max_rebuilds, **module_options)
     args, kwargs = split_inputs(example_inputs)
@@ -116,7 +135,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, *, dynamic: Any 
                      type(model).__name__, split.extra_repr())
 
     def rebuild() -> Engine:  # for an engine whose weights are folded into its graph (TorchScript export)
-        return compile_engine(model, args, kwargs, settings, choice, device).engine
+        with eval_semantics(model):  # called later, whatever mode the source is in by then
+            return compile_engine(model, args, kwargs, settings, choice, device).engine
 
     return TRTModule(got.engine, device=device, prepared=got.prepared, refit_now=got.refit, rebuild=rebuild,
                      **module_options)
@@ -136,7 +156,7 @@ def _partitioned(model: torch.nn.Module, error: ExportError, options: dict[str, 
     log.warning("%s does not export as one graph (%s). partition='auto': torch.compile splits it at its graph "
                 "breaks, each graph becomes an engine where it can and runs in PyTorch where it cannot "
                 "(ttm.explain() lists them; partition='never' raises instead)",
-                type(model).__name__, str(error).splitlines()[0][:300])
+                type(model).__name__, str(error).splitlines()[0])  # ours: written to be read whole
     # Each graph gets the same options; partition="split" inside: a graph may be split into engines
     # and PyTorch, but never captured by torch.compile again. Its profile comes from torch.compile.
     options = {k: v for k, v in options.items() if k != "dynamic" and v is not None}
@@ -148,7 +168,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, *, dynamic: Any = "
                 exporter: str = "auto", opset: int | None = None, max_batch: int | None = None, verify: bool = True,
                 keep_fp32: bool = True) -> ExportedModel:
     """Export ``model`` to ONNX with dynamic axes and check it against eager (at the example and the
-    profile's min, max and an off-opt shape).
+    profile's min, max and an off-opt shape). Its inference semantics, as :func:`compile`.
 
     Example:
         >>> exported = export_onnx(torch.nn.Linear(4, 2).eval(), torch.randn(3, 4))
@@ -158,12 +178,37 @@ def export_onnx(model: torch.nn.Module, example_inputs: Any, *, dynamic: Any = "
     settings = Settings.from_options(dynamic=dynamic, precision=precision, exporter=exporter, opset=opset,
                                      max_batch=max_batch, verify=verify, keep_fp32=keep_fp32)
     args, kwargs = split_inputs(example_inputs)
-    return _export(model, args, kwargs, settings)
+    with eval_semantics(model):  # as compile(): the inference semantics, the model's modes left as they were
+        return _export(model, args, kwargs, settings)
+
+
+def _say_eval_semantics(model: torch.nn.Module, what: str) -> bool:
+    """One WARNING where ``model`` (or a submodule) is in training mode: the engine computes its inference
+    semantics, as ``torch.onnx.export`` does by default. True if it said so."""
+    training = training_modules(model)
+    if not training:
+        return False
+    which = ("it is" if training[0] == "" else
+             f"{len(training)} of its submodules are ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''})")
+    log.warning("%s: %s in training mode; %s compiles its inference semantics (dropout off, BatchNorm running "
+                "statistics), as torch.onnx.export does, and leaves every submodule's mode as it was. The compiled "
+                "module always computes inference", type(model).__name__, which, what)
+    return True
 
 
 def _device_for(model: torch.nn.Module, settings: Settings) -> torch.device:
     if settings.device is not None:
-        return torch.device(settings.device)
+        device = torch.device(settings.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            # Said here, before the export: otherwise torch's own "Found no NVIDIA driver" comes from deep
+            # inside the runtime chain, after the work.
+            from ._errors import BackendUnavailable
+
+            raise BackendUnavailable(
+                f"device={settings.device!r} asks for a CUDA GPU, but torch sees none here "
+                f"(torch.cuda.is_available() is False; torch {torch.__version__}). Fix: pass device='cpu' or leave "
+                "device= out (the model's own device), or run on a machine with a GPU and a CUDA build of torch")
+        return device
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -184,13 +229,18 @@ class Compiled:
 
 def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
                    choice: BackendChoice, device: torch.device) -> Compiled:
-    """Find the engine in the cache, or export, build and store it."""
-    if not settings.cache:
+    """Find the engine in the cache (local, then a remote store if set), or export, build and store it.
+    Across a torch.distributed group: one rank per target builds, the others receive it (_fleet)."""
+    if settings.cache is False:
         return Compiled(_export_and_build(model, args, kwargs, settings, choice, device))
-    from ._cache import EngineCache
     from ._entries import read_entry, store_entry
+    from ._fleet import compile_in_fleet, fleet_group
+    from ._store import open_cache
 
-    cache = EngineCache(settings.cache_dir, max_size=settings.cache_max_size)
+    if (group := fleet_group(settings)) is not None:
+        return compile_in_fleet(group, model, args, kwargs, settings, choice, device,  # type: ignore[no-any-return]
+                                lambda alone: compile_engine(model, args, kwargs, alone, choice, device))
+    cache = open_cache(settings)  # the local directory, read through the remote store if one is set
 
     def rebuild(exported: ExportedModel) -> Engine:
         return _build(exported, settings, choice, device)[0]
@@ -198,17 +248,27 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     # weights="follow": entries are keyed by structure, and a hit is refit to the model's weights.
     follow = not keyed_by_value(settings)
     fp = fingerprint(model, args, kwargs, settings, choice, device)
-    with cache.lock(fp):
-        key = cache.lookup(fp)
-        hit = read_entry(cache, key, device, choice, rebuild, session=not follow) if key else None
-        if hit is not None and follow and not hit[0].exported.weights:
-            hit = None  # a TorchScript graph with its weights folded: found by structure, but not refittable
+    with cache.lock(fp) if fp is not None else contextlib.nullcontext():
+        key = cache.lookup(fp) if fp is not None else None
+        # The session is made while the entry is read (from ONNX Runtime's optimized graph where this
+        # machine has one: ~5x faster than optimizing the graph again). With weights="follow" it
+        # holds the entry's weights: kept where they are the model's (the same checkpoint in a new
+        # process), else dropped and the module makes one with the model's weights patched in.
+        hit = read_entry(cache, key, device, choice, rebuild) if key else None
+        refit = follow
+        if hit is not None and follow:
+            if not hit[0].exported.weights:
+                hit = None  # a TorchScript graph with its weights folded: found by structure, but not refittable
+            elif _holds_weights(hit[0], model):
+                refit = False
+            else:
+                hit = (hit[0], None)
         if hit is not None:
             STATS["cache_hits"] += 1
             log.info("engine cache hit %s (no export, no build%s)", key[:16] if key else "",
-                     "; refit to the model's weights" if follow else "")
-            return Compiled(hit[0], hit[1], refit=follow)
-        log.info("engine cache miss for fingerprint %s: exporting and building", fp[:16])
+                     "; refit to the model's weights" if refit else "")
+            return Compiled(hit[0], hit[1], refit=refit)
+        log.info("engine cache miss for fingerprint %s: exporting and building", fp[:16] if fp else "(none)")
         exported = _export(model, args, kwargs, settings)
         key = content_key(exported.onnx, exported.to_meta(), settings, choice, device)
         with cache.lock(key):
@@ -223,8 +283,23 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
                 got = Compiled(engine, store_entry(cache, key, engine, device, choice))
                 if aux_name and facts.get("timing_cache"):
                     cache.write_aux(aux_name, facts["timing_cache"])
-        cache.record(fp, key)
+        if fp is not None:
+            cache.record(fp, key)
         return got
+
+
+def _holds_weights(engine: Engine, model: torch.nn.Module) -> bool:
+    """Whether the engine's graph holds exactly the model's weights (then a hit needs no refit)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    values = {}
+    for init, (source, _, _) in engine.exported.weights.items():
+        t = tensors.get(source)
+        if t is None:
+            return False
+        values[init] = t
+    with torch.no_grad():
+        return initializers_equal(engine.onnx, values)
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings

@@ -138,17 +138,33 @@ class GraphCall(torch.nn.Module):
         call.graph_code = _graph_text(gm) + f"\n# baked in: {[where for kind, where, _ in slots if kind == 'const']}"
         for kind, path, value in slots:
             if kind == "weight":
-                owner, _, leaf = path.rpartition(".")
-                module: torch.nn.Module = call
-                for part in owner.split(".") if owner else ():
-                    if part not in module._modules:
-                        module.add_module(part, torch.nn.Module())
-                    module = module._modules[part]  # type: ignore[assignment]
-                if isinstance(value, torch.nn.Parameter):
-                    module.register_parameter(leaf, value)
-                else:
-                    module.register_buffer(leaf, value)
+                call._register(path, value)
         return call.eval()
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> "GraphCall":
+        """The same graph, with these tensors as its weights (another instance of the model's class).
+
+        Example:
+            >>> other = call.with_weights({"fc.weight": b.fc.weight, "fc.bias": b.fc.bias})  # doctest: +SKIP
+        """
+        call = type(self)()
+        call._graph_module = self._graph_module
+        call._slots, call._input_names, call.graph_code = self._slots, self._input_names, self.graph_code
+        for path, value in weights.items():
+            call._register(path, value)
+        return call.eval()
+
+    def _register(self, path: str, value: torch.Tensor) -> None:
+        owner, _, leaf = path.rpartition(".")
+        module: torch.nn.Module = self
+        for part in owner.split(".") if owner else ():
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]  # type: ignore[assignment]
+        if isinstance(value, torch.nn.Parameter):
+            module.register_parameter(leaf, value)
+        else:
+            module.register_buffer(leaf, value)
 
     def _run(self, inputs: Sequence[torch.Tensor]) -> Any:
         args: list[Any] = []
@@ -170,10 +186,17 @@ class GraphCall(torch.nn.Module):
         module = self.get_submodule(owner)
         return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
 
-    def rebind(self, path: str, value: torch.Tensor) -> None:
-        """Point weight ``path`` at ``value`` (the model reassigned it); the engine's weight watch sees it."""
-        owner, _, leaf = path.rpartition(".")
-        setattr(self.get_submodule(owner), leaf, value)
+
+class _Instance:
+    """One source instance's weights (the tensors dynamo passes for them) and the module compiled for them."""
+
+    __slots__ = ("tensors", "call", "module", "ranges")
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], call: GraphCall) -> None:
+        self.tensors = tensors  # held: while the entry lives, no other tensor can take their ids
+        self.call = call
+        self.module: Any = None
+        self.ranges: list[tuple[int, int, int, int]] = []  # (input, dim, min, max), every dim of every input
 
 
 class _Engine:
@@ -181,68 +204,109 @@ class _Engine:
 
     The engine is compiled at the first call, not in :func:`backend`: dynamo is still building the
     frame's guards there, and an export (which traces symbolic shapes of its own) would add to them.
+
+    dynamo gives two instances of one class the same graph, each call passing that instance's
+    weights. So each set of weights (by the tensors' identities) gets a module of its own, made once
+    (through compile(): a cache hit, refit to those weights): calls that alternate between instances
+    never refit, and no call ever changes what another thread's call runs with. A weight the model
+    reassigned is a new set too (the old one is dropped); in-place writes are followed by the module.
     """
+
+    MAX_INSTANCES = 8  # sets of weights kept; the oldest is dropped past this
 
     def __init__(self, gm: torch.fx.GraphModule, call: GraphCall, options: dict[str, Any], label: str,
                  derived: bool) -> None:
-        self.gm, self.call, self.options, self.label, self.derived = gm, call, options, label, derived
+        self.gm, self.options, self.label, self.derived = gm, options, label, derived
         self.user = [i for i, (kind, _) in enumerate(call._slots) if kind == "input"]
         self.weights = [(i, where) for i, (kind, where) in enumerate(call._slots) if kind == "weight"]
-        self.current = {where: call._weight(where) for _, where in self.weights}
         self.consts = [(i, where[0]) for i, (kind, where) in enumerate(call._slots) if kind == "const"]
         self.max_rebuilds = Settings.from_options(**options).max_rebuilds
         self.rebuilds, self.failed, self.warned = 0, False, False
         self.why = ""  # why the first build failed, for describe()
-        self.module: Any = None
-        self.ranges: list[tuple[int, int, int, int]] = []  # (input, dim, min, max), every dim of every input
+        first = _Instance(tuple(call._weight(where) for _, where in self.weights), call)
+        self.instances: dict[tuple[int, ...], _Instance] = {tuple(map(id, first.tensors)): first}
+        self.latest = first
         self.lock = threading.Lock()
 
+    @property
+    def call(self) -> GraphCall:
+        """The graph as a module, with the weights of the instance called last."""
+        return self.latest.call
+
+    @property
+    def module(self) -> Any:
+        """The compiled module of the instance called last (None before its first call)."""
+        return self.latest.module
+
     def __call__(self, *args: Any) -> Any:
-        for i, where in self.weights:
-            if args[i] is not self.current[where]:  # the model reassigned this weight: follow it
-                self.call.rebind(where, args[i])
-                self.current[where] = args[i]
+        inst = self.instances.get(tuple([id(args[i]) for i, _ in self.weights]))
+        if inst is None:
+            inst = self._instance(args)
+        self.latest = inst
         if self.failed:
             return self.gm.forward(*args)
         for i, value in self.consts:  # dynamo does not guard every Python scalar it passes as a tensor
             if (args[i].item() if isinstance(args[i], torch.Tensor) else args[i]) != value:
                 return self._eager(args, f"graph input {i} is {args[i]}; the engine has {value} baked in")
         inputs = [args[i] for i in self.user]
-        if self.module is None or any(not lo <= inputs[k].shape[d] <= hi for k, d, lo, hi in self.ranges):
+        if inst.module is None or any(not lo <= inputs[k].shape[d] <= hi for k, d, lo, hi in inst.ranges):
             with self.lock:
                 if self.failed:  # another thread's first call failed meanwhile
                     return self.gm.forward(*args)
                 try:
-                    self._compile(inputs)
+                    self._compile(inst, inputs)
                 except Exception as e:  # noqa: BLE001 - a TorchTRTError, or a bug: the graph runs in PyTorch
                     log.debug("%s: compile failed", self.label, exc_info=True)
-                    if self.module is None:
+                    if inst.module is None:
                         self.failed, self.why = True, f"its engine build failed: {type(e).__name__}: {e}"
                         _fallback(self.gm, self.label, self.why)
                         return self.gm.forward(*args)
                     self.rebuilds = self.max_rebuilds  # no more rebuilds are tried
                     return self._eager(args, f"rebuilding for new shapes failed: {type(e).__name__}: {e}")
-                if any(not lo <= inputs[k].shape[d] <= hi for k, d, lo, hi in self.ranges):
+                if any(not lo <= inputs[k].shape[d] <= hi for k, d, lo, hi in inst.ranges):
                     return self._eager(args, f"input shapes {[tuple(t.shape) for t in inputs]} are outside the "
                                        f"profile, after max_rebuilds={self.max_rebuilds} rebuilds")
         try:
-            return self.module(*inputs)
+            return inst.module(*inputs)
         except TorchTRTError as e:
             return self._eager(args, f"{type(e).__name__}: {e}")
 
-    def _compile(self, inputs: list[torch.Tensor]) -> None:
-        """Build the engine (first call), or rebuild it with a profile widened to ``inputs``' shapes."""
+    def _instance(self, args: tuple[Any, ...]) -> _Instance:
+        """The entry for the weights of this call: another instance of the model's class, or the same
+        model after it reassigned a weight. Its module is compiled at its first call."""
+        tensors = tuple(args[i] for i, _ in self.weights)
+        key = tuple(map(id, tensors))
+        with self.lock:
+            inst = self.instances.get(key)
+            if inst is not None:
+                return inst
+            mine = set(key)
+            # An entry sharing some of these tensors is this model before it reassigned a weight:
+            # dropped, so its old tensors are not kept alive. Then the oldest, past MAX_INSTANCES.
+            instances = {k: v for k, v in self.instances.items() if mine.isdisjoint(k)}
+            while len(instances) >= self.MAX_INSTANCES:
+                del instances[next(iter(instances))]
+            call = self.latest.call.with_weights({where: t for (_, where), t in zip(self.weights, tensors)})
+            inst = _Instance(tensors, call)
+            instances[key] = inst
+            self.instances = instances  # replaced whole: a reader without the lock sees one or the other
+            log.info("%s: called with another set of weights (another instance of the model's class, or a "
+                     "reassigned weight); it gets a module of its own (%d set(s) kept)", self.label, len(instances))
+            return inst
+
+    def _compile(self, inst: _Instance, inputs: list[torch.Tensor]) -> None:
+        """Build the instance's engine (first call), or rebuild it with a profile widened to ``inputs``' shapes."""
         from ._compile import compile as compile_module
 
-        if self.module is not None:
+        if inst.module is not None:
             if self.rebuilds >= self.max_rebuilds or all(lo <= inputs[k].shape[d] <= hi
-                                                         for k, d, lo, hi in self.ranges):
+                                                         for k, d, lo, hi in inst.ranges):
                 return  # out of rebuilds, or another thread widened the profile already
-            specs, dynamic = self.module.input_specs, {}
-            for k, d, lo, hi in self.ranges:
+            specs, dynamic = inst.module.input_specs, {}
+            for k, d, lo, hi in inst.ranges:
                 s = inputs[k].shape[d]
                 if not lo == hi == s:
-                    dynamic.setdefault(self.call._input_names[k], {})[d] = (min(lo, s), specs[k].opt[d],
+                    dynamic.setdefault(inst.call._input_names[k], {})[d] = (min(lo, s), specs[k].opt[d],
                                                                             max(hi, _pow2(s)))
             self.rebuilds += 1
             STATS["rebuilds"] += 1
@@ -252,22 +316,25 @@ class _Engine:
         else:
             log.info("%s: compiling %d input(s) %s with dynamic=%s", self.label, len(inputs),
                      [tuple(t.shape) for t in inputs], self.options["dynamic"])
+        # A graph compiles at its first call, which ranks need not reach together: no collective
+        # unless the user gave a process group (a rank-0-only evaluation must never hang).
+        self.options.setdefault("process_group", False)
         try:
-            module = compile_module(self.call, tuple(inputs), **self.options)
+            module = compile_module(inst.call, tuple(inputs), **self.options)
         except ExportError as e:
-            if not self.derived or self.options["dynamic"] is None or self.module is not None:
+            if not self.derived or self.options["dynamic"] is None or inst.module is not None:
                 raise
             # The profile from dynamo's symbols did not export (a guard the range analysis missed):
             # build for these shapes, and widen when others come.
             log.info("%s: the profile did not export (%s); compiling for these shapes", self.label,
                      str(e).splitlines()[0][:300])
             self.options = {**self.options, "dynamic": None}
-            module = compile_module(self.call, tuple(inputs), **self.options)
-        if self.module is None:
+            module = compile_module(inst.call, tuple(inputs), **self.options)
+        if inst.module is None and not any(i.module is not None for i in self.instances.values()):
             STATS["engines"] += 1
-        self.module = module
-        self.ranges = [(k, d, lo, hi) for k, s in enumerate(module.input_specs) if s.min and s.max
+        inst.ranges = [(k, d, lo, hi) for k, s in enumerate(module.input_specs) if s.min and s.max
                        for d, (lo, hi) in enumerate(zip(s.min, s.max))]
+        inst.module = module
 
     def _eager(self, args: tuple[Any, ...], reason: str) -> Any:
         if not self.warned:

@@ -23,11 +23,12 @@ from ._exporters import run_exporters, sanitize
 from ._numerics import strict_fp32
 from ._onnx import check_graph, graph_dims, graph_dtype, normalize_einsum
 from ._settings import Settings
-from ._signature import Param, bind_call, params_of, to_call
+from ._signature import Param, bind_call, copy_call, params_of, to_call
 from ._spec import ExportedModel, TensorSpec, TreeSpec, dtype_name, flatten, unflatten
 from ._tree import leaf_paths
 
-__all__ = ["ExportCheck", "Flat", "export_with_settings", "flat_inputs", "make_profiles", "widen_example"]
+__all__ = ["ExportCheck", "Flat", "eager_on_copies", "export_with_settings", "flat_inputs", "make_profiles",
+           "widen_example"]
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,14 @@ def _dedupe(names: list[str]) -> list[str]:
 
 def make_profiles(names: Sequence[str], shapes: Sequence[tuple[int, ...]], settings: Settings
                   ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """min/opt/max per input from the ``dynamic`` setting and the example shapes."""
+    """min/opt/max per input from the ``dynamic`` setting and the example shapes.
+
+    Under ``dynamic="batch"`` dim 0 of every input is dynamic, except an input whose dim 0 is 1
+    while another input's is larger: that one broadcasts over the batch (a ``(1, 8)`` position
+    table next to ``x: (4, 8)``), so it stays static. Where every input's dim 0 is 1 the example
+    cannot tell a batch from a broadcast, and every dim 0 is dynamic."""
     dynamic = settings.dynamic_dict()
+    batched = dynamic == "batch" and any(len(s) >= 1 and s[0] > 1 for s in shapes)
     profiles = {}
     if isinstance(dynamic, dict):
         unknown = sorted(set(dynamic) - set(names))
@@ -94,6 +101,12 @@ def make_profiles(names: Sequence[str], shapes: Sequence[tuple[int, ...]], setti
     for name, shape in zip(names, shapes):
         lo, opt, hi = list(shape), list(shape), list(shape)
         if dynamic == "batch" and len(shape) >= 1:
+            if batched and shape[0] == 1:
+                log.info("input %r has size 1 in dim 0 while other inputs have a batch: it is taken to broadcast "
+                         "over the batch, and its dim 0 stays static (1); name the batched dims in dynamic= to "
+                         "say otherwise", name)
+                profiles[name] = (tuple(lo), tuple(opt), tuple(hi))
+                continue
             lo[0], hi[0] = 1, max(settings.max_batch, shape[0])
         elif isinstance(dynamic, dict):
             for dim, (dmin, dopt, dmax) in dynamic.get(name, {}).items():
@@ -115,19 +128,43 @@ def make_profiles(names: Sequence[str], shapes: Sequence[tuple[int, ...]], setti
 # --------------------------------------------------------------------------- the flat wrapper
 
 class Flat(torch.nn.Module):
-    """Takes the flat tensor leaves, calls the model, returns flat tensor outputs."""
+    """Takes the flat tensor leaves, calls the model, returns flat tensor outputs.
 
-    def __init__(self, model: torch.nn.Module, params: tuple[Param, ...], call_tree: TreeSpec) -> None:
+    ``written``: the positions of inputs that ``forward`` writes to in place (``x.div_(255)``).
+    They are copied first, so the captured program computes the same outputs without writing to
+    its inputs: no runtime (TensorRT, ONNX Runtime, the PyTorch program) writes to a caller's tensor.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: tuple[Param, ...], call_tree: TreeSpec,
+                 written: Sequence[int] = ()) -> None:
         super().__init__()
         self.model = model
         self.params = params
         self.call_tree = call_tree
+        self.written = frozenset(written)
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.written:
+            flat = tuple(t.clone() if i in self.written else t for i, t in enumerate(flat))
         bound = unflatten(self.call_tree, flat)
         args, kwargs = to_call(self.params, bound)
         out, _ = flatten(self.model(*args, **kwargs), what="output", allow_const=False, error=UnsupportedOutput)
-        return tuple(out)
+        return _distinct(out, flat)
+
+
+def _distinct(outs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Each output a tensor of its own. An ONNX value has one name: an output returned twice
+    (``return y, y``; Hugging Face's ``last_hidden_state is hidden_states[-1]``) or an input returned
+    as it is (``return out, mask``) would leave an output, or the input, without its name. A copy
+    (an Identity in the graph) gives each its own; eager's values are unchanged."""
+    seen = {id(t) for t in inputs}
+    out = []
+    for t in outs:
+        if id(t) in seen:
+            t = t.clone()
+        seen.add(id(t))
+        out.append(t)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- export
@@ -146,6 +183,25 @@ def flat_inputs(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         if t.is_complex():
             raise ExportError(f"input {name!r} is complex ({t.dtype}); engines take real dtypes only")
     return params, call_tree, names, leaves
+
+
+def eager_on_copies(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> tuple[Any, list[int]]:
+    """``model``'s output for a copy of the call, and the positions (among the flat inputs) of the
+    inputs it wrote to in place (for :class:`Flat`'s ``written``). The caller's tensors are never
+    written: a forward may preprocess in place (``x.div_(255)``), and every later run must see the
+    example's values."""
+    with torch.inference_mode(False):  # copies that count their writes, even under inference_mode
+        copy_args, copy_kwargs = copy_call(args, kwargs)
+    _, _, names, copies = flat_inputs(model, copy_args, copy_kwargs)
+    versions = [t._version for t in copies]
+    out = model(*copy_args, **copy_kwargs)
+    written = [i for i, (t, v) in enumerate(zip(copies, versions)) if t._version != v]
+    if written:
+        log.info("%s.forward writes to input(s) %s in place: the compiled module computes the same outputs from "
+                 "a copy, and never writes to the caller's tensors", type(model).__name__,
+                 ", ".join(repr(names[i]) for i in written))
+    return out, written
 
 
 def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -170,8 +226,10 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
     # The reference for the export check: ONNX Runtime computes in strict fp32, so eager does
     # too (on a CUDA GPU PyTorch runs cuDNN convolutions in TF32 by default).
     strict = _on_cuda(model, leaves)
+    # Eager runs on a copy of the example: a forward that writes to its input (x.div_(255)) must
+    # leave the caller's tensor as it was, and every later run must see the same values.
     with torch.inference_mode(), (strict_fp32() if strict else contextlib.nullcontext()):
-        eager_out = model(*args, **kwargs)
+        eager_out, written = eager_on_copies(model, args, kwargs)
     out_leaves, out_tree = flatten(eager_out, what="output", allow_const=False, error=UnsupportedOutput)
     if not out_leaves:
         raise ExportError("the model returned no tensors; there is nothing to compile")
@@ -179,9 +237,9 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
 
     profiles = make_profiles(names, [tuple(t.shape) for t in work_leaves], settings)
     out_names = _output_names(out_tree)
-    wrapper = Flat(work_model, params, call_tree).eval()
-    made = run_exporters(wrapper, names, widen_example(names, work_leaves, profiles), out_names, profiles,
-                         settings)
+    wrapper = Flat(work_model, params, call_tree, written).eval()
+    made = run_exporters(wrapper, names, widen_example(names, [t.clone() for t in work_leaves], profiles),
+                         out_names, profiles, settings)
     onnx_bytes = normalize_einsum(made.onnx)
     model_proto = check_graph(onnx_bytes, names, profiles, made.exporter)
 
@@ -189,20 +247,25 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         TensorSpec(n, dtype_name(t.dtype), graph_dims(model_proto.graph.input, n, t.shape), *profiles[n])
         for n, t in zip(names, work_leaves))
     graph_outputs = {o.name: o for o in model_proto.graph.output}
+    if list(graph_outputs) != out_names:
+        raise ExportError(f"the {made.exporter} exporter named the graph's outputs {list(graph_outputs)} instead of "
+                          f"{out_names} (an output that is another output or an input under another name): "
+                          "return distinct tensors (y.clone()) from forward")
     outputs = tuple(TensorSpec(n, graph_dtype(graph_outputs[n]), graph_dims(model_proto.graph.output, n, None))
                     for n in out_names)
     program = None
     if made.program is not None:
-        from ._program import save_program
+        from ._program import store_program
 
-        program = save_program(made.program)
+        program = store_program(made.program)  # None (one WARNING) where torch cannot store it
     exported = ExportedModel(
         onnx=onnx_bytes, inputs=inputs, outputs=outputs, call_tree=call_tree, output_tree=out_tree,
         params=params, exporter=made.exporter, precision=settings.precision,
         user_input_dtypes=user_in_dtypes, user_output_dtypes=user_out_dtypes,
         export_time_s=time.perf_counter() - t0, program=program,
-        weights=(weights := _weight_map(model_proto, made.program, work_model)),
-        unsaved=_unsaved(model, {src for src, _, _ in weights.values()}))
+        weights=(weights := _weight_map(model_proto, made.program, work_model, model)),
+        unsaved=_unsaved(model, {src for src, _, _ in weights.values()}),
+        aliases=_aliases(model, {src for src, _, _ in weights.values()}))
     check = ExportCheck(strict=strict)
     if settings.verify:
         reference = work_model if target != torch.float32 else model
@@ -216,7 +279,7 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
 def _check_points(reference: torch.nn.Module, wrapper: "Flat", names: list[str], leaves: list[torch.Tensor],
                   example_out: list[torch.Tensor] | None, profiles: Profiles, strict: bool) -> ExportCheck:
     """Eager's outputs at the example and at the profile's min, max and an off-opt point."""
-    flat = Flat(reference, wrapper.params, wrapper.call_tree).eval()
+    flat = Flat(reference, wrapper.params, wrapper.call_tree, wrapper.written).eval()
     check = ExportCheck(strict=strict, model=flat if example_out is not None else None)
     seen: set[tuple[tuple[int, ...], ...]] = set()
     for label in ("example", "min", "max", "off"):
@@ -230,7 +293,7 @@ def _check_points(reference: torch.nn.Module, wrapper: "Flat", names: list[str],
             continue
         try:
             with torch.inference_mode(), (strict_fp32() if strict else contextlib.nullcontext()):
-                outs = list(flat(*point))
+                outs = list(flat(*[t.clone() for t in point]))  # a point may share the example's memory
         except Exception as e:  # noqa: BLE001 - eager itself cannot run there: the check says so
             check.errors[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             continue
@@ -275,15 +338,19 @@ def _resize(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return t.repeat(*reps).narrow(dim, 0, size).contiguous()
 
 
-def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module
+def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module, model: torch.nn.Module
                 ) -> dict[str, tuple[str, str, tuple[int, ...]]]:
     """``{initializer: (source name, dtype, shape)}`` for the weights the graph holds by name
-    (``_exporters._optimize_keeping_weights`` keeps them so); empty without a program."""
+    (``_exporters._optimize_keeping_weights`` keeps them so); empty without a program. A tied
+    tensor, which torch.export names by one of its names, goes by its first in ``state_dict`` order."""
     if program is None:
         return {}
     from ._dtypes import by_onnx
     from ._exporters import weight_names
     from ._precision import MixedPrecisionModel
+    from ._weights import tied_names
+
+    tied = tied_names(model)
 
     # The wrapper (Flat) holds the model as ``model``; a mixed-precision copy holds it as ``model`` too.
     prefix = "model.model." if isinstance(work_model, MixedPrecisionModel) else "model."
@@ -292,8 +359,17 @@ def _weight_map(model_proto: Any, program: Any, work_model: torch.nn.Module
     for init in model_proto.graph.initializer:
         row = by_onnx(init.data_type)
         if init.name in names and init.name.startswith(prefix) and row is not None:
-            out[init.name] = (init.name[len(prefix):], row.name, tuple(int(d) for d in init.dims))
+            name = init.name[len(prefix):]
+            out[init.name] = (tied[name][0] if name in tied else name, row.name, tuple(int(d) for d in init.dims))
     return out
+
+
+def _aliases(model: torch.nn.Module, mapped: set[str]) -> dict[str, tuple[str, ...]]:
+    """``{first name: other names}`` for the mapped tensors that ``model`` ties (see :func:`_weight_map`)."""
+    from ._weights import tied_names
+
+    tied = tied_names(model)
+    return {n: tied[n][1:] for n in sorted(mapped) if n in tied}
 
 
 def _unsaved(model: torch.nn.Module, mapped: set[str]) -> tuple[str, ...]:

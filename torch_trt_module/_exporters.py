@@ -27,6 +27,7 @@ import torch
 
 from ._errors import ExportError
 from ._lowering import lowered_attention
+from ._quiet import quiet_torch
 from ._settings import Settings
 
 __all__ = ["Exported", "run_exporters"]
@@ -84,7 +85,8 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
     if len(errors) == 1 and isinstance(errors[0][1], ExportError):
         raise errors[0][1]
     detail = "; ".join(f"{name}: {summary(e)}" for name, e in errors)
-    raise ExportError(f"could not export the model to ONNX ({detail}).{_hint(detail)}") from errors[0][1]
+    raise ExportError(f"could not export the model to ONNX ({detail}).{_hint(detail, names, profiles)}"
+                      ) from errors[0][1]
 
 
 def _tracer_verdict(refusal: ExportError, wrapper: torch.nn.Module, names: list[str], leaves: list[torch.Tensor],
@@ -126,7 +128,9 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
         try:
             # Attention is captured as its math (see _lowering): torch.onnx's own decomposition of
             # the fused op breaks the views that follow it in T5, Swin and MaxViT.
-            with warnings.catch_warnings(), lowered_attention():
+            # torch.export prints a failed trace's FX graph to stderr, and torch's loggers add theirs:
+            # its exception, classified below, says it all (quiet_torch keeps the rest at DEBUG).
+            with warnings.catch_warnings(), lowered_attention(), quiet_torch("torch.export"):
                 warnings.simplefilter("ignore")
                 return torch.export.export(wrapper, tuple(leaves), dynamic_shapes=shapes, strict=False)
         except ExportError:
@@ -151,9 +155,10 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
                 # Falling back to TorchScript would bake the size in silently; say it instead.
                 what = f" ({', '.join(fixed)})" if fixed else ""
                 raise ExportError(
-                    f"a dynamic dimension was specialised by the model{what}: {summary(e)}. The model's code fixes "
-                    "that size (e.g. a view/reshape with a hard-coded size). Fix: make that dimension static "
-                    "(dynamic=None, or leave it out of dynamic=), or compute the size from x.shape."
+                    f"a dynamic dimension was specialised by the model{what}: {summary(e).rstrip('.')}. The "
+                    "model's weights or code fix that size (a Conv's or Linear's input channels, a view/reshape "
+                    "with a hard-coded size). Fix: make that dimension static (dynamic=None, or leave it out of "
+                    "dynamic=), or compute the size from x.shape."
                 ) from e
             raise
     raise AssertionError("unreachable")
@@ -173,7 +178,7 @@ def _to_onnx(program: Any, leaves: Sequence[torch.Tensor], names: list[str], out
              settings: Settings) -> bytes:
     sink = io.StringIO()
     # The exporter prints progress to stdout; a library must not, so it goes to DEBUG.
-    with contextlib.redirect_stdout(sink), warnings.catch_warnings():
+    with contextlib.redirect_stdout(sink), warnings.catch_warnings(), quiet_torch("torch.onnx.export"):
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(
             program, tuple(leaves), None, dynamo=True, input_names=names, output_names=out_names,
@@ -231,7 +236,7 @@ def _export_torchscript(wrapper: torch.nn.Module, names: list[str], leaves: list
                                                                        str(message)):
             caught.append((str(message), _user_frame() or f"{filename}:{lineno}"))
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_torch("the TorchScript exporter"):
         warnings.simplefilter("always")
         warnings.showwarning = record  # restored by catch_warnings
         torch.onnx.export(wrapper, tuple(leaves), buf, dynamo=False, input_names=names, output_names=out_names,
@@ -295,7 +300,17 @@ def summary(e: BaseException) -> str:
     return first if isinstance(e, ExportError) else first[:400]
 
 
-def _hint(detail: str) -> str:
+def _hint(detail: str, names: Sequence[str] = (), profiles: Profiles | None = None) -> str:
+    dims = dynamic_dims(names, profiles) if profiles else {}
+    if "must match the size of tensor" in detail and sum(bool(d) for d in dims.values()) > 1:
+        # Two inputs meet elementwise in dims that are dynamic each on its own (dynamic="batch" makes
+        # dim 0 of every input dynamic): one of them is not batched (a table, a broadcast operand).
+        first = next(n for n in names if dims[n])
+        ranges = {d: (lo, profiles[first][1][d], hi) for d, (lo, hi) in dims[first].items()}  # type: ignore[index]
+        return (f" The inputs {[n for n in names if dims[n]]} each have dynamic dims of their own, and the model "
+                "combines them elementwise: an input that is not batched (a table, an operand that broadcasts) "
+                "must keep a static size there. Fix: name only the batched inputs' dims in dynamic=, e.g. "
+                f"dynamic={{{first!r}: {ranges}}}.")
     if "specializ" in detail or "Constraints violated" in detail or "specialized" in detail:
         return (" A dynamic dimension was specialised by the model (its size is fixed by the code); "
                 "make that dimension static with dynamic=None or a narrower dynamic= dict.")

@@ -15,7 +15,8 @@ import torch
 
 from ._errors import EngineNotRefittable, RuntimeFailure
 from ._spec import ExportedModel
-from ._weights import WeightWatch, read_weights, weights_hash
+from ._steps import wait_for_steps
+from ._weights import WeightWatch, given_weights, read_weights, weights_hash
 from .backends import make_runner
 
 __all__ = ["FollowsWeights"]
@@ -62,10 +63,15 @@ class FollowsWeights:
             names = [n for n, _ in source.named_parameters()] + [n for n, _ in source.named_buffers()]
         if names:
             self._watch = WeightWatch(source, names)
-            self._watch.read({})  # the engine has the source's weights as they are now
+            self._watch.mark()  # the engine has the source's weights as they are now
+            if self.weights == "follow":
+                _say_plain_tensors(source)
 
     def _weights_changed(self) -> None:
         """Called by a call that found the source's weights changed (follow or snapshot mode)."""
+        if self.weights == "follow":
+            # Before taking the lock: a step's closure in another thread may be calling this module.
+            wait_for_steps()
         with self._lock:
             watch = self._watch
             if watch is None or not watch.changed():
@@ -85,9 +91,24 @@ class FollowsWeights:
             if not ex.weights:
                 self._rebuild_for_weights(watch)
                 return
-            values = watch.read(ex.weights)
+            values = watch.read(ex.weights)  # None: a step began in another thread; the next call reads
             if values is not None:
                 self._apply_weights(values)
+
+    def _weights_for_move(self) -> dict[str, torch.Tensor] | None:
+        """The weights a runner made on another device must have (``.to()``): those this module was refit
+        to, with a change of the source that no call has applied yet (follow mode) read now."""
+        if self.weights == "follow":
+            wait_for_steps()
+        with self._lock:
+            values = dict(self._current or {})
+            watch, ex = self._watch, self._exported
+            if self.weights == "follow" and watch is not None and ex.weights and watch.alive and watch.changed():
+                new = watch.read(ex.weights)
+                if new is not None:
+                    values.update(new)
+                    self.weights_version += 1
+            return values or None
 
     def _rebuild_for_weights(self, watch: WeightWatch) -> None:
         if self._rebuild is None:
@@ -100,7 +121,7 @@ class FollowsWeights:
             return
         log.info("the source module's weights changed; this engine's graph has them folded (TorchScript "
                  "export), so it is rebuilt")
-        watch.read({})
+        watch.mark()
         engine = self._rebuild()
         self._load(engine, self.device)
         self.weights_version += 1
@@ -127,31 +148,31 @@ class FollowsWeights:
 
     def refit(self, weights: Mapping[str, torch.Tensor] | torch.nn.Module) -> None:
         """Replace the engine's weights with ``weights`` (a ``state_dict``, or a module of the same
-        architecture), on whatever runtime runs this module, without exporting or building.
+        architecture), on whatever runtime runs this module, without exporting or building. A tied
+        tensor may be given under any of its names.
 
         Every name, shape and dtype is checked before anything changes: a mismatch raises InputError
-        naming the tensor, and nothing is half-applied.
+        naming the tensor, and nothing is half-applied. Anything else than a mapping or a module (a
+        path to a checkpoint, None) raises InputError saying how to load it.
 
         Example:
             >>> fast = torch_trt_module.compile(model, x)              # doctest: +SKIP
             >>> fast.refit(torch.load("checkpoint.pt"))               # doctest: +SKIP
         """
+        state = given_weights(weights)  # InputError for a path, None, ...
         ex = self._require()
         if not ex.weights:
             raise RuntimeFailure("this engine's graph has its constants folded (TorchScript export), so its weights "
                                  "cannot be replaced. Fix: compile with exporter='dynamo'")
-        if isinstance(weights, torch.nn.Module):  # every parameter and buffer, non-persistent ones too
-            state = {**dict(weights.named_parameters()), **dict(weights.named_buffers())}
-        else:
-            state = dict(weights)
-        values = read_weights(ex.weights, state, optional=ex.unsaved)
+        values = read_weights(ex.weights, state, optional=ex.unsaved, aliases=ex.aliases)
         with self._lock:
             self._apply_weights(values)
 
     @property
     def weight_names(self) -> list[str]:
         """The source module's parameters and buffers this engine holds as weights, by their
-        ``state_dict`` names (what a refit replaces and what :meth:`weights_hash` covers)."""
+        ``state_dict`` names, a tied tensor by its first (what a refit replaces and what
+        :meth:`weights_hash` covers)."""
         return sorted({src for src, _, _ in self._require().weights.values()})
 
     def weights_hash(self) -> str:
@@ -165,10 +186,26 @@ class FollowsWeights:
             >>> fast.weights_hash() == weights_hash({n: sd[n] for n in fast.weight_names})  # doctest: +SKIP
             True
         """
+        return weights_hash(self.weight_values())
+
+    def weight_values(self) -> dict[str, torch.Tensor]:
+        """The weights this module computes with (its engine's, or what it was refit to), by the source's
+        names (:attr:`weight_names`): what :meth:`weights_hash` hashes."""
         ex = self._require()
         assert self.engine is not None
         from ._onnx import initializer_values
 
         values = initializer_values(self.engine.onnx, set(ex.weights))
         values.update(self._current or {})
-        return weights_hash({ex.weights[k][0]: v for k, v in values.items()})
+        return {ex.weights[k][0]: v for k, v in values.items()}
+
+
+def _say_plain_tensors(source: torch.nn.Module) -> None:
+    """Name the source's plain tensor attributes (not parameters or buffers) at INFO: the export bakes
+    them into the engine as constants, so an in-place change to one is not followed."""
+    plain = [f"{path}.{k}" if path else k for path, m in source.named_modules() for k, v in vars(m).items()
+             if isinstance(v, torch.Tensor)]
+    if plain:
+        log.info("weights='follow' does not follow plain tensor attributes, which the engine holds as constants: %s. "
+                 "Register them as buffers (module.register_buffer(name, tensor, persistent=False)) to follow them",
+                 ", ".join(plain[:5]) + (f" and {len(plain) - 5} more" if len(plain) > 5 else ""))

@@ -14,12 +14,31 @@ from ._tree import TreeSpec
 __all__ = ["match_inputs", "safe_cast", "widen_hint"]
 
 
-def widen_hint(spec: TensorSpec, shape: Sequence[int]) -> str:
+def widen_hint(spec: TensorSpec, shape: Sequence[int], *, lazy: bool = False) -> str:
+    """The advice after ``shape`` fell outside ``spec``'s profile. A dynamic dim can be widened;
+    a static dim is the example's size, and the advice never makes one dynamic: most static dims
+    are sizes the weights fix (a Conv's channels, a Linear's features), which no profile can vary.
+    ``lazy``: the module is already lazy, so lazy mode is not suggested."""
     if spec.min is None or spec.max is None or len(shape) != spec.rank:
         return "Pass a tensor of the compiled rank."
-    ranges = {d: (min(spec.min[d], s), spec.opt[d] if spec.opt else s, max(spec.max[d], s))
-              for d, s in enumerate(shape) if not spec.min[d] <= s <= spec.max[d] or spec.min[d] != spec.max[d]}
-    return f"Recompile with dynamic={{{spec.name!r}: {ranges}}} (or without example_inputs for lazy mode)."
+    lo, hi = spec.min, spec.max
+    static = [d for d, s in enumerate(shape) if lo[d] == hi[d] != s]
+    wide = [d for d, s in enumerate(shape) if lo[d] != hi[d] and not lo[d] <= s <= hi[d]]
+    parts = []
+    if static:
+        one = len(static) == 1
+        dims = ", ".join(str(d) for d in static)
+        sizes = ", ".join(str(lo[d]) for d in static)
+        parts.append(f"{'Dim' if one else 'Dims'} {dims} {'is' if one else 'are'} static: the module was compiled for "
+                     f"{'size' if one else 'sizes'} {sizes} there, the example's (not a dynamic dim; a size the "
+                     f"weights fix, such as a Conv's channels, cannot be one). Pass a tensor of "
+                     f"{'size' if one else 'sizes'} {sizes} in {'dim' if one else 'dims'} {dims}.")
+    if wide:
+        ranges = {d: (min(lo[d], s), spec.opt[d] if spec.opt else s, max(hi[d], s))
+                  for d, s in enumerate(shape) if lo[d] != hi[d]}
+        parts.append(f"Recompile with dynamic={{{spec.name!r}: {ranges}}}"
+                     + ("." if lazy else " (or without example_inputs for lazy mode)."))
+    return " ".join(parts)
 
 
 def match_inputs(tree: TreeSpec, obj: Any, path: str) -> list[torch.Tensor]:

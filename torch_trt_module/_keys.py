@@ -13,8 +13,11 @@
     the whole source file it is defined in, so a change to a helper function next
     to the class also misses, and the source files of the code under development
     that file imports (transitively), so a helper in another file misses too;
-  - plain attributes of every submodule (``stride``, ``eps``, a ``scale`` float, ...)
-    and its hooks, which change the computation without being tensors;
+  - the attributes of every submodule (``stride``, ``eps``, a ``scale`` float, a dict, a
+    config object, a ``functools.partial``, ...) and its hooks, by value (:mod:`._values`);
+  - the values the code under development reads that are in no file: the globals its
+    methods name (``SCALE = float(os.environ["SCALE"])``), recursively through the helpers
+    they call, and its classes' attributes;
   - the call's structure, shapes and dtypes, the settings and the backend.
 
 Any doubt is resolved towards a miss: a miss costs an export, a wrong hit serves a wrong engine.
@@ -24,9 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 import sys
-import sysconfig
 import types
 from functools import lru_cache
 from typing import Any, Mapping
@@ -38,10 +41,13 @@ from ._io import canonical_json, sha256_bytes
 from ._settings import Settings
 from ._signature import bind_call, params_of
 from ._tree import flatten
+from ._values import NN_INTERNALS, Tokens, Unfingerprintable, in_stdlib, user_code
 from .backends import BackendChoice, backend_version, gpu_identity
 
 __all__ = ["content_key", "fingerprint", "keyed_by_value", "module_fingerprint", "stable_hash",
            "target_part", "timing_cache_name"]
+
+log = logging.getLogger(__name__)
 
 def _canonical(obj: object, where: str) -> object:
     if obj is None or isinstance(obj, (bool, int, float, str)):
@@ -135,15 +141,22 @@ def structure_hash(onnx: bytes, weights: set[str]) -> str:
 
 
 def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
-                choice: BackendChoice, device: torch.device) -> str:
+                choice: BackendChoice, device: torch.device) -> str | None:
     """The warm-path index: module content + call structure + shapes + settings + backend. With
-    ``weights="follow"`` the weights' values are left out, as in :func:`content_key`."""
+    ``weights="follow"`` the weights' values are left out, as in :func:`content_key`. None where a
+    value the model's code reads cannot be fingerprinted: compile() then looks nothing up (a miss)."""
     bound = bind_call(params_of(model.forward), args, kwargs)
     leaves, tree = flatten(bound, what="input")
+    try:
+        module = module_fingerprint(model, values=keyed_by_value(settings))
+    except Unfingerprintable as e:
+        log.info("no fingerprint for %s: %s. compile() exports it again (any doubt is a miss); the content key "
+                 "still finds its built engine", type(model).__name__, e)
+        return None
     return stable_hash({
         "cache_format": CACHE_FORMAT_VERSION,
         "kind": "fingerprint",
-        "module": module_fingerprint(model, values=keyed_by_value(settings)),
+        "module": module,
         "weights": settings.weights,
         "call": tree.to_json(),
         "shapes": [[list(t.shape), str(t.dtype)] for t in leaves],
@@ -155,13 +168,11 @@ def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
 
 # --------------------------------------------------------------------------- module fingerprint
 
-_SIMPLE = (bool, int, float, str, type(None))
-
-
 def module_fingerprint(model: torch.nn.Module, *, values: bool = True) -> str:
-    """sha256 over the module's tensors, code and attributes (see the module docstring).
-    ``values=False``: the parameters' and buffers' names, dtypes and shapes, not their values
-    (``weights="follow"``: an engine of the same structure is refit to them).
+    """sha256 over the module's tensors, code and attributes, and the values its code reads (see the
+    module docstring). ``values=False``: the parameters' and buffers' names, dtypes and shapes, not
+    their values (``weights="follow"``: an engine of the same structure is refit to them). Raises
+    :class:`~torch_trt_module._values.Unfingerprintable` for a value it cannot identify.
 
     Example:
         >>> a = module_fingerprint(torch.nn.Linear(2, 2))
@@ -172,27 +183,42 @@ def module_fingerprint(model: torch.nn.Module, *, values: bool = True) -> str:
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
         _hash_tensor(h, name, t, values=values)
+    named = list(model.named_modules(remove_duplicate=False))
+    # A reference to a module of the tree (a bound method, a module in a dict) is its name, not its
+    # contents again; tensors and values are read once per fingerprint (a shared config object).
+    tokens = Tokens(code_id=_code_id, modules={id(m): n or "<root>" for n, m in reversed(named)})
+    root = type(model).__name__
     seen_classes: set[type] = set()
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
+    for mod_name, mod in named:
         cls = type(mod)
         h.update(f"\0module {mod_name} {cls.__module__}:{cls.__qualname__} {mod.training}".encode())
-        for key in sorted(vars(mod)):
-            if key.startswith("_") and key not in ("_non_persistent_buffers_set",):
+        h.update(f"\0non-persistent {sorted(mod._non_persistent_buffers_set)}".encode())
+        graph = isinstance(mod, torch.fx.GraphModule)
+        attrs = vars(mod)
+        for key in sorted(attrs):
+            # A GraphModule's code is hashed below; its graph object and meta are not read by that code,
+            # but its tensor constants (``_tensor_constant0``, plain attributes) are.
+            if key in NN_INTERNALS or graph and not isinstance(attrs[key], torch.Tensor):
                 continue
-            value = vars(mod)[key]
-            h.update(f"\0attr {key}={_describe(value)}".encode())
-        if isinstance(mod, torch.fx.GraphModule):
+            h.update(f"\0attr {key}={tokens.token(attrs[key], f'{mod_name or root}.{key}')}".encode())
+        if graph:
             # Its class is generated per instance and its code lives in the graph: two GraphModules
             # with the same weights and classes may compute different things (torch.compile graphs).
             h.update(f"\0graph {mod.code}".encode())
         for hooks in (mod._forward_hooks, mod._forward_pre_hooks):
             for hook in hooks.values():
-                h.update(f"\0hook {_code_id(hook)}".encode())
+                h.update(f"\0hook {tokens.token(hook, f'a hook of {mod_name or root}')}".encode())
         for klass in cls.__mro__:
             if klass not in seen_classes and klass is not object:
                 seen_classes.add(klass)
                 h.update(f"\0code {klass.__module__}:{klass.__qualname__} {_code_id(klass)}".encode())
+                if user_code(klass):  # what forward reaches: methods, their globals, class attributes
+                    h.update(f"\0reads {tokens.klass(klass, klass.__qualname__, 0, roots=_ROOTS)}".encode())
     return h.hexdigest()
+
+
+#: Where a module's computation starts: what its call runs (nn.Module.__call__ is torch's own code).
+_ROOTS = ("forward", "_call_impl", "__call__")
 
 
 def _hash_tensor(h: Any, name: str, t: torch.Tensor, *, values: bool = True) -> None:
@@ -202,23 +228,6 @@ def _hash_tensor(h: Any, name: str, t: torch.Tensor, *, values: bool = True) -> 
         return
     data = t.contiguous().cpu()
     h.update(memoryview(data.view(-1).view(torch.uint8).numpy()))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, _SIMPLE):
-        return repr(value)
-    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
-        return repr(value)
-    if isinstance(value, torch.Tensor):  # a plain tensor attribute (not a buffer) is captured in the graph
-        h = hashlib.sha256()
-        _hash_tensor(h, "", value)
-        return "tensor:" + h.hexdigest()
-    if isinstance(value, (torch.dtype, torch.device)):
-        return str(value)
-    if callable(value):
-        return "callable:" + _code_id(value)
-    # Anything else changes the key by type only; its content is not inspectable safely.
-    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def _code_id(obj: Any) -> str:
@@ -276,24 +285,12 @@ def _imports_id(module: Any) -> str:
                 h.update(f"\0dist {version}".encode())
                 continue
             path = getattr(target, "__file__", None)
-            if not isinstance(path, str) or not path.endswith(".py") or _in_stdlib(path) or not os.path.exists(path):
+            if not isinstance(path, str) or not path.endswith(".py") or in_stdlib(path) or not os.path.exists(path):
                 continue
             st = os.stat(path)
             h.update(f"\0file {target.__name__} {_file_sha(path, st.st_mtime_ns, st.st_size)}".encode())
             todo.append(target)
     return h.hexdigest()
-
-
-@lru_cache(maxsize=1024)
-def _in_stdlib(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(real.startswith(os.path.realpath(p) + os.sep) for p in _stdlib_dirs())
-
-
-@lru_cache(maxsize=None)
-def _stdlib_dirs() -> tuple[str, ...]:
-    paths = sysconfig.get_paths()
-    return tuple({paths["stdlib"], paths["platstdlib"]})
 
 
 @lru_cache(maxsize=None)

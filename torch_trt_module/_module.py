@@ -18,7 +18,9 @@ from ._inputs import match_inputs, safe_cast, widen_hint
 from ._numerics import eager_uses_tf32
 from ._signature import bind_call
 from ._spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
+from ._copying import Copies
 from ._following import FollowsWeights
+from ._modes import say_inference_only
 from ._weights import WEIGHT_MODES
 from .backends import Runner, can_run_plan, make_runner, normalize_device
 
@@ -37,7 +39,7 @@ _G_FWD_PRE, _G_FWD = _nn_module._global_forward_pre_hooks, _nn_module._global_fo
 _G_BWD_PRE, _G_BWD = _nn_module._global_backward_pre_hooks, _nn_module._global_backward_hooks
 
 
-class TRTModule(FollowsWeights, torch.nn.Module):
+class TRTModule(FollowsWeights, Copies, torch.nn.Module):
     """A compiled module: call it like the original (same arguments, same output structure).
 
     Build one with :func:`torch_trt_module.compile`, or wrap an :class:`Engine`. ``runtime``
@@ -112,12 +114,16 @@ class TRTModule(FollowsWeights, torch.nn.Module):
     # ------------------------------------------------------------------ loading
 
     def _load(self, engine: Engine, device: str | torch.device | None, *, runner: Runner | None = None,
-              prepared: Runner | None = None, refit_now: bool = False) -> None:
+              prepared: Runner | None = None, refit_now: bool = False,
+              moving: dict[str, torch.Tensor] | None = None, move: bool = False) -> None:
+        # move: the same engine on another device, with the weights `moving` (the watch stays)
         exported = engine.exported
-        self._watch_source(exported)
-        values = None
+        if not move:
+            self._watch_source(exported)
+        values = moving
         if refit_now and self._watch is not None and exported.weights:
-            values = self._watch.read(exported.weights)  # the engine was built for other weights
+            # the engine was built for other weights; read now, even mid-step (no call has run yet)
+            values = self._watch.read(exported.weights, defer=False)
         if runner is not None:
             reason = "given"
         else:
@@ -244,8 +250,8 @@ class TRTModule(FollowsWeights, torch.nn.Module):
         return self._forward(args, kwargs)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self.training:
-            raise InputError("TRTModule is inference-only and is in training mode; call .eval() on it")
+        if self.training:  # a parent's train() reached it: inference all the same, said once
+            say_inference_only(self)
         if self.engine is None:
             if self._lazy is None:
                 raise TorchTRTError("this TRTModule has no engine; load a state_dict or wrap an Engine")
@@ -258,7 +264,7 @@ class TRTModule(FollowsWeights, torch.nn.Module):
         try:
             prepared = self._prepare(leaves)
         except _OutOfProfile as e:
-            if self._lazy is None:
+            if self._lazy is None or len(e.shape) != e.spec.rank:  # no rebuild changes an input's rank
                 raise InputError(str(e)) from None
             self._widen(args, kwargs, e)
             return self._forward(args, kwargs)
@@ -305,7 +311,8 @@ class TRTModule(FollowsWeights, torch.nn.Module):
             if why is None and len(self._ok_shapes[spec.name]) < 64:
                 self._ok_shapes[spec.name].add(t.shape)  # a set lookup instead of a per-dim loop
             if why is not None:
-                raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. " + widen_hint(spec, t.shape))
+                raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. "
+                                    + widen_hint(spec, t.shape, lazy=self._lazy is not None))
             if spec.torch_dtype != t.dtype:  # fp16/bf16 engines: cast at the boundary
                 t = t.to(spec.torch_dtype)
             out.append(t.contiguous())
@@ -323,8 +330,9 @@ class TRTModule(FollowsWeights, torch.nn.Module):
     def _widen(self, args: tuple[Any, ...], kwargs: dict[str, Any], err: "_OutOfProfile") -> None:
         with self._lock:
             if self._rebuilds >= self._max_rebuilds:
-                raise InputError(f"{err} This lazy module already rebuilt {self._rebuilds} times "
-                                 f"(max_rebuilds={self._max_rebuilds}); compile with an explicit dynamic= range.")
+                raise InputError(f"{err} This lazy module already rebuilt {self._rebuilds} time(s) "
+                                 f"(max_rebuilds={self._max_rebuilds}) and rebuilds no more; or compile it with a "
+                                 "larger max_rebuilds=.")
             self._rebuilds += 1
             log.info("input %r shape %s is outside the profile %s: rebuilding with a wider profile (%d/%d)",
                      err.spec.name, err.shape, err.spec.profile_str(), self._rebuilds, self._max_rebuilds)
@@ -349,10 +357,8 @@ class TRTModule(FollowsWeights, torch.nn.Module):
     def to(self, *args: Any, **kwargs: Any) -> "TRTModule":  # type: ignore[override]
         device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None and self.engine is not None and torch.device(device) != self.device:
-            current = self._current
-            self._load(self.engine, device)
-            if current:
-                self._apply_weights(current)  # the weights it was refit to, not the engine's
+            # the weights it was refit to, not the engine's, and a change of the source no call applied yet
+            self._load(self.engine, device, moving=self._weights_for_move(), move=True)
         if device is not None and self._lazy is not None:
             self._lazy_device = torch.device(device)
         return self
@@ -374,20 +380,22 @@ class TRTModule(FollowsWeights, torch.nn.Module):
         return self.to("cpu")
 
     def train(self, mode: bool = True) -> "TRTModule":
-        # Allowed so nn.Module machinery works; forward refuses to run in training mode.
+        # Allowed so a parent's train() works; forward computes inference in either mode (one WARNING).
         return super().train(mode)
 
     # ------------------------------------------------------------------ state_dict
 
     def get_extra_state(self) -> dict[str, Any]:
         if self.engine is None:
-            raise TorchTRTError("cannot save a lazy TRTModule before its first call built an engine")
+            return self._lazy_state()  # before its first call: its settings (_copying.Copies)
         engine = self.engine if not self._current else self.engine.with_weights(self._current)
         from ._saved import to_u8
 
         return {"format": _STATE_FORMAT, "engine": to_u8(engine.to_bytes())}
 
     def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and "lazy" in state:
+            return self._load_lazy_state(state)
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             found = state.get("format") if isinstance(state, dict) else "?"
             raise EngineLoadError(f"not a TRTModule state of format {_STATE_FORMAT} (format {found}); "

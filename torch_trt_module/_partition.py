@@ -22,6 +22,7 @@ source lines.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,12 @@ class PartitionedModule(torch.nn.Module):
     backend: engines for the graphs between graph breaks, PyTorch for the rest (see the module
     docstring). Inference only: calls run under ``torch.no_grad()``.
 
+    It has no weights of its own: the model's Python and the graphs that run in PyTorch read the
+    model's tensors, and each engine follows them (``weights="follow"``, the default). So
+    ``weight_names`` and ``weights_hash()`` are the model's, and ``refit(weights)`` loads the weights
+    into the model itself, in place (where a TRTModule's refit leaves its model alone), after checking
+    every name, shape and dtype; every engine follows at its next call.
+
     Example:
         >>> fast = torch_trt_module.compile(model_with_item_branch, x)   # doctest: +SKIP
         >>> fast                                                          # doctest: +SKIP
@@ -56,7 +63,9 @@ class PartitionedModule(torch.nn.Module):
 
         self.model = model
         self.reason = reason
+        self.training = False  # its own flag, as a TRTModule starts in eval mode; the model's is left alone
         options = dict(options)
+        self.__dict__["_options"] = options  # for a copy: it compiles its own model
 
         self.__dict__["_made"] = []  # what the backend returned per graph (see parts())
 
@@ -71,9 +80,14 @@ class PartitionedModule(torch.nn.Module):
         self.__dict__["_compiled"] = torch.compile(model, backend=backend, dynamic=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.model.training:
-            raise UsageError("the model is in training mode; a compiled module is inference-only: call model.eval()")
-        with torch.no_grad():  # engines return no gradients; the graphs run on them only without grad
+        from ._modes import eval_semantics, say_inference_only
+
+        if self.training or self.model.training:
+            say_inference_only(self)
+        # The Python between the graphs is the model's own: it computes inference semantics (dropout
+        # off, BatchNorm running statistics) as the engines do, whatever mode the model is in; every
+        # submodule's mode is restored after the call.
+        with torch.no_grad(), eval_semantics(self.model):  # engines return no gradients
             return self._compiled(*args, **kwargs)
 
     def parts(self) -> list[dict[str, Any]]:
@@ -99,6 +113,77 @@ class PartitionedModule(torch.nn.Module):
         """How many of them run in PyTorch, counted from :meth:`parts`: a graph whose engine build
         failed at its first call counts here too."""
         return sum(p["runs"] == "pytorch" for p in self.parts())
+
+    # ------------------------------------------------------------------ the TRTModule API
+
+    @property
+    def input_names(self) -> list[str]:
+        """The parameters of the model's ``forward``."""
+        from ._signature import params_of
+
+        return [p.name for p in params_of(self.model.forward)]
+
+    @property
+    def backend(self) -> str:
+        """What runs the engines built so far (as :attr:`TRTModule.backend`; several joined by '+'),
+        ``pytorch`` where every graph runs in PyTorch, ``unbuilt`` before the first call."""
+        from ._composite import backend_of
+
+        if not self._made:
+            return "unbuilt"
+        return backend_of([p["module"] for p in self.parts() if p["module"] is not None], none="pytorch")
+
+    @property
+    def weight_names(self) -> list[str]:
+        """The model's parameters and buffers (the weights every graph computes with), by their names."""
+        return sorted(self._tensors())
+
+    def weights_hash(self) -> str:
+        """sha256 of the model's weights over :attr:`weight_names` (what every graph computes with; an
+        engine follows them at its next call), as :meth:`TRTModule.weights_hash`."""
+        from ._weights import weights_hash
+
+        return weights_hash(self._tensors())
+
+    def refit(self, weights: Any) -> None:
+        """Load ``weights`` (a ``state_dict``, or a module of the same architecture) into the model this
+        module runs, in place: every name, shape and dtype is checked first (InputError naming the
+        tensor; nothing is half-applied), and every engine follows at its next call. Unlike
+        :meth:`TRTModule.refit`, this changes the model: it is what the graphs in PyTorch compute with.
+
+        Example:
+            >>> fast.refit(torch.load("checkpoint.pt", weights_only=True))   # doctest: +SKIP
+        """
+        from ._composite import check_weights, unsaved_buffers
+
+        if self._options.get("weights") == "snapshot":
+            raise UsageError("refit() on a PartitionedModule loads the weights into its model, and its engines, "
+                             "compiled with weights='snapshot', would not follow them. Fix: compile with "
+                             "weights='follow' (the default), or load the weights into the model and compile again")
+        ours = self._tensors()
+        values = check_weights(ours, weights, optional=unsaved_buffers(self.model))
+        with torch.no_grad():
+            for name, value in values.items():
+                ours[name].copy_(value)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        from ._composite import named_tensors
+
+        return named_tensors(self.model)
+
+    # ------------------------------------------------------------------ copying
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PartitionedModule":
+        # torch.compile's state is not copied: the copy compiles its own copy of the model (each graph a
+        # cache hit), so its graphs follow the copy.
+        new = type(self)(copy.deepcopy(self.model, memo), self._options, self.reason)
+        memo[id(self)] = new
+        new.training = self.training
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise UsageError("a PartitionedModule cannot be pickled (torch.save(module), pickle.dumps), nor saved with "
+                         f"ttm.save: it {SAVE_REFUSAL.removeprefix('a partitioned module ')}")
 
     def extra_repr(self) -> str:
         return (f"graphs={self.graphs}, on engines={self.graphs - self.fallbacks}, in PyTorch={self.fallbacks}, "
@@ -155,6 +240,7 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Part
         builder (tensorrt_rtx): the parser takes every node
     """
     from ._compile import export_onnx
+    from ._modes import eval_semantics
     from ._signature import split_inputs
 
     export_options = {k: v for k, v in options.items()
@@ -162,8 +248,9 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Part
     try:
         exported = export_onnx(model, example_inputs, **export_options)
     except TorchTRTError as e:
-        report = PartitionReport(whole_graph=False, export_error=str(e).splitlines()[0][:300])
-        _graph_breaks(model, example_inputs, report, split_inputs)
+        report = PartitionReport(whole_graph=False, export_error=str(e).splitlines()[0])  # read whole
+        with eval_semantics(model):  # what compile() would capture: the inference semantics
+            _graph_breaks(model, example_inputs, report, split_inputs)
         return report
     from ._onnx import load, op_summary
 
@@ -180,7 +267,8 @@ def explain(model: torch.nn.Module, example_inputs: Any, **options: Any) -> Part
         from ._split import split_plan
 
         args, kwargs = split_inputs(example_inputs)
-        plan = split_plan(model, args, kwargs, settings, builder)[0]
+        with eval_semantics(model):
+            plan = split_plan(model, args, kwargs, settings, builder)[0]
         report.segments = [seg.to_json() for seg in plan.segments]
     return report
 
@@ -202,7 +290,7 @@ def _parser_verdict(exported: Any) -> tuple[str, str, bool]:
         with capture_log(quiet=True):  # a probe: the refusal is reported below, not logged as an error
             network = trt.Builder(logger(trt)).create_network(0)
             try:
-                parse_onnx(trt, name, network, exported.onnx)
+                parse_onnx(trt, name, network, exported.onnx, warn=False)
             except BuildError as e:
                 said = " ".join(line.strip() for line in str(e).splitlines()[:3])[:400]
                 return name, (f"the parser refuses the graph: {said}; under partition='auto' the graph is "
@@ -214,10 +302,13 @@ def _parser_verdict(exported: Any) -> tuple[str, str, bool]:
 def _graph_breaks(model: torch.nn.Module, example_inputs: Any, report: PartitionReport, split: Any) -> None:
     import torch._dynamo
 
-    args, kwargs = split(example_inputs)
+    from ._quiet import quiet_torch
+    from ._signature import copy_call
+
+    args, kwargs = copy_call(*split(example_inputs))  # the model runs: it may write to its inputs
     torch._dynamo.reset()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch("torch._dynamo.explain"):
             out = torch._dynamo.explain(model)(*args, **kwargs)
     finally:
         torch._dynamo.reset()

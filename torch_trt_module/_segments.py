@@ -217,11 +217,38 @@ def _refuse_part(nodes: set[torch.fx.Node], settings: Settings) -> str:
     return ""
 
 
-def _shape_str(node: torch.fx.Node) -> str:
+def _shape_str(node: torch.fx.Node, ranges: dict[Any, tuple[int, int]]) -> str:
+    """``name: dtype (1..32, 12, 9)``: each symbolic size as its range over the profile (torch's
+    ``s39`` means nothing to a reader), ``?`` for one that depends on data."""
     v = _val(node)
-    if isinstance(v, torch.Tensor):
-        return f"{node.name}: {str(v.dtype).replace('torch.', '')} {tuple(v.shape)}"
-    return f"{node.name}: {type(v).__name__}"
+    if not isinstance(v, torch.Tensor):
+        return f"{node.name}: {type(v).__name__}"
+    sizes = []
+    for s in v.shape:
+        if not isinstance(s, torch.SymInt):
+            sizes.append(str(s))
+            continue
+        try:
+            lo, hi = sorted(int(s.node.expr.subs({k: r[i] for k, r in ranges.items()})) for i in (0, 1))
+        except (TypeError, ValueError):  # a symbol left free: a size that depends on data
+            sizes.append("?")
+            continue
+        sizes.append(str(lo) if lo == hi else f"{lo}..{hi}")
+    return f"{node.name}: {str(v.dtype).replace('torch.', '')} ({', '.join(sizes)})"
+
+
+def _symbol_ranges(program: Any, names: list[str], profiles: dict[str, Any]) -> dict[Any, tuple[int, int]]:
+    """Each input size symbol of ``program`` with its (min, max) in the profile."""
+    import sympy
+
+    ranges: dict[Any, tuple[int, int]] = {}
+    user = [n for n in program.graph.nodes if n.op == "placeholder" and n.name not in _lifted(program)]
+    for node, name in zip(user, names):
+        v = _val(node)
+        for d, s in enumerate(v.shape if isinstance(v, torch.Tensor) else ()):
+            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
+                ranges[s.node.expr] = (profiles[name][0][d], profiles[name][2][d])
+    return ranges
 
 
 def _ops(nodes: Sequence[torch.fx.Node]) -> dict[str, int]:
@@ -264,6 +291,7 @@ def plan_split(program: Any, leaves: Sequence[torch.Tensor], names: list[str], p
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     parts = sorted(partitioner.propose_partitions(), key=lambda p: min(order[n] for n in p.nodes))
     kept, segments = [], []
+    ranges = _symbol_ranges(decomposed, names, profiles)
     for part in parts:
         nodes = set(part.nodes)
         nodes |= {a for n in part.nodes for a in n.all_input_nodes if a.op == "get_attr"}  # weights go inside
@@ -274,7 +302,7 @@ def plan_split(program: Any, leaves: Sequence[torch.Tensor], names: list[str], p
             continue
         ins, outs = _boundary(nodes)
         seg = Segment("engine", [n.name for n in ordered], _ops(ordered), "",
-                      [_shape_str(x) for x in ins], [_shape_str(x) for x in outs])
+                      [_shape_str(x, ranges) for x in ins], [_shape_str(x, ranges) for x in outs])
         kept.append((part, seg))
         segments.append(seg)
     refused_nodes = [n for n in gm.graph.nodes if n.name in why and _compute(n)]

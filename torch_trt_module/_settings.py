@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 from ._errors import SettingsError
 
@@ -26,6 +26,11 @@ DEFAULT_MAX_REBUILDS = 4
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime")
 RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
+#: What the PyTorch runtime does with the captured program: "auto" (inference passes, then
+#: TorchInductor on a GPU), "inductor", "passes" (the passes only) or "none" (the program as captured).
+OPTIMIZE = ("auto", "inductor", "passes", "none")
+#: The version of those passes and of how Inductor is called: in the cache key (bump on any change).
+OPTIMIZE_VERSION = "bnfold-1+inductor-1"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 # The user-facing form: None, "batch", or {input: {dim: (min, opt, max)}}.
@@ -34,8 +39,9 @@ DynamicSpec = Union[None, str, Mapping[str, Mapping[int, tuple[int, int, int]]]]
 _FrozenDynamic = Union[None, str, tuple[tuple[str, tuple[tuple[int, tuple[int, int, int]], ...]], ...]]
 
 
-def _engine(default: Any) -> Any:
-    return field(default=default, metadata={"engine": True})
+def _engine(default: Any, *, version: Callable[[], str] | None = None) -> Any:
+    # version: a field whose meaning is code (the GPU runtime's passes) keys that code's version too
+    return field(default=default, metadata={"engine": True, "version": version})
 
 
 def _runtime(default: Any) -> Any:
@@ -72,6 +78,8 @@ class Settings:
     torch_executed_ops: tuple[str, ...] | None = _engine(None)
     tf32: bool = _engine(True)
     keep_fp32: bool = _engine(True)  # fp16/bf16: norms, softmax, reductions stay fp32 (autocast style)
+    # The PyTorch runtime's optimizations (backends/_torch_passes.py); its version is keyed too.
+    optimize: str = _engine("auto", version=lambda: OPTIMIZE_VERSION)
 
     # --- fields that only change how the engine is used ---
     backend: str = _runtime("auto")  # the resolved backend and its version enter the key instead
@@ -81,7 +89,9 @@ class Settings:
     verify: bool = _runtime(True)
     rtol: float | None = _runtime(None)
     atol: float | None = _runtime(None)
-    cache: bool = _runtime(True)
+    # True (the local directory, and $TORCH_TRT_MODULE_REMOTE_CACHE's store if set), False (none), a
+    # redis:// URL or a store object (_store.Store): the local directory read through that store.
+    cache: Any = _runtime(True)
     cache_dir: str | None = _runtime(None)
     cache_max_size: int | None = _runtime(None)
     max_rebuilds: int = _runtime(DEFAULT_MAX_REBUILDS)
@@ -89,6 +99,9 @@ class Settings:
     cuda_graphs: bool = _runtime(False)
     allow_host_code: bool = _runtime(False)
     progress: bool | None = _runtime(None)
+    # None: the default group when torch.distributed is initialized with several ranks; a
+    # ProcessGroup; False: this rank compiles alone (_fleet).
+    process_group: Any = _runtime(None)
 
     def __post_init__(self) -> None:
         _check_choice("precision", self.precision, PRECISIONS)
@@ -96,10 +109,13 @@ class Settings:
         _check_choice("runtime", self.runtime, RUNTIMES)
         _check_choice("weights", self.weights, ("follow", "snapshot"))
         _check_choice("partition", self.partition, ("auto", "split", "never"))
+        _check_choice("optimize", self.optimize, OPTIMIZE)
         if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
             raise SettingsError(f"option 'min_block_size' got {self.min_block_size!r}; expected an int >= 1 (the "
                                 "fewest ops an engine part may have)")
         _check_choice("exporter", self.exporter, EXPORTERS)
+        _check_cache(self.cache)
+        _check_process_group(self.process_group)
         if isinstance(self.dynamic, str) and self.dynamic != "batch":
             raise SettingsError(
                 f"option 'dynamic' got {self.dynamic!r}; expected None, 'batch', or a dict "
@@ -144,7 +160,8 @@ class Settings:
     def engine_fields(self) -> dict[str, Any]:
         """The JSON-able values of every field that changes the engine (for the cache key)."""
         return {
-            f.name: _jsonable(getattr(self, f.name))
+            f.name: _jsonable(getattr(self, f.name)) if f.metadata.get("version") is None
+            else f"{getattr(self, f.name)}@{f.metadata['version']()}"
             for f in dataclasses.fields(self)
             if f.metadata["engine"]
         }
@@ -164,6 +181,29 @@ _NONE_MEANINGFUL = frozenset({"dynamic"})
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SettingsError(f"option {name!r} got {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def _check_cache(cache: object) -> None:
+    if isinstance(cache, bool):
+        return
+    if isinstance(cache, str):
+        if cache.split("://", 1)[0] in ("redis", "rediss", "unix"):
+            return
+    elif all(callable(getattr(cache, m, None)) for m in ("get", "put", "lease", "stats")):
+        return  # a store (_store.Store); hashed by identity, so Settings stays hashable
+    raise SettingsError(f"option 'cache' got {cache!r}; expected True, False, a Redis URL such as "
+                        "'redis://host:6379/0', or a store object with get, put, lease and stats methods")
+
+
+def _check_process_group(group: object) -> None:
+    if group is None or group is False:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise SettingsError(f"option 'process_group' got {group!r}; expected a torch.distributed ProcessGroup "
+                            "(every rank of it calls compile() with the same model), None (the default group when "
+                            "torch.distributed is initialized) or False (this rank compiles alone)")
 
 
 def freeze_dynamic(dynamic: Any) -> _FrozenDynamic:

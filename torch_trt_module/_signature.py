@@ -7,9 +7,11 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ._errors import InputError
 
-__all__ = ["Param", "bind_call", "params_of", "split_inputs", "to_call"]
+__all__ = ["Param", "bind_call", "copy_call", "params_of", "split_inputs", "to_call"]
 
 _KINDS = {
     inspect.Parameter.POSITIONAL_ONLY: "positional_only",
@@ -104,14 +106,18 @@ def to_call(params: Sequence[Param], bound: dict[str, Any]) -> tuple[tuple[Any, 
 def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Normalise ``inputs`` to ``(args, kwargs)``.
 
-    A tuple is the positional arguments, except that a 2-tuple whose second item
-    is a dict is ``(args, kwargs)``; anything else is one positional argument.
-    To pass a dict as the last of two positional arguments, write ``((x, d), {})``.
+    A tuple or a list is the positional arguments (a list as Torch-TensorRT takes them,
+    ``compile(model, [x])``), except that a 2-tuple whose second item is a dict is
+    ``(args, kwargs)``; anything else is one positional argument. To pass one list as the
+    only argument, write ``([a, b],)``; to pass a dict as the last of two positional
+    arguments, write ``((x, d), {})``.
 
     Example:
         >>> x = torch.ones(2)
         >>> split_inputs(x) == ((x,), {}), split_inputs(((x,), {"mask": None}))[1]
         (True, {'mask': None})
+        >>> split_inputs([x])[0][0] is x
+        True
     """
     if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
         args, kwargs = inputs
@@ -119,6 +125,18 @@ def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if bad:
             raise TypeError(f"keyword argument names must be str; got {bad!r}")
         return (tuple(args) if isinstance(args, (tuple, list)) else (args,)), dict(kwargs)
-    if isinstance(inputs, tuple):
-        return inputs, {}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
     return (inputs,), {}
+
+
+def copy_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call with a copy of every tensor in it (nested ones too), for an eager run that must
+    leave the caller's example as it was: a ``forward`` may write to its inputs (``x.div_(255)``)."""
+    import torch.utils._pytree as pytree
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone()
+
+    new_args, new_kwargs = pytree.tree_map_only(torch.Tensor, copy, (tuple(args), dict(kwargs)))
+    return tuple(new_args), dict(new_kwargs)

@@ -108,6 +108,9 @@ class ExportedModel:
             ``_weights`` says how). Empty when the graph's constants are folded (TorchScript).
         unsaved: the source names among those that a ``state_dict`` does not hold (non-persistent
             buffers, such as BERT's ``position_ids``): a refit from a checkpoint keeps them as they are.
+        aliases: ``{source name: other names}`` for a tied tensor (an embedding and the output layer
+            that shares it): ``weights`` names it by its first name in ``state_dict`` order, and a
+            refit takes it under any of them (a checkpoint that stores it once, as safetensors does).
     """
 
     onnx: bytes
@@ -125,6 +128,7 @@ class ExportedModel:
     program: bytes | None = field(default=None, repr=False)  # torch.export's program (_program.save_program)
     weights: dict[str, tuple[str, str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
     unsaved: tuple[str, ...] = ()
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def input_names(self) -> list[str]:
@@ -148,6 +152,7 @@ class ExportedModel:
             "user_output_dtypes": list(self.user_output_dtypes),
             "weights": {k: [src, dt, list(shape)] for k, (src, dt, shape) in self.weights.items()},
             "unsaved": list(self.unsaved),
+            "aliases": {k: list(v) for k, v in self.aliases.items()},
         }
 
     @classmethod
@@ -165,4 +170,5 @@ class ExportedModel:
             user_output_dtypes=tuple(meta["user_output_dtypes"]),
             weights={k: (v[0], v[1], tuple(v[2])) for k, v in meta.get("weights", {}).items()},
             unsaved=tuple(meta.get("unsaved", ())),
+            aliases={k: tuple(v) for k, v in meta.get("aliases", {}).items()},
         )

@@ -8,13 +8,15 @@ names per engine, JSON) and each engine's saved state; :func:`torch_trt_module.l
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import threading
 from typing import Any
 
 import torch
 
-from ._errors import EngineLoadError, TorchTRTError, UsageError
+from ._errors import EngineLoadError, TorchTRTError
 from ._segments import Segment, SplitPlan, fuse, plan_split, segment_profile
 from ._settings import Settings
 from ._signature import Param, bind_call
@@ -26,12 +28,22 @@ __all__ = ["SAVED_FORMAT", "SegmentedModule", "compile_split", "split_plan"]
 log = logging.getLogger(__name__)
 
 SAVED_FORMAT = "torch_trt_module.segmented/1"
+#: The graph holds the model's parameters and buffers under this prefix (``_export.Flat`` wraps the
+#: model as ``self.model``); the model's own names follow it.
+_PREFIX = "model."
 
 
 class SegmentedModule(torch.nn.Module):
     """A model compiled in parts: engines for what the builder takes, PyTorch ATen ops for the rest,
     in one graph (see :mod:`torch_trt_module._segments`). The same call and outputs as the model.
     Inference only. ``segments`` lists every part and why the PyTorch ones stayed in PyTorch.
+
+    Weights: the same API as :class:`~torch_trt_module.TRTModule` (``refit``, ``weights_hash``,
+    ``weight_names``), by the model's ``state_dict`` names. A compiled one follows its model: its
+    PyTorch parts compute with the model's own tensors, and its engine parts refit to them.
+    ``refit(weights)`` makes every part compute with ``weights`` without touching the model (the
+    PyTorch parts get copies); the next change of the model's weights makes every part follow the
+    model again, as a TRTModule does. A loaded one has no model, and keeps what it is refit to.
 
     Example:
         >>> fast = torch_trt_module.compile(model_with_nonzero, x)   # doctest: +SKIP
@@ -41,8 +53,11 @@ class SegmentedModule(torch.nn.Module):
     """
 
     def __init__(self, graph: torch.fx.GraphModule, segments: list[Segment], params: tuple[Param, ...],
-                 call_tree: TreeSpec, output_tree: TreeSpec, program: Any, inputs: tuple[TensorSpec, ...]) -> None:
+                 call_tree: TreeSpec, output_tree: TreeSpec, program: Any, inputs: tuple[TensorSpec, ...], *,
+                 follows: bool = False) -> None:
         super().__init__()
+        self._follows = follows  # compiled with weights="follow": its tensors are its model's
+        self.__dict__.update(_lock=threading.Lock(), _watch=None, _shared=None)  # see refit()
         self.graph = graph
         self.segments = segments
         self.input_specs = inputs  # the flat inputs' names, dtypes and profiles, as TRTModule.input_specs
@@ -51,15 +66,20 @@ class SegmentedModule(torch.nn.Module):
         self.training = False  # the graph (an exported program's module) refuses .eval(); fuse() set it
 
     def train(self, mode: bool = True) -> "SegmentedModule":
-        if mode:
-            raise UsageError("a SegmentedModule is inference-only; train the model itself and compile it again")
+        # Its own flag only: the graph (an exported program's module) refuses train(). A parent's
+        # train() must not raise; forward computes inference in either mode (one WARNING).
+        self.training = mode
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from ._inputs import match_inputs
+        from ._modes import say_inference_only
 
         if self.training:
-            raise UsageError("the module is in training mode; a compiled module is inference-only: call .eval()")
+            say_inference_only(self)
+        watch = self._watch  # only after a refit to other weights than the model's
+        if watch is not None and watch.changed():
+            self._follow_model_again()
         leaves = match_inputs(self._call_tree, bind_call(self._params, args, kwargs), "")
         with torch.no_grad():
             out = self.graph(*leaves)
@@ -76,13 +96,121 @@ class SegmentedModule(torch.nn.Module):
         why = "; ".join(f"{', '.join(s.ops)} ({s.why[:100]})" for s in torch_parts[:3])
         return f"engines={len(self.engines)}, ops on engines={on}/{ops}, PyTorch={len(torch_parts)}: {why}"
 
+    # ------------------------------------------------------------------ the TRTModule API
+
+    @property
+    def input_names(self) -> list[str]:
+        """The flat inputs' names, as :attr:`TRTModule.input_names`."""
+        return [s.name for s in self.input_specs]
+
+    @property
+    def backend(self) -> str:
+        """What runs the engine parts here (as :attr:`TRTModule.backend`; several joined by '+'), or
+        ``pytorch`` where no part is an engine. The other parts run as PyTorch ATen ops."""
+        from ._composite import backend_of
+
+        return backend_of(self._parts(), none="pytorch")
+
+    @property
+    def weight_names(self) -> list[str]:
+        """The model's parameters and buffers this module computes with, by their ``state_dict`` names."""
+        return sorted(self._tensors())
+
+    def weights_hash(self) -> str:
+        """sha256 of the weights this module computes with (each engine part's, and the PyTorch parts'),
+        as :meth:`TRTModule.weights_hash`: equal to ``weights_hash(model.state_dict())`` over
+        :attr:`weight_names` when it is current."""
+        from ._weights import weights_hash
+
+        values = dict(self._tensors())
+        for part in self._parts():
+            values.update({_unprefixed(n): v for n, v in part.weight_values().items()})
+        return weights_hash(values)
+
+    def refit(self, weights: Any) -> None:
+        """Make every part compute with ``weights`` (a ``state_dict`` by the model's names, or a module of
+        the same architecture), without exporting or building: each engine part is refit, and the
+        PyTorch parts get copies (the model is not changed). Every name, shape and dtype is checked
+        first: a mismatch raises InputError naming the tensor, and nothing is half-applied.
+
+        Example:
+            >>> fast.refit(torch.load("checkpoint.pt", weights_only=True))   # doctest: +SKIP
+        """
+        from ._composite import check_weights, unsaved_buffers
+
+        ours = self._tensors()
+        values = check_weights(ours, weights, optional=unsaved_buffers(self.graph, _PREFIX))
+        with self._lock:
+            self._refit_parts({**ours, **values})
+            if self._follows and self._shared is None:
+                self._shared = dict(ours)  # the model's own tensors, to follow again when they change
+                self._watch = _watch_of(self._shared)
+            self._rebind(values)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        from ._composite import named_tensors
+
+        return named_tensors(self.graph, _PREFIX)
+
+    def _parts(self) -> list[Any]:
+        return [getattr(self.graph, s.name) for s in self.engines]
+
+    def _refit_parts(self, values: dict[str, torch.Tensor]) -> None:
+        for part in self._parts():
+            names = part.weight_names
+            if names:  # a part with no weights has nothing to refit
+                part.refit({n: values[_unprefixed(n)] for n in names})
+
+    def _rebind(self, values: dict[str, torch.Tensor]) -> None:
+        """The graph's tensors replaced by ``values`` (by the model's names). Straight into the module's
+        tables, not setattr: a registration would count as a change of every watched model."""
+        for name, value in values.items():
+            path, _, leaf = (_PREFIX + name).rpartition(".")
+            module = self.graph.get_submodule(path)
+            if leaf in module._parameters:
+                module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False) \
+                    if not isinstance(value, torch.nn.Parameter) else value
+            else:
+                module._buffers[leaf] = value
+
+    def _follow_model_again(self) -> None:
+        """The model's weights changed after a refit to others: every part follows the model again."""
+        with self._lock:
+            watch, shared = self._watch, self._shared
+            if watch is None or shared is None or not watch.changed():
+                return
+            watch.close()
+            self.__dict__.update(_watch=None, _shared=None)
+            self._rebind(shared)
+            self._refit_parts(shared)
+
+    def _keep_weights(self) -> None:
+        """Keep the weights it has now (``weights="snapshot"``): the PyTorch parts get copies of the
+        model's tensors, which they otherwise share."""
+        self._follows = False
+        self._rebind({n: t.detach().clone() for n, t in self._tensors().items()})
+
+    # ------------------------------------------------------------------ copying
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "SegmentedModule":
+        from ._copying import copy_module
+
+        new = copy_module(self, memo, shared=("_lock", "_watch"))
+        new.__dict__.update(_lock=threading.Lock(), _watch=None if new._shared is None else _watch_of(new._shared))
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        from ._copying import pickle_refusal
+
+        raise pickle_refusal(self)
+
     # ------------------------------------------------------------------ saving
 
     def saved_state(self) -> dict[str, Any]:
         """What :func:`torch_trt_module.save` writes: tensors, strings and dicts only."""
         from ._module import TRTModule
         from ._saved import to_u8
-        from ._program import save_program
+        from ._program import replace_weights, save_program
 
         engines = {}
         for seg in self.engines:
@@ -92,8 +220,9 @@ class SegmentedModule(torch.nn.Module):
         meta = {"segments": [s.to_json() for s in self.segments], "params": [p.to_json() for p in self._params],
                 "inputs": [s.to_json() for s in self.input_specs],
                 "call_tree": self._call_tree.to_json(), "output_tree": self._output_tree.to_json()}
-        return {"format": SAVED_FORMAT, "program": to_u8(save_program(self._program)), "meta": json.dumps(meta),
-                "engines": engines}
+        # The weights the PyTorch parts compute with (after a refit, not the program's own)
+        program = replace_weights(save_program(self._program), {_PREFIX + n: t for n, t in self._tensors().items()})
+        return {"format": SAVED_FORMAT, "program": to_u8(program), "meta": json.dumps(meta), "engines": engines}
 
     @classmethod
     def from_saved(cls, state: dict[str, Any], *, source: str) -> "SegmentedModule":
@@ -133,14 +262,15 @@ class SegmentedModule(torch.nn.Module):
 def split_plan(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
                builder: str) -> tuple[SplitPlan, tuple[Param, ...], TreeSpec, TreeSpec]:
     """Capture ``model`` with torch.export and split its graph (builds nothing)."""
-    from ._export import Flat, flat_inputs, make_profiles, widen_example
+    from ._export import Flat, eager_on_copies, flat_inputs, make_profiles, widen_example
     from ._exporters import capture
 
     params, call_tree, names, leaves = flat_inputs(model, args, kwargs)
     with torch.no_grad():
-        out_leaves, output_tree = flatten(model(*args, **kwargs), what="output", allow_const=False)
+        out, written = eager_on_copies(model, args, kwargs)  # never writes to the caller's example
+        out_leaves, output_tree = flatten(out, what="output", allow_const=False)
     profiles = make_profiles(names, [tuple(t.shape) for t in leaves], settings)
-    wrapper = Flat(model, params, call_tree).eval()
+    wrapper = Flat(model, params, call_tree, written).eval()
     example = widen_example(names, leaves, profiles)
     program = capture(wrapper, names, example, profiles)
     plan = plan_split(program, list(leaves), names, profiles, settings, builder)
@@ -171,9 +301,33 @@ def compile_split(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
             log.warning("part %s of %s runs in PyTorch: %s", seg.name, type(model).__name__, seg.why)
             continue
         setattr(graph, seg.name, module)
-    result = SegmentedModule(graph, plan.segments, params, call_tree, output_tree, plan.program, plan.inputs)
+    result = SegmentedModule(graph, plan.segments, params, call_tree, output_tree, plan.program, plan.inputs,
+                             follows=settings.weights == "follow")
+    if settings.weights == "snapshot":
+        result._keep_weights()  # as its engine parts do: the weights it was compiled with
     log.info("%s is split: %s", type(model).__name__, result.extra_repr())
     return result
+
+
+def _unprefixed(name: str) -> str:
+    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+
+
+def _watch_of(tensors: dict[str, torch.Tensor]) -> Any:
+    """A WeightWatch on ``tensors`` (the model's own, which a refit stopped sharing): it notices their next
+    change the way every following module does (version counters, the global epoch)."""
+    from ._weights import WeightWatch
+
+    holder = torch.nn.Module()  # names without dots: one flat table
+    for name, t in tensors.items():
+        if isinstance(t, torch.nn.Parameter):
+            holder.register_parameter(name.replace(".", "/"), t)
+        else:
+            holder.register_buffer(name.replace(".", "/"), t)
+    watch = WeightWatch(holder, [n.replace(".", "/") for n in tensors])
+    watch.read({})
+    watch.__dict__["holder"] = holder  # the watch links weakly; the holder lives as long as it
+    return watch
 
 
 def _part_inputs(graph: torch.fx.GraphModule, example: list[torch.Tensor]) -> dict[str, list[Any]]:

@@ -6,6 +6,7 @@ entries and saved modules carry it without pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -164,7 +165,7 @@ def flatten(obj: Any, *, what: str = "value", allow_const: bool = True, nodes: b
             keys = list(o.keys())
             for k in keys:
                 if not isinstance(k, (str, int)):
-                    raise TypeError(f"{what} {path}: dict key {k!r} is not a str or int")
+                    raise TypeError(f"{_where(what, path)}: dict key {k!r} is not a str or int")
             cls = None if type(o) is dict else type(o)
             return TreeSpec("dict", [rec(o[k], f"{path}[{k!r}]") for k in keys], keys, cls=cls)
         if isinstance(o, (tuple, list)):
@@ -176,16 +177,20 @@ def flatten(obj: Any, *, what: str = "value", allow_const: bool = True, nodes: b
         if _is_cache(o):
             held = type(o)
             raise error(
-                f"{what} {path or '(the whole value)'} is a {held.__name__} ({held.__module__}.{held.__qualname__}), "
+                f"{_where(what, path)} is a {held.__name__} ({held.__module__}.{held.__qualname__}), "
                 "a cache object: it holds state that grows from call to call, and an engine takes and returns a "
                 "fixed set of tensors; expected tensors nested in tuples, lists and dicts (or None). Fix: call the "
                 "model with use_cache=False (Hugging Face: compile(model, ((input_ids,), {'use_cache': False})) "
                 "or model.config.use_cache = False), or wrap it to return only the tensors you need.")
         if nodes and _registered_node(type(o)):
             return node(o, path)
+        fix = ""
+        if dataclasses.is_dataclass(o):
+            fix = (f". Fix: register it with torch.utils._pytree.register_dataclass({type(o).__name__}), or return "
+                   "its tensors in a tuple or dict")
         raise error(
-            f"{what} {path} is a {type(o).__name__}; expected tensors nested in tuples, lists and dicts"
-            + (" (or None, bool, int, float, str constants)" if allow_const else " (or None)")
+            f"{_where(what, path)} is a {type(o).__name__}; expected tensors nested in tuples, lists and dicts"
+            + (" (or None, bool, int, float, str constants)" if allow_const else " (or None)") + fix
         )
 
     def node(o: Any, path: str) -> TreeSpec:
@@ -195,7 +200,7 @@ def flatten(obj: Any, *, what: str = "value", allow_const: bool = True, nodes: b
             _json_data(context)
         except ValueError as e:
             raise error(
-                f"{what} {path or '(the whole value)'} is a {type(o).__name__}, registered with torch's pytree, "
+                f"{_where(what, path)} is a {type(o).__name__}, registered with torch's pytree, "
                 f"but its pytree context is not JSON data ({e}); compiled modules keep their structure as JSON "
                 "(never pickled). Fix: return its tensors in a tuple, list, dict or dataclass.") from None
         keys: list[Any] = []
@@ -208,6 +213,11 @@ def flatten(obj: Any, *, what: str = "value", allow_const: bool = True, nodes: b
 
     spec = rec(obj, "")
     return leaves, spec
+
+
+def _where(what: str, path: str) -> str:
+    """``output [1].a`` for a part of a value, ``output (the whole value)`` for the whole of it."""
+    return f"{what} {path or '(the whole value)'}"
 
 
 def unflatten(spec: TreeSpec, leaves: Sequence[Any]) -> Any:

@@ -5,76 +5,77 @@ and reading them for a refit.
 own, under its fully qualified name, holding exactly its values (the graph optimizer never folds
 a weight into another constant: ``_exporters._optimize_keeping_weights``). The engine's metadata
 records, for each such initializer, the source tensor's name, dtype and shape
-(:attr:`ExportedModel.weights`). A refit then replaces weights by name on every runtime:
-ONNX Runtime (a new session with the initializers overridden), TensorRT (``Refitter``) and
-the PyTorch program (its weights). A graph from the TorchScript exporter, whose constants are
-folded, has no map: a change there is a rebuild.
+(:attr:`ExportedModel.weights`); a tied tensor goes by its first name in ``state_dict`` order, and
+its other names are kept (:attr:`ExportedModel.aliases`) so that a checkpoint holding it under any
+of them refits. A refit then replaces weights by name on every runtime: ONNX Runtime (a new
+session with the initializers overridden), TensorRT (``Refitter``) and the PyTorch program (its
+weights). A graph from the TorchScript exporter, whose constants are folded, has no map: a change
+there is a rebuild.
 
 **Knowing when.** ``weights="follow"`` (the default) keeps a weak link to the source module and,
 at every call, compares a signature of its weights with the one the engine was refit to:
 
-- the sum of the tracked tensors' ``_version`` counters, which every in-place write bumps
-  (optimizer steps, ``copy_``, ``load_state_dict``, EMA updates) -- about 85 ns a tensor;
-- a global epoch, bumped by observer hooks that only count: parameter, buffer and submodule
-  registration on a watched module (a reassigned ``nn.Parameter``), and ``load_state_dict`` on
-  any submodule of a source (modules nobody watches never bump it);
-- the storage, dtype and device of the first tracked tensor (``model.to(...)`` and
-  ``model.half()`` replace every tensor's data without bumping versions).
+- the sum of the tracked tensors' ``_version`` counters, which every in-place write through the
+  tensor bumps (optimizer steps, ``copy_``, ``load_state_dict``, EMA updates) -- about 60 ns a tensor;
+- the address of each tracked tensor's memory, which ``p.data = w``, ``model.double()`` and
+  ``model.to(...)`` change without bumping a version -- about 70 ns a tensor;
+- a counter of the watch's own, bumped by observer hooks that only count: parameter, buffer and
+  submodule registration on a watched module (a reassigned ``nn.Parameter``), ``load_state_dict``,
+  the end of an optimizer step over the tracked tensors (:mod:`._steps`: fused optimizers write
+  without bumping versions), and the death of a tracked tensor's old memory (a weak reference to
+  its storage: after ``p.data = w`` frees it, a later tensor may get the same address).
 
-The hooks are installed once, when the first module follows weights; they change nothing but a
-counter. An optimizer step in another thread is never read half-done: ``torch.optim``'s global
-step hooks count the steps in progress, reads wait for them, and a step that starts waits until
-the read is over (the step's in-place writes themselves bump the versions).
+An in-place write through ``p.data`` (``p.data.mul_(2)``) goes through a tensor with a version
+counter of its own and leaves the memory where it was: nothing cheap sees it (README, "Training
+loops", says so, with the fix). The hooks are installed once, when the first module follows
+weights; they change nothing but counters. Reads never take another thread's optimizer step
+half-done (:mod:`._steps`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import threading
 import weakref
-from typing import Any, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 
+from . import _steps
 from ._errors import InputError
 
-__all__ = ["WEIGHT_MODES", "WeightWatch", "read_weights", "weights_hash"]
+__all__ = ["WEIGHT_MODES", "WeightWatch", "given_weights", "read_weights", "tied_names", "weights_hash"]
 
 log = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("follow", "snapshot")
 _version = operator.attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
 
-# ---- the global epoch and optimizer steps (observer hooks: they only count) -----------------
-_epoch = [0]
-_stepping = [0]
-_steps = threading.Condition()
+# ---- registration observers (they only count) -----------------------------------------------
 _hooks_installed = False
 _install_lock = threading.Lock()
-
-
-_watched: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # every submodule of every source
-
-
-def _bump(*_: Any, **__: Any) -> None:
-    _epoch[0] += 1
+# every submodule of every source -> the watches over it
+_watched: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakSet[WeightWatch]]" = weakref.WeakKeyDictionary()
 
 
 def _registered(module: torch.nn.Module, *_: Any) -> None:
-    if module in _watched:  # a reassigned parameter, buffer or submodule of a source
-        _epoch[0] += 1
+    watches = _watched.get(module)
+    if watches:  # a reassigned parameter, buffer or submodule of a source
+        for watch in list(watches):
+            watch.bump()
 
 
-def _step_started(*_: Any, **__: Any) -> None:
-    with _steps:  # waits while a weight read is in progress (it holds the condition's lock)
-        _stepping[0] += 1
+def _bump_box(box: list[int], *_: Any, **__: Any) -> None:
+    box[0] += 1
 
 
-def _step_finished(*_: Any, **__: Any) -> None:
-    with _steps:
-        _stepping[0] -= 1
-        _steps.notify_all()
+def _bumper(box: list[int]) -> Callable[..., None]:
+    # A partial of a module-level function, not a closure: it sits in the source's
+    # load_state_dict hooks, and the user's torch.save(model) pickles those.
+    return functools.partial(_bump_box, box)
 
 
 def _install_hooks() -> None:
@@ -83,10 +84,7 @@ def _install_hooks() -> None:
         if _hooks_installed:
             return
         from torch.nn.modules import module as nn_module
-        from torch.optim import optimizer
 
-        optimizer.register_optimizer_step_pre_hook(_step_started)
-        optimizer.register_optimizer_step_post_hook(_step_finished)
         nn_module.register_module_parameter_registration_hook(_registered)
         nn_module.register_module_buffer_registration_hook(_registered)
         nn_module.register_module_module_registration_hook(_registered)
@@ -104,37 +102,83 @@ def _resolve(source: torch.nn.Module, name: str) -> torch.Tensor:
     return tensor
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """For each name of a tensor that ``model`` holds under several names (tied weights, such as an
+    embedding and its output layer), all its names, first in ``state_dict`` order first."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    order = list(model.state_dict(keep_vars=True))
+    in_state = set(order)
+    order += [n for n in tensors if n not in in_state]  # non-persistent buffers, last
+    groups: dict[int, list[str]] = {}
+    for name in order:
+        t = tensors.get(name)
+        if t is not None:
+            groups.setdefault(id(t), []).append(name)
+    return {n: tuple(g) for g in groups.values() if len(g) > 1 for n in g}
+
+
+def given_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """``refit()``'s argument as ``{name: tensor}``: a ``state_dict``-like mapping, or a module (every
+    parameter and buffer under every name, non-persistent buffers and tied names included)."""
+    if isinstance(weights, torch.nn.Module):
+        state = dict(weights.named_parameters(remove_duplicate=False))
+        state.update(weights.named_buffers(remove_duplicate=False))
+        return state
+    if isinstance(weights, Mapping):
+        return dict(weights)
+    import os
+
+    got = f"{type(weights).__name__} {weights!r}" if isinstance(weights, (str, os.PathLike)) else (
+        "None" if weights is None else f"a {type(weights).__name__}")
+    fix = (f"load it first: refit(torch.load({os.fspath(weights)!r}, weights_only=True))"
+           if isinstance(weights, (str, os.PathLike)) else "pass model.state_dict(), torch.load(path, weights_only="
+           "True), or the model itself")
+    raise InputError(f"refit() takes a state_dict (a mapping of names to tensors) or an nn.Module of the same "
+                     f"architecture; got {got}. Fix: {fix}")
+
+
 def read_weights(weights: Mapping[str, tuple[str, str, tuple[int, ...]]], source: Mapping[str, torch.Tensor],
-                 device: torch.device | None = None, *, optional: Collection[str] = ()) -> dict[str, torch.Tensor]:
+                 device: torch.device | None = None, *, optional: Collection[str] = (),
+                 aliases: Mapping[str, Collection[str]] | None = None) -> dict[str, torch.Tensor]:
     """New values for the engine's weights (``{initializer: (source name, dtype, shape)}``) from the
     source tensors ``source`` (a ``state_dict``-like mapping), cast to each weight's dtype, as new
-    contiguous tensors on ``device`` (default: where each source tensor is). Source names in
-    ``optional`` may be missing (a checkpoint has no non-persistent buffers): those weights are
-    left out of the result, and keep their values.
+    contiguous tensors on ``device`` (default: where each source tensor is). A tied tensor may be
+    given under any of its ``aliases`` (``{name: other names}``). Source names in ``optional`` may be
+    missing (a checkpoint has no non-persistent buffers): those weights are left out of the
+    result, and keep their values.
 
     Every name, shape and dtype is checked first: an InputError names the tensor, and nothing is
     read before all pass, so a refit is never half-applied.
     """
     problems = []
+    picked: dict[str, torch.Tensor] = {}
     for onnx_name, (name, dtype, shape) in weights.items():
         t = source.get(name)
+        for other in (aliases or {}).get(name, ()) if t is None else ():
+            t = source.get(other)
+            if t is not None:
+                break
         if t is None:
             if name not in optional:
                 problems.append(f"{name!r} is missing")
+        elif not isinstance(t, torch.Tensor):
+            problems.append(f"{name!r} is a {type(t).__name__}, not a tensor")
         elif tuple(t.shape) != tuple(shape):
             problems.append(f"{name!r} has shape {tuple(t.shape)}, the engine's weight has {tuple(shape)}")
         elif not (t.is_floating_point() or t.dtype == getattr(torch, dtype)):
             problems.append(f"{name!r} is {t.dtype}, the engine's weight is {dtype}")
+        else:
+            picked[onnx_name] = t
     if problems:
         raise InputError("cannot refit: " + "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)"
                          if len(problems) > 8 else "") + ". Fix: pass the weights of the same architecture, or "
                          "compile the new model")
     out = {}
-    for onnx_name, (name, dtype, _) in weights.items():
-        if name not in source:
-            continue  # optional, and not given
-        t = source[name].detach()
-        out[onnx_name] = t.to(device=device or t.device, dtype=getattr(torch, dtype), copy=True).contiguous()
+    for onnx_name, t in picked.items():
+        t = t.detach()
+        out[onnx_name] = t.to(device=device or t.device, dtype=getattr(torch, weights[onnx_name][1]),
+                              copy=True).contiguous()
     return out
 
 
@@ -151,73 +195,118 @@ def weights_hash(values: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _always() -> bool:
+    return True
+
+
 class WeightWatch:
     """A weak link to the source module, and the signature of its tracked weights (see the module
-    docstring). ``changed()`` is what every call of a following module pays."""
+    docstring). ``changed()`` is what every call of a following module pays: a closure made at each
+    read, over what that read saw, so a call does no attribute lookups."""
+
+    changed: Callable[[], bool]
 
     def __init__(self, source: torch.nn.Module, names: list[str]) -> None:
         _install_hooks()
         self.names = names
+        self.tensor_ids: frozenset[int] = frozenset()
+        self.changed = _always  # until the first read or mark
+        self._bumps = [0]  # the hooks' counter (bump())
         self._source = weakref.ref(source, self._gone)
         self._tensors: list[torch.Tensor] = []
         self._versioned: list[torch.Tensor] = []  # those with a version counter
-        self._blind: list[str] = []  # the names of those without
-        self._handles = [m.register_load_state_dict_post_hook(_bump) for m in source.modules()]
-        self._signature: tuple[Any, ...] = ()
+        self._addressed: list[torch.Tensor] = []  # those with memory of their own (not sparse)
+        self._storages: list[weakref.ref[Any]] = []  # their memory: its death bumps the counter
+        self._blind: list[str] = []  # the names of those without a version counter
+        self._handles = [m.register_load_state_dict_post_hook(_bumper(self._bumps)) for m in source.modules()]
+        for m in source.modules():
+            _watched.setdefault(m, weakref.WeakSet()).add(self)
         self._resolve()
+        _steps.install(self)
+
+    def bump(self) -> None:
+        """Something the signature cannot see may have changed the weights: read them at the next call."""
+        self._bumps[0] += 1
 
     def _gone(self, _: Any) -> None:
         # The source is gone: nothing can change any more, and nothing is kept alive.
-        self._tensors = self._versioned = []
+        self._tensors = self._versioned = self._addressed = []
+        self._storages = []
+        self.changed = _always  # the owner finds it dead, and drops it
 
     def _resolve(self) -> None:
         source = self._source()
-        self._tensors = [] if source is None else [_resolve(source, n) for n in self.names]
+        tensors = [] if source is None else [_resolve(source, n) for n in self.names]
         # Inference tensors (made under torch.inference_mode, as a buffer a forward creates lazily
         # there) have no version counter: reading it raises. They can only be written in place
-        # inside inference_mode, which no signature sees; a reassignment still bumps the epoch.
-        self._versioned = [t for t in self._tensors if not t.is_inference()]
-        blind = [n for n, t in zip(self.names, self._tensors) if t.is_inference()]
+        # inside inference_mode, which no signature sees; a reassignment is still seen.
+        self._versioned = [t for t in tensors if not t.is_inference()]
+        blind = [n for n, t in zip(self.names, tensors) if t.is_inference()]
         if blind and blind != self._blind:
             log.warning("weights='follow' cannot see in-place writes made under torch.inference_mode to %s "
                         "(inference tensors have no version counter); a reassignment or load_state_dict is "
                         "still followed. Create them outside inference_mode, or call refit(model) after such writes",
                         ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else ""))
         self._blind = blind
+        addressed, storages = [], []
+        bump = _bumper(self._bumps)
+        for t in tensors:
+            try:
+                storages.append(weakref.ref(t.untyped_storage(), bump))
+                t.data_ptr()
+            except (RuntimeError, NotImplementedError, TypeError):
+                continue  # no memory of its own (sparse, or a subclass): followed by its version
+            addressed.append(t)
+        self._tensors, self._addressed, self._storages = tensors, addressed, storages
+        ids = frozenset(map(id, tensors))
+        if ids != self.tensor_ids:
+            self.tensor_ids = ids
+            _steps.watched_tensors_changed()
         if source is not None:
-            _watched.update(source.modules())
+            for m in source.modules():
+                _watched.setdefault(m, weakref.WeakSet()).add(self)
 
-    def _now(self) -> tuple[Any, ...]:
-        ts = self._tensors
-        if not ts:
-            return ()
-        first = ts[0]
-        return _epoch[0], sum(map(_version, self._versioned)), first.data_ptr(), first.dtype, first.device
+    def _signature(self) -> Callable[[], bool]:
+        """A ``changed()`` that compares against the weights as they are now."""
+        box, versioned, addressed = self._bumps, self._versioned, self._addressed
+        bumps, total, addresses = box[0], sum(map(_version, versioned)), [*map(_data_ptr, addressed)]
+        if not self._tensors:  # the source is gone, or follows nothing
+            return _always if self._source() is None else (lambda: box[0] != bumps)
 
-    def changed(self) -> bool:
-        return self._now() != self._signature
+        def changed() -> bool:
+            return (box[0] != bumps or sum(map(_version, versioned)) != total
+                    or [*map(_data_ptr, addressed)] != addresses)
+
+        return changed
 
     @property
     def alive(self) -> bool:
         return self._source() is not None
 
-    def read(self, weights: Mapping[str, tuple[str, str, tuple[int, ...]]],
-             device: torch.device | None = None) -> dict[str, torch.Tensor] | None:
-        """The source's current weights for the engine (None if the source is gone), read between
-        optimizer steps; the signature they were read at becomes the watch's."""
-        with _steps:
-            while _stepping[0]:
-                _steps.wait()  # an optimizer step in another thread: never read it half-done
+    def mark(self) -> None:
+        """The engine has the source's weights as they are now (a new engine, or a rebuild)."""
+        with _steps.quiet():
             self._resolve()
-            source = self._source()
-            if source is None:
+            self.changed = self._signature()
+
+    def read(self, weights: Mapping[str, tuple[str, str, tuple[int, ...]]],
+             device: torch.device | None = None, *, defer: bool = True) -> dict[str, torch.Tensor] | None:
+        """The source's current weights for the engine, read between optimizer steps; the signature
+        they were read at becomes the watch's. None if the source is gone, or (``defer``) if another
+        thread is inside a step: the caller keeps its weights for now, and the next call reads
+        (call :func:`_steps.wait_for_steps` first, holding no lock, to make that rare)."""
+        with _steps.quiet() as whole:
+            if defer and not whole:
                 return None
-            signature = self._now()
+            self._resolve()
+            if self._source() is None:
+                return None
+            changed = self._signature()  # taken before reading: a write from now on shows at the next call
             state = {n: t for n, t in zip(self.names, self._tensors)}
             values = read_weights(weights, state, device)
             if device is not None and device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # copied before a step can start
-            self._signature = signature
+            self.changed = changed  # only once read: a failed read is tried again at the next call
             return values
 
     def close(self) -> None:

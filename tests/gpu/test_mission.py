@@ -44,3 +44,16 @@ def test_compile_resnet18_lazily(resnet18: torch.nn.Module) -> None:
     assert out.device == x.device
     ttm.assert_parity(resnet18, fast, x)
     ttm.assert_parity(resnet18, fast, torch.randn(3, 3, 224, 224, device="cuda"))
+
+
+def test_compile_resnet18_as_written_in_training_mode() -> None:
+    # Issue 20: torchvision.models.resnet18() is in training mode; compile() compiles its inference
+    # semantics, as torch.onnx.export does, and leaves it in training mode.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).cuda()
+    assert model.training
+    fast = ttm.compile(model, torch.randn(4, 3, 224, 224, device="cuda"))
+    assert model.training and all(m.training for m in model.modules())
+    x = torch.randn(6, 3, 224, 224, device="cuda")
+    model.eval()
+    ttm.assert_parity(model, fast, x)

@@ -28,7 +28,8 @@ from .._errors import BackendUnavailable, EngineLoadError, EngineNotRefittable
 from .._spec import TensorSpec
 
 __all__ = ["RUNTIMES", "BackendChoice", "Runner", "RuntimeChoice", "backend_version", "can_run_plan",
-           "choose_runtime", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on", "select_backend"]
+           "choose_runtime", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on", "select_backend",
+           "usable_device"]
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -66,10 +67,31 @@ class RuntimeChoice:
 
 
 def normalize_device(device: str | torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:N`` (the current device), so devices compare by what they are."""
+    """``cuda`` -> ``cuda:N`` (the current device) and ``cpu:0`` -> ``cpu`` (torch has one CPU device,
+    and its tensors say ``cpu``), so devices compare by what they are."""
     dev = torch.device(device)
+    if dev.type == "cpu":
+        return torch.device("cpu")
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def usable_device(device: str | torch.device, *, what: str = "device=", fix: str = "pass device='cpu', or leave "
+                  "device out (the module then lives where it can run)") -> torch.device:
+    """``device`` as a torch.device, or BackendUnavailable naming it and the fix where it is a CUDA device
+    this machine does not have (torch's own error is "Found no NVIDIA driver", from deep inside)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"{what}{str(device)!r} asks for a CUDA GPU, but torch can use none on this machine "
+            f"(torch.cuda.is_available() is False: no NVIDIA driver or GPU, or a CPU-only torch). Fix: {fix}")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise BackendUnavailable(f"{what}{str(device)!r} asks for CUDA device {dev.index}, but this machine has "
+                                 f"{count} (cuda:0..cuda:{count - 1}). Fix: {fix}")
     return dev
 
 
@@ -161,6 +183,8 @@ def choose_runtime(backend: str, meta: dict[str, Any], device: torch.device | st
             return RuntimeChoice("onnxruntime", "requested")
         raise BackendUnavailable(f"runtime={runtime!r} is not one of {', '.join(map(repr, RUNTIMES))}")
     if not cuda:
+        if (meta.get("model") or {}).get("precision") == "bf16":
+            return _bf16_on_cpu(has_program)
         return RuntimeChoice("onnxruntime", "the module lives on the CPU")
     if why_plan is None:
         return RuntimeChoice(backend, f"{backend} runs the engine on this GPU")
@@ -173,6 +197,19 @@ def choose_runtime(backend: str, meta: dict[str, Any], device: torch.device | st
                                         "program (TorchScript export), so ONNX Runtime runs on the CPU and CUDA "
                                         "tensors are copied to the host and back: slow. Fix: pip install "
                                         "onnxruntime-gpu, or export with exporter='dynamo'")
+
+
+def _bf16_on_cpu(has_program: bool) -> RuntimeChoice:
+    """ONNX Runtime's CPU provider has no bf16 Conv or MatMul (and its Python binding cannot bind
+    bfloat16): a bf16 module on the CPU runs its PyTorch program, in bf16, or cannot run."""
+    why = "ONNX Runtime's CPU provider has no bf16 Conv or MatMul, and its Python binding cannot bind bfloat16"
+    if not has_program:
+        raise BackendUnavailable(
+            f"this bf16 engine cannot run on the CPU: {why}, and the engine has no PyTorch program (its graph came "
+            "from the TorchScript exporter or an .onnx file). Fix: compile with exporter='dynamo' (the PyTorch "
+            "program then runs it in bf16), with precision='fp32', or on a GPU")
+    return RuntimeChoice("torch", f"the module lives on the CPU and is bf16: {why}, so PyTorch runs the bf16 "
+                                  "program captured at compile time")
 
 
 def _announce(choice: RuntimeChoice, device: torch.device) -> None:

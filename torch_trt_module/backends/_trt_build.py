@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from .._errors import BuildError
 from .._spec import TensorSpec
-from ._trt_loader import capture_log, import_tensorrt, logger
+from ._trt_loader import capture_log, import_tensorrt, logger, trt_log
 
 __all__ = ["build_serialized", "builder_flags", "parse_onnx"]
 
@@ -103,14 +103,24 @@ def _monitor(trt: Any, progress: _Progress) -> Any:
     return _Monitor()
 
 
-def parse_onnx(trt: Any, name: str, network: Any, onnx: bytes) -> Any:
-    """Parse ``onnx`` into ``network`` with ``trt``'s ONNX parser; BuildError naming each node it refuses."""
+def parse_onnx(trt: Any, name: str, network: Any, onnx: bytes, *, warn: bool = True) -> Any:
+    """Parse ``onnx`` into ``network`` with ``trt``'s ONNX parser; BuildError naming each node it refuses.
+    ``warn``: log the parser's warnings at WARNING after a successful parse (a probe passes False)."""
     parser = trt.OnnxParser(network, logger(trt))
     with tempfile.TemporaryDirectory(prefix="torch_trt_module_") as tmp:
         path = os.path.join(tmp, "model.onnx")  # from a file: graphs over 2 GB parse too
         with open(path, "wb") as f:
             f.write(onnx)
-        if not parser.parse_from_file(path):
+        # The parser logs each refusal as ERROR lines (ModelImporter.cpp: While parsing node ...) before
+        # it returns False; the BuildError below carries its errors, and the caller decides what the
+        # refusal means (partition='auto' runs the graph elsewhere, with one WARNING). So they go to
+        # DEBUG; a successful parse's warnings are logged as warnings after it.
+        with capture_log(quiet=True) as said:
+            parsed = parser.parse_from_file(path)
+        if parsed and warn:
+            for warning in said.warnings:
+                trt_log.warning("%s", warning)
+        if not parsed:
             errors = []
             for i in range(parser.num_errors):
                 err = parser.get_error(i)

@@ -93,8 +93,9 @@ def _parser() -> _Parser:
     csub = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True, parser_class=_Parser)
     c = csub.add_parser("list", parents=[common], help="entries, least recently used first")
     c.add_argument("--json", action="store_true")
-    c = csub.add_parser("info", parents=[common], help="one entry in full")
-    c.add_argument("key", metavar="KEY_PREFIX")
+    c = csub.add_parser("info", parents=[common], help="one entry in full; without KEY_PREFIX, the cache's counts "
+                        "(builds, local and remote hits, bytes moved, lease waits) and its remote store")
+    c.add_argument("key", metavar="KEY_PREFIX", nargs="?")
     c.add_argument("--json", action="store_true")
     csub.add_parser("clear", parents=[common], help="remove every entry")
     c = csub.add_parser("prune", parents=[common], help="evict LRU entries down to a size")
@@ -103,7 +104,11 @@ def _parser() -> _Parser:
     c = sub.add_parser("export-triton", parents=[common, model, build],
                        help="write a Triton model repository from an engine file or a model")
     c.add_argument("repo_dir", metavar="REPO_DIR")
-    c.add_argument("--name", help="Triton model name (default: from MODEL)")
+    c.add_argument("model_name", metavar="NAME", nargs="?", help="Triton model name (default: from MODEL)")
+    c.add_argument("--name", help="the same as NAME")
+    c.add_argument("--version", type=int, default=1, help="the version directory to write (default 1)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing version directory and a config that differs")
     c.add_argument("--max-batch-size", type=int)
     c.add_argument("--no-dynamic-batching", action="store_true")
     c.add_argument("--instance-count", type=int, default=1)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ._inputs import build, load
     from ._reports import describe, mib
 
+    _check_output(args.output)  # before the export and build it would otherwise come after
     t0 = time.perf_counter()
     source, plan, exported = load(args)
     engine = build(args, source, plan, exported)
@@ -30,11 +32,25 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str) -> None:
+    """UsageError, naming ``-o``, for an output path that no build could be written to."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"-o {path} is a directory; give a file name, e.g. -o {os.path.join(path, 'model.ttm')}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"-o {path}: the directory {folder} does not exist. Fix: create it (mkdir -p {folder}) "
+                         "or write elsewhere")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {path}: the directory {folder} is not writable here. Fix: write elsewhere")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .._onnx import onnx_io, op_summary
     from ._reports import describe, io_tables, layer_info, mib, read_engine
 
     path = args.file
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory; give an engine file, a saved module or an .onnx file")
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist")
     if path.lower().endswith(".onnx"):
@@ -74,8 +90,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .._settings import Settings
     from ._inputs import device_of, dynamic_of, example_inputs, load
 
+    device = device_of(args)  # first: a GPU this machine lacks is said before any work
     source, plan, exported = load(args)
-    device = device_of(args)
     if exported is None:
         assert source.module is not None
         compiled = ttm_compile(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
@@ -202,6 +218,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- cache / export-triton
 
+def _as_flags(message: str) -> str:
+    """export_triton's fixes (``overwrite=True``, ``version=2``, ``model_name``) as this command's options."""
+    message = message.replace("pass overwrite=True", "pass --overwrite")
+    message = re.sub(r"\bversion=(\d+)", r"--version \1", message)
+    return message.replace("use another model_name", "use another NAME")
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from .._cache import EngineCache, parse_size
     from ._reports import describe, mib, text_table
@@ -228,6 +251,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
               "(least recently used first)")
         if rows:
             print(text_table(["key", "size", "last used", "backend", "precision", "inputs"], rows))
+    elif args.cache_command == "info" and args.key is None:
+        return _cache_counts(cache, as_json=args.json)
     elif args.cache_command == "info":
         try:
             e = cache.info(args.key)
@@ -255,21 +280,52 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_counts(cache: Any, *, as_json: bool) -> int:
+    """``cache info`` without a key: what every process that used this directory counted, and the remote store."""
+    from .._fleet_stats import COUNTERS, fleet_totals
+    from .._store import remote_store
+
+    totals = fleet_totals(cache)
+    remote = remote_store(True)
+    report = {"directory": str(cache.root), "entries": len(cache.entries()), "counts": totals,
+              "remote": remote.stats() if remote is not None else None}
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"{cache.root}: {report['entries']} entries")
+    for name in COUNTERS:
+        value = totals[name]
+        print(f"  {name:<20} {value:.1f}" if name.endswith("_s") else f"  {name:<20} {int(value)}")
+    if remote is None:
+        print("remote store: none ($TORCH_TRT_MODULE_REMOTE_CACHE is not set)")
+    else:
+        print("remote store: " + ", ".join(f"{k} {v}" for k, v in report["remote"].items() if k != "store"))
+    return 0
+
+
 def cmd_export_triton(args: argparse.Namespace) -> int:
+    from .._errors import TritonRepoExists
     from .._triton import export_triton
     from ._inputs import build, load
     from ._reports import read_engine
 
+    if args.model_name and args.name and args.model_name != args.name:
+        raise UsageError(f"export-triton got two model names, {args.model_name!r} (NAME) and {args.name!r} (--name); "
+                         "give one")
     if os.path.isfile(args.model) and not args.model.lower().endswith(".onnx"):
         obj = read_engine(args.model)[0]
     else:
         source, plan, exported = load(args)
         obj = build(args, source, plan, exported)
-    name = args.name or os.path.splitext(os.path.basename(args.model.rpartition(":")[2]))[0]
-    options: dict[str, Any] = {"dynamic_batching": not args.no_dynamic_batching, "instance_count": args.instance_count}
+    name = args.model_name or args.name or os.path.splitext(os.path.basename(args.model.rpartition(":")[2]))[0]
+    options: dict[str, Any] = {"dynamic_batching": not args.no_dynamic_batching, "instance_count": args.instance_count,
+                               "version": args.version, "overwrite": args.overwrite}
     if args.max_batch_size is not None:
         options["max_batch_size"] = args.max_batch_size
-    export_triton(obj, args.repo_dir, name, **options)
+    try:
+        export_triton(obj, args.repo_dir, name, **options)
+    except TritonRepoExists as e:  # its fix names export_triton's options: say the command line's
+        raise TritonRepoExists(_as_flags(str(e))) from e
     print(f"wrote Triton model {name!r} ({obj.backend}) to {os.path.join(args.repo_dir, name)}")
     return 0
 

@@ -260,7 +260,18 @@ def dynamic_of(plan: Sequence[tuple[str, torch.dtype, Profile]]) -> dict[str, di
 # --------------------------------------------------------------------------- steps shared by the commands
 
 def device_of(args: Any) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device, or cuda where a GPU is usable and cpu elsewhere; UsageError for a GPU this machine lacks."""
+    from .._errors import BackendUnavailable
+    from ..backends import usable_device
+
+    if not args.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return usable_device(args.device, what="--device ", fix="pass --device cpu, or leave --device out")
+    except BackendUnavailable as e:
+        raise UsageError(str(e)) from None
+    except RuntimeError as e:  # torch.device's own: not a device name
+        raise UsageError(f"--device {args.device!r} is not a device (expected cpu, cuda or cuda:N): {e}") from None
 
 
 def load(args: Any, batches: Sequence[int] = ()) -> tuple[ModelSource, list[tuple[str, torch.dtype, Profile]], Any]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from .._errors import UsageError
 
 __all__ = ["built_for", "describe", "io_tables", "layer_info", "mib", "read_engine", "text_table"]
@@ -17,15 +15,15 @@ def read_engine(path: str) -> tuple[Any, str]:
     """An :class:`~torch_trt_module.Engine` from an engine file or a saved TRTModule, and which it
     was. Both hold the same checksummed container; it is verified before anything is used."""
     from .._engine import Engine
-    from .._saved import engine_of_state
+    from .._saved import engine_of_state, read_state
 
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"TTMBOX") or data.startswith(b"TTMENG"):
         return Engine.from_bytes(data, source=path), "engine file"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
-    except Exception:  # noqa: BLE001 - anything unreadable is answered below
+    if data.startswith(b"PK\x03\x04"):  # a torch.save archive: a cut-off one is "truncated or corrupt"
+        state = read_state(path)  # never runs code from the file
+    else:
         state = None
     for key, value in (state.items() if isinstance(state, dict) else ()):
         if key.endswith("_extra_state") and isinstance(value, dict) and "engine" in value:
