@@ -43,7 +43,7 @@ import filelock
 
 from ._cache_admin import CacheAdmin
 from ._cache_side import CacheSideFiles
-from ._cache_safety import NotRegular, directory_problem, open_regular, ours, read_regular
+from ._cache_safety import NOT_A_DIRECTORY as _NOT_A_DIRECTORY, NotRegular, directory_problem, open_regular, ours, read_regular
 from ._cache_files import (CACHE_DIR_ENV, CACHE_FORMAT_VERSION, MAX_SIZE_ENV, ORPHAN_AGE_S, CacheEntry, Corrupt,
                            DeferredBlob, check_blob, check_name, check_size, parse_meta, parse_size, resolve_cache_dir)
 from ._errors import CacheLockTimeout
@@ -105,6 +105,9 @@ class EngineCache(CacheSideFiles, CacheAdmin):
             return True
         if self._unsafe not in _WARNED_UNSAFE:
             _WARNED_UNSAFE.add(self._unsafe)
+            if self._unsafe.endswith(_NOT_A_DIRECTORY):
+                logger.warning("engine cache %s cannot be used (no reads, no writes): %s", self.root, self._unsafe)
+                return False
             logger.warning("engine cache directory %s is not private, so it is not used (no reads, no writes): %s. "
                            "Others who can write it could plant engines. Or set $TORCH_TRT_MODULE_CACHE_KEY (the "
                            "same secret for everyone who shares it) to share a cache between users of a group",

@@ -22,9 +22,11 @@ import stat
 from pathlib import Path
 from typing import IO
 
-__all__ = ["SUBDIRS", "NotRegular", "directory_problem", "open_regular", "ours", "read_regular"]
+__all__ = ["NOT_A_DIRECTORY", "SUBDIRS", "NotRegular", "directory_problem", "open_regular", "ours", "read_regular"]
 
 SUBDIRS = ("entries", "index", "aux", "locks")
+#: The end of :func:`directory_problem`'s answer for a cache path that is a file.
+NOT_A_DIRECTORY = ". Fix: point cache_dir= (or $TORCH_TRT_MODULE_CACHE) at a directory, or remove the file"
 _NAME = r"[0-9A-Za-z_.-]{1,100}"
 _OURS = {
     "entries": re.compile(rf"(?:{_NAME}\.json|{_NAME}\+{_NAME}\+[0-9a-f]{{16}}\.blob)"),
@@ -108,6 +110,8 @@ def directory_problem(root: Path, *, shared_ok: bool = False) -> str | None:
             continue  # made later, by the cache, with mode 0o700
         except OSError as e:
             return f"{d} cannot be checked ({e})"
+        if d == path and not stat.S_ISDIR(st.st_mode):
+            return f"{d} is not a directory{NOT_A_DIRECTORY}"
         if d == path:
             for sub in ("", *SUBDIRS):
                 with contextlib.suppress(FileNotFoundError):

@@ -170,3 +170,14 @@ def test_a_directory_of_another_user_is_not_used(tmp_path: Path) -> None:
         compile_tiny(0, root)
     assert len(warned) == 1 and f"{root}: it belongs to another user (uid 65534, you are 0). Fix: chmod 700 " \
         f"{root}, and chown it to yourself" in warned[0]
+
+
+def test_a_cache_path_that_is_a_file_is_one_warning_and_compile_works(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-dir"
+    path.write_bytes(b"mine")
+    with capture_warnings() as warned:
+        for seed in (0, 0):
+            assert outputs_ok(compile_tiny(seed, path), seed)
+    assert warned == [f"torch_trt_module._cache: engine cache {path} cannot be used (no reads, no writes): {path} is not a directory. Fix: "
+                      "point cache_dir= (or $TORCH_TRT_MODULE_CACHE) at a directory, or remove the file"]
+    assert path.read_bytes() == b"mine"
