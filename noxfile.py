@@ -1,6 +1,6 @@
 """Test sessions. ``nox -s tests`` is CI's run (pinned by constraints.txt); ``nox -s latest``
 installs the newest releases of every dependency instead, to see drift before it breaks CI
-(its last result is in the README's Development section).
+(docs/CONTRIBUTING.md, "Tests"; no result of it is recorded there yet).
 
     pip install nox && nox -s latest
 """

@@ -1,15 +1,16 @@
 """Run the conformance zoo, the torchvision classifier sweep and the coverage sets; write the
-README's support tables.
+support tables of docs/supported-models.md.
 
 Every case (../shared/zoo/cases.md, tabled in tests/zoo/cases.py), every
 classifier and every model of the coverage sets runs in its own subprocess with a
 timeout, so one hang or crash costs one row, not the run. Results go to
 ``benchmarks/zoo_results.json`` (zoo and sweep) and ``benchmarks/zoo_hf_results.json`` /
 ``benchmarks/zoo_timm_results.json`` (the coverage sets), each rewritten after every
-row, so a long run can be resumed with ``--resume``, and to README.md, between
+row, so a long run can be resumed with ``--resume``, and to docs/supported-models.md, between
 ``<!-- zoo-table:start -->`` and ``<!-- zoo-table:end -->`` and, for the coverage
 sets, between ``<!-- coverage-hf:start/end -->`` and ``<!-- coverage-timm:start/end -->``
-(inserted after the zoo table where missing; no other README text is touched).
+(inserted after the zoo table where missing; no other text of the page is touched). The
+``--readme`` names of the options are kept from when the tables were in README.md.
 
 The coverage sets (issue 14, "Measure: Coverage"; the models are in zoo_models.py):
 ``hf`` (Hugging Face transformers base models, tiny random configs) and ``timm``
@@ -18,11 +19,11 @@ The coverage sets (issue 14, "Measure: Coverage"; the models are in zoo_models.p
 defaults) and is compared with eager (class M) at batch 1 (the profile's min) and 3.
 
 Usage:
-    python benchmarks/zoo_report.py                 # zoo + sweep + hf + timm, then README
+    python benchmarks/zoo_report.py                 # zoo + sweep + hf + timm, then the docs page
     python benchmarks/zoo_report.py --only zoo      # or: --only sweep, --only hf, --only timm
     python benchmarks/zoo_report.py --models resnet18,vgg11 --no-readme
     python benchmarks/zoo_report.py --only timm --models resnet18,vit_tiny_patch16_224
-    python benchmarks/zoo_report.py --readme-only   # re-render the README (and RESULTS.md's Coverage) from the JSON
+    python benchmarks/zoo_report.py --readme-only   # re-render the docs page (and RESULTS.md's Coverage) from the JSON
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ if str(ROOT / "benchmarks") not in sys.path:
 RESULTS = ROOT / "benchmarks" / "zoo_results.json"
 COVERAGE_RESULTS = {"hf": ROOT / "benchmarks" / "zoo_hf_results.json",
                     "timm": ROOT / "benchmarks" / "zoo_timm_results.json"}
-README = ROOT / "README.md"
+SUPPORTED_MODELS = ROOT / "docs" / "supported-models.md"  # the tables' page (README.md before issue 22)
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 START, END = "<!-- zoo-table:start -->", "<!-- zoo-table:end -->"
 POINTS = ("min", "max", "off")
@@ -623,7 +624,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- docs/supported-models.md
 
 def _e(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -649,7 +650,7 @@ def render(data: dict[str, Any]) -> str:
         "without a GPU the compiled modules run on ONNX Runtime, so the parity figures are ONNX Runtime's. "
         "Full results: `benchmarks/zoo_results.json`.",
         "",
-        "### Conformance cases",
+        "## Conformance cases",
         "",
         "The cases of `shared/zoo/cases.md`, each checked at the profile's min, max and an off-opt shape "
         "against eager with its tolerance class (S: abs 1e-5 or rel 1e-3; M: abs 1e-3 or rel 1e-2 and "
@@ -680,7 +681,7 @@ def render(data: dict[str, Any]) -> str:
     rate = f"{s['sweep_pass_rate']:.1%}" if s["sweep_pass_rate"] is not None else "-"
     lines += [
         "",
-        "### torchvision classifiers",
+        "## torchvision classifiers",
         "",
         f"Every model of `torchvision.models.list_models(module=torchvision.models)`, random weights, batch "
         f"profile 1/2/4, input 224x224 or the architecture's documented minimum if larger, parity class M at "
@@ -722,17 +723,18 @@ def render(data: dict[str, Any]) -> str:
 
 
 def write_readme(table: str, coverage: dict[str, str] | None = None) -> None:
-    """The zoo/sweep block, then each coverage set's block (``coverage``: set -> text) after it."""
-    text = README.read_text(encoding="utf-8") if README.exists() else ""
+    """Into docs/supported-models.md: the zoo/sweep block, then each coverage set's block
+    (``coverage``: set -> text) after it."""
+    text = SUPPORTED_MODELS.read_text(encoding="utf-8") if SUPPORTED_MODELS.exists() else ""
     text = replace_block(text, START, END, table, after=None)
     previous = END
     for kind, body in (coverage or {}).items():
         start, end = coverage_markers(kind)
         text = replace_block(text, start, end, body, after=previous)
         previous = end
-    tmp = README.with_suffix(".md.tmp")
+    tmp = SUPPORTED_MODELS.with_suffix(".md.tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, README)
+    os.replace(tmp, SUPPORTED_MODELS)
 
 
 def coverage_markers(kind: str) -> tuple[str, str]:
@@ -742,7 +744,7 @@ def coverage_markers(kind: str) -> tuple[str, str]:
 def replace_block(text: str, start: str, end: str, body: str, after: str | None) -> str:
     """``text`` with what lies between the markers ``start`` and ``end`` replaced by ``body``. Missing
     markers are inserted after the line holding ``after`` (another block's end marker) or, without
-    it, at the end under a "## Supported models" heading."""
+    it, at the end (under a "# Supported models" title where the page is new)."""
     block = f"{start}\n{body}\n{end}"
     if start in text and end in text and text.index(start) < text.index(end):
         head, rest = text.split(start, 1)
@@ -751,8 +753,10 @@ def replace_block(text: str, start: str, end: str, body: str, after: str | None)
     if after is not None and after in text:
         head, tail = text.split(after, 1)
         return f"{head}{after}\n\n{block}{tail}"
-    sep = "" if not text or text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
-    return f"{text}{sep}## Supported models\n\n{block}\n"
+    if not text.strip():
+        return f"# Supported models\n\n{block}\n"
+    sep = "" if text.endswith("\n\n") else ("\n" if text.endswith("\n") else "\n\n")
+    return f"{text}{sep}{block}\n"
 
 
 def _pct(v: Any) -> str:
@@ -795,7 +799,7 @@ def _short(text: str, limit: int) -> str:
 
 
 def render_coverage(kind: str, data: dict[str, Any]) -> str:
-    """The README block of one coverage set."""
+    """The docs/supported-models.md block of one coverage set."""
     rows, env = data.get("rows", []), data.get("environment", {})
     s = coverage_summary(rows)
     title = COVERAGE_TITLES[kind]
@@ -803,7 +807,7 @@ def render_coverage(kind: str, data: dict[str, Any]) -> str:
     verdict = "met" if s["meets_goal"] else "not met"
     lib = (f"transformers {env.get('transformers')}" if kind == "hf" else f"timm {env.get('timm')}")
     lines = [
-        f"### {title}",
+        f"## {title}",
         "",
         f"Generated by `python benchmarks/zoo_report.py --only {kind}` on {data.get('generated', '?')} ({lib}, "
         f"torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}, TensorRT-RTX {env.get('tensorrt_rtx')}, "
@@ -880,7 +884,7 @@ def coverage_results_md(blocks: dict[str, dict[str, Any]]) -> str:
              f"example, max_batch={COVERAGE_MAX_BATCH})` and the defaults (`verify=True`, `partition='auto'`), in "
              "its own process, then compared with eager (class M: abs 1e-3 or rel 1e-2, cosine > 0.999) at batch "
              f"{' and '.join(map(str, COVERAGE_BATCHES))}. The tables, with every failure's reason, are in "
-             "README.md, \"Supported models\". Goal: >= 95% run correctly under `partition='auto'`.", ""]
+             "docs/supported-models.md. Goal: >= 95% run correctly under `partition='auto'`.", ""]
     lines += ["| set | command | measured | models | run correctly | full graph | partitioned | wrong | failed | "
               "goal >= 95% |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     machines = set()
@@ -991,9 +995,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", help="comma-separated case labels (default: all)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per case or model (default 900)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in the JSON, run the rest")
-    ap.add_argument("--no-readme", action="store_true", help="do not touch README.md")
-    ap.add_argument("--readme-only", action="store_true",
-                    help="re-render README.md (and RESULTS.md's Coverage section) from the JSON files")
+    ap.add_argument("--no-readme", "--no-docs", dest="no_readme", action="store_true",
+                    help="do not touch docs/supported-models.md")
+    ap.add_argument("--readme-only", "--docs-only", dest="readme_only", action="store_true",
+                    help="re-render docs/supported-models.md (and RESULTS.md's Coverage section) from the JSON files")
     a = ap.parse_args(argv)
     if a.child:
         child_main(*a.child)

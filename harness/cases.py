@@ -5,7 +5,7 @@ function that makes the call's ``(args, kwargs)`` from a few named sizes, the
 ``dynamic=`` profile, the sizes of the example and of the three test points
 (the profile's min, its max, and a point that is not the opt), and the
 tolerance class. ``tests/zoo/test_zoo.py`` runs them; ``benchmarks/zoo_report.py``
-runs them again for the README table.
+runs them again for the table of docs/supported-models.md.
 
 Inputs are drawn from a generator seeded per point, so a point's inputs do not
 depend on which tests ran before it.

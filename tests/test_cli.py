@@ -293,8 +293,9 @@ def test_export_triton_writes_the_engine_with_the_options(engine_file: Path, tmp
 
 
 def test_export_triton_takes_the_readme_s_positional_name_and_its_fixes_are_flags(tmp_path: Path) -> None:
-    """issue 24: README's `export-triton model.pt model_repository resnet18` failed with "unrecognized
-    arguments: resnet18", and a re-run suggested overwrite=True and version=2, which the CLI lacked."""
+    """issue 24: the README's (now docs/triton.md's) `export-triton model.pt model_repository resnet18`
+    failed with "unrecognized arguments: resnet18", and a re-run suggested overwrite=True and version=2,
+    which the CLI lacked."""
     saved = tmp_path / "model.pt"
     ttm.save(ttm.compile(torch.nn.Linear(16, 4).eval(), torch.randn(2, 16), cache=False, backend="onnxruntime"), saved)
     repo = tmp_path / "model_repository"

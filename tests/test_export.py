@@ -215,7 +215,7 @@ def test_a_batch_1_input_beside_a_batched_one_broadcasts_and_stays_static() -> N
 
 
 def test_when_every_input_has_batch_1_every_dim_0_is_dynamic() -> None:
-    # The example cannot tell a batch from a broadcast: both stay dynamic (README, "dynamic").
+    # The example cannot tell a batch from a broadcast: both stay dynamic (docs/api.md, "dynamic").
     model = AddsPositions().eval()
     ex = ttm.export_onnx(model, (torch.randn(1, 8), torch.randn(1, 8)))
     assert [s.profile_str() for s in ex.inputs] == ["(1..32, 8)", "(1..32, 8)"]

@@ -133,7 +133,7 @@ def test_new_memory_at_the_address_of_freed_memory_is_seen() -> None:
 
 
 def test_in_place_writes_through_data_outside_a_step_need_a_refit_as_documented() -> None:
-    """The one write nothing cheap can see (README, "Training loops"): p.data has a version counter of
+    """The one write nothing cheap can see (docs/weights-and-refit.md): p.data has a version counter of
     its own and the memory stays where it was. refit(model) is the fix; p.mul_ under no_grad is followed."""
     model = _model()
     fast = ttm.compile(model, _x(), cache=False)

@@ -26,8 +26,8 @@ at every call, compares a signature of its weights with the one the engine was r
   its storage: after ``p.data = w`` frees it, a later tensor may get the same address).
 
 An in-place write through ``p.data`` (``p.data.mul_(2)``) goes through a tensor with a version
-counter of its own and leaves the memory where it was: nothing cheap sees it (README, "Training
-loops", says so, with the fix). The hooks are installed once, when the first module follows
+counter of its own and leaves the memory where it was: nothing cheap sees it (docs/weights-and-refit.md,
+"How a change is noticed", says so, with the fix). The hooks are installed once, when the first module follows
 weights; they change nothing but counters. Reads never take another thread's optimizer step
 half-done (:mod:`._steps`).
 """

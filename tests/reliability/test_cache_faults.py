@@ -115,7 +115,7 @@ def test_disk_full_while_storing(tmp_path: Path) -> None:
 
 
 def test_summary_line_format() -> None:
-    # benchmarks/fault_injection.py prints this line and the README quotes it.
+    # benchmarks/fault_injection.py prints this line and docs/reliability.md quotes it.
     c = Counts(injected=3, recovered=3)
     assert c.line() == "faults injected: 3, recovered: 3, wrong results: 0, corrupt served: 0, lost entries: 0"
     assert c.clean and not Counts().clean and not Counts(injected=2, recovered=1).clean

@@ -32,7 +32,7 @@ from ._torch_passes import WeightPlan, optimize_graph
 __all__ = ["AUTO_INDUCTOR", "Optimized"]
 
 #: Whether ``optimize="auto"`` compiles with TorchInductor on a GPU (else: the passes only, and
-#: ``optimize="inductor"`` asks for it). See README "Backends" for the measurements behind it.
+#: ``optimize="inductor"`` asks for it). See docs/backends.md, "The PyTorch runtime", for why.
 AUTO_INDUCTOR = False
 
 log = logging.getLogger(__name__)
