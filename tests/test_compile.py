@@ -494,3 +494,21 @@ def test_eval_semantics_nests_and_the_last_block_out_restores() -> None:
     assert not model.lin.training
     parent.__exit__(None, None, None)
     assert _modes(model) == before
+
+
+def test_lazy_modules_and_the_dynamo_backend_never_join_a_collective_unasked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first call is reached by whichever ranks reach it (a rank-0-only evaluation): only an explicit
+    process_group= may make its build a collective; compile() with example inputs takes the group."""
+    from torch_trt_module import _fleet
+
+    seen: list[object] = []
+    real = _fleet.fleet_group
+    monkeypatch.setattr(_fleet, "fleet_group", lambda s: seen.append(s.process_group) or real(s))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 4)
+    ttm.compile(model, x, cache_dir=None)
+    lazy = ttm.compile(model, None)
+    torch.testing.assert_close(lazy(x), model(x))
+    compiled = torch.compile(model, backend="torch_trt_module")
+    torch.testing.assert_close(compiled(x), model(x))
+    assert seen[0] is None and seen[1:] and all(s is False for s in seen[1:]), seen
