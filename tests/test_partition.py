@@ -149,3 +149,15 @@ def test_a_graph_whose_engine_build_fails_at_its_first_call_counts_as_pytorch(
     assert all(p["runs"] == "pytorch" for p in parts)
     assert any("BuildError: forced for the test" in p["why"] for p in parts)
     assert f"on engines=0, in PyTorch={len(parts)}" in repr(fast)
+
+
+def test_the_fallback_warning_carries_the_export_error_whole(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 24: the warning was cut at 300 characters, mid-word ("leave it out of dyna)")."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
+        fast = ttm.compile(ItemBranch().eval(), torch.randn(2, 8), cache=False)
+    assert isinstance(fast, ttm.PartitionedModule)
+    (msg,) = [r.getMessage() for r in caplog.records if "does not export as one graph" in r.getMessage()]
+    reason = msg.split("does not export as one graph (", 1)[1].rsplit("). partition='auto'", 1)[0]
+    assert len(reason) > 300 and reason.endswith((".", ")", "'", '"')), reason[-80:]
