@@ -20,6 +20,7 @@ from torch_trt_module._compare import (
     compare_outputs,
     verify,
 )
+import torch_trt_module as ttm
 from torch_trt_module._errors import VerificationError
 
 INF, NAN = float("inf"), float("nan")
@@ -443,3 +444,18 @@ def test_assert_parity() -> None:
         assert_parity(model, _perturbed(model, 1e-2), x, rtol=1e-6)
     assert isinstance(e.value, VerificationError)
     assert str(e.value).startswith("parity: compiled vs eager: FAIL (0/1 outputs pass)\noutput")
+
+
+def test_verify_compares_with_the_inference_semantics_of_a_training_model() -> None:
+    """compile(resnet18()) leaves the model in training mode; verify() compares the compiled module
+    (which computes inference) with the model's inference semantics, and leaves its modes alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    fast = ttm.compile(model, torch.randn(4, 8), cache=False)
+    assert model.training and all(m.training for m in model)
+    report = ttm.verify(model, fast, torch.randn(6, 8))
+    assert report.passed, str(report)
+    assert model.training and all(m.training for m in model)

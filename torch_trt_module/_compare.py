@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ._errors import VerificationError
+from ._modes import eval_semantics
 from ._numerics import POLICY, Tolerance, eager_uses_tf32, numerics_of, policy_for, strict_fp32
 from ._signature import split_inputs
 from ._tree import TreeSpec, flatten, leaf_paths
@@ -372,7 +373,10 @@ def verify(model: Callable[..., Any], compiled: Any, inputs: Any, *, rtol: PerOu
         reports = []
         for ref in refs:
             if ref == "eager":
-                with _strict_if(strict_fp32):
+                # A compiled module computes inference: compare with the model's inference semantics
+                # too, whatever mode it is in (compile(resnet18()) leaves it training); modes restored.
+                modes = eval_semantics(model) if isinstance(model, torch.nn.Module) else contextlib.nullcontext()
+                with _strict_if(strict_fp32), modes:
                     expected = model(*args, **kwargs)
             else:
                 expected = run_ort(*args, **kwargs)
