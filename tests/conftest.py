@@ -1,11 +1,15 @@
-"""Shared fixtures: a per-test cache directory, seeded RNG, and the GPU markers."""
+"""Shared fixtures: a per-test cache directory, seeded RNG, the GPU markers, and a real Redis server."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
+
+from harness.redis_server import RedisServer, redis_missing
 
 
 def _has_trt_runtime() -> bool:
@@ -51,3 +55,19 @@ def rtx_required() -> None:
     from ._support import require_rtx
 
     require_rtx()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a loopback port for this test, stopped after it. Skips where none can be
+    started (the reason says why); fails in CI, which installs it."""
+    why = redis_missing()
+    if why is not None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI installs redis-server and the redis client, but: {why}")
+        pytest.skip(f"needs a real Redis server: {why}")
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,4 +1,4 @@
-"""The remote tier (_store, _remote) against a real redis-server on loopback, started and stopped here.
+"""The remote tier (_store, _remote) against a real redis-server on loopback (conftest's ``redis_server``).
 
 "Machines" are processes with cache directories of their own; they share nothing but the server.
 """
@@ -9,13 +9,12 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
-import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -26,62 +25,7 @@ from torch_trt_module._io import unpack
 from torch_trt_module._settings import Settings
 from torch_trt_module._store import MemoryStore, unpack_entry
 
-PREFIX = "torch_trt_module:"
-
-
-class RedisServer:
-    def __init__(self, tmp: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--save", "", "--appendonly", "no", "--dir", str(tmp), "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        self.client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-        for _ in range(100):  # at most ~5 s
-            try:
-                if self.client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port}")
-
-    def entries(self) -> list[bytes]:
-        return sorted(self.client.keys(PREFIX + "entry-*"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-
-
-def _redis_missing() -> str | None:
-    if shutil.which("redis-server") is None:
-        return "no redis-server binary (apt-get install redis-server)"
-    try:
-        import redis  # noqa: F401
-    except ImportError as e:
-        return f"the redis client is not installed ({e})"
-    return None
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    why = _redis_missing()
-    if why is not None:
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"CI installs redis-server and the redis client, but: {why}")
-        pytest.skip(f"needs a real Redis server: {why}")
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.stop()
+from harness.redis_server import PREFIX, RedisServer
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -162,6 +106,33 @@ def test_a_builder_killed_mid_build_loses_its_lease_and_another_takes_over(redis
     meta, blobs = unpack_entry(key, redis_server.client.get(entries[0]), source="test")
     assert meta["backend"] == "onnxruntime" and "onnx" in blobs
     assert redis_server.client.keys(PREFIX + "lease-*") == []
+
+
+def test_a_waiter_sees_a_finished_build_within_a_fifth_of_a_second(redis_server: RedisServer) -> None:
+    """A waiter polls at most every 0.2 s: it used to back off to 1 s, and a cold fleet's workers then
+    sat idle ~0.5 s on average after the build was stored."""
+    from torch_trt_module._remote import RedisStore
+
+    builder, waiter = RedisStore(redis_server.url), RedisStore(redis_server.url)
+    held, stored_at = threading.Event(), []
+
+    def build() -> None:
+        with builder.lease("k", done=("entry-k",)) as lease:
+            assert lease.held
+            held.set()
+            time.sleep(1.7)  # the waiter's pauses have grown to their longest (the old 1 s polled at 1.55, 2.55)
+            assert builder.put("entry-k", b"engine")
+            stored_at.append(time.monotonic())
+            time.sleep(1.0)  # still held: the waiter must see the stored entry, not a free lease
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    with waiter.lease("k", done=("entry-k",)) as lease:
+        seen = time.monotonic()
+    thread.join(timeout=10)
+    assert not lease.held and lease.waited_s > 1.5
+    assert seen - stored_at[0] < 0.45, f"the waiter saw the stored entry {seen - stored_at[0]:.2f} s late"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

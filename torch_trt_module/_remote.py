@@ -9,8 +9,9 @@ ours default to 10 and 2), and our own ``lease_ttl`` (30 s), ``lease_wait`` (900
   ``<prefix>entry-<key>``, ``<prefix>index-<fingerprint>`` and ``<prefix>lease-<name>``.
 - **One builder per name:** ``SET lease NX PX ttl`` with a random token, renewed every third of the
   ttl by a thread while the build runs, and deleted only by its holder (compare-and-delete in Lua).
-  Others poll until the result is stored or the lease is free, for at most ``lease_wait`` seconds,
-  then build themselves. A killed builder renews nothing: its lease expires after ``lease_ttl``.
+  Others poll until the result is stored or the lease is free (every 0.2 s at most: a finished
+  build is seen within that, for two round trips a poll), for at most ``lease_wait`` seconds, then
+  build themselves. A killed builder renews nothing: its lease expires after ``lease_ttl``.
 - **Faults never fail a compile:** an unreachable or timed-out server gives one WARNING per outage,
   and for 30 s every call is a miss without a network round trip; then it is tried again.
 - **Size and eviction:** entries above ``max_entry`` are not uploaded (Redis refuses values above its
@@ -38,6 +39,10 @@ log = logging.getLogger("torch_trt_module._cache")
 
 T = TypeVar("T")
 _RETRY_AFTER_S = 30.0
+# A waiter's pauses between polls: doubling from the first to the last. The last bounds how late a
+# waiter sees a finished build (it was 1 s: a cold fleet lost ~0.5 s on average there); a poll is one
+# SET NX and one EXISTS, so even hundreds of waiters polling 5 times a second cost Redis little.
+_POLL_FIRST_S, _POLL_MAX_S = 0.02, 0.2
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _STORES: dict[str, "RedisStore"] = {}
@@ -151,7 +156,7 @@ class RedisStore:
         """Hold the build lease ``name`` (renewed while held), or wait until one of ``done`` exists, the
         lease is free or ``lease_wait_s`` passes. An unreachable server: not held, no wait."""
         lease_key, token, ttl_ms = f"{self.prefix}lease-{name}", secrets.token_hex(16), int(self.lease_ttl_s * 1000)
-        start, pause, waited = time.monotonic(), 0.05, False
+        start, pause, waited = time.monotonic(), _POLL_FIRST_S, False
         take = lambda r: r.set(lease_key, token, nx=True, px=ttl_ms)  # noqa: E731
         while not self._call("taking a build lease", take, None):
             if time.monotonic() >= self._down_until and not waited:
@@ -167,7 +172,7 @@ class RedisStore:
                 yield Lease(False, time.monotonic() - start)
                 return
             time.sleep(pause)
-            pause = min(pause * 2, 1.0)
+            pause = min(pause * 2, _POLL_MAX_S)
         stop = threading.Event()
         renew = threading.Thread(target=self._renew, args=(lease_key, token, ttl_ms, stop), daemon=True,
                                  name=f"torch_trt_module-lease-{name[:8]}")
