@@ -129,22 +129,25 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
     m = model.to(device)
     out = []
     for name in names:
-        fp16 = name.endswith("-fp16")
+        # "trtmodule-fp16@passes": a compile() option beside the defaults (optimize=), for comparison
+        base, _, optimize = name.partition("@")
+        fp16 = base.endswith("-fp16")
         ctx = (lambda: torch.autocast(device.type, torch.float16)) if fp16 else contextlib.nullcontext
         try:
-            if name.startswith("eager"):
+            if base.startswith("eager"):
                 fn: Any = m
-            elif name.startswith("torch.compile"):
-                fn = torch.compile(m, mode="reduce-overhead" if name.endswith("reduce-overhead") else None)
+            elif base.startswith("torch.compile"):
+                fn = torch.compile(m, mode="reduce-overhead" if base.endswith("reduce-overhead") else None)
             else:
                 t0 = time.perf_counter()
                 fn = ttm.compile(m, ((), {k: v.to(device) for k, v in example.items()}),
                                  dynamic={k: {0: (1, 8, hi)} for k in example}, precision="fp16" if fp16 else "fp32",
-                                 cast_inputs=fp16, cuda_graphs=name.endswith("cudagraphs"))
+                                 cast_inputs=fp16, cuda_graphs=base.endswith("cudagraphs"),
+                                 **({"optimize": optimize} if optimize else {}))
                 print(f"{name}: compile() {time.perf_counter() - t0:.1f} s; {fn!r}", file=sys.stderr)
                 ctx = contextlib.nullcontext
         except Exception as e:  # noqa: BLE001 - the other rows still run
-            out.append(Candidate(name, device, reason=f"failed to set up: {type(e).__name__}: {e}".splitlines()[0]))
+            out.append(Candidate(name, device, reason=f"failed to set up: {type(e).__name__}: {e}"[:3000]))
             continue
 
         def call(kw: dict[str, torch.Tensor], fn: Any = fn, ctx: Any = ctx) -> Any:
@@ -163,7 +166,7 @@ def bench_model(name: str, backends: list[str], batches: list[int], device: torc
     torch.manual_seed(0)
     model = factory().eval()
     exported, export_error = None, None
-    if set(backends) <= set(GPU_BACKENDS) and set(backends) - {"eager", "torch.compile"}:
+    if {b.partition("@")[0] for b in backends} <= set(GPU_BACKENDS) and set(backends) - {"eager", "torch.compile"}:
         # issue 21's comparison: every backend from the model, no exported graph needed
         cands = _user_candidates(backends, model, inputs(2), max(32, *batches), device)
         return _time_rows(name, cands, batches, args)
@@ -225,7 +228,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         chunk = f"**{model}**\n\n" + markdown_table(
             ["backend", "batch", "median ms", "p90 ms", "p99 ms", "samples/s", "speed vs eager", "timed calls",
              "first call s"], table)
-        reasons = [f"- {r['backend']}: {r['reason']}" for r in mine if r["status"] == "not runnable"]
+        reasons = [f"- {r['backend']}: {r['reason'].splitlines()[0]}" for r in mine if r["status"] == "not runnable"]
         out.append(chunk + ("\n\n" + "\n".join(reasons) if reasons else ""))
     return "\n\n".join(out) + "\n"
 

@@ -459,3 +459,19 @@ def test_verify_compares_with_the_inference_semantics_of_a_training_model() -> N
     report = ttm.verify(model, fast, torch.randn(6, 8))
     assert report.passed, str(report)
     assert model.training and all(m.training for m in model)
+
+
+def test_the_cosine_bound_waits_for_a_reference_above_the_absolute_floor() -> None:
+    # Random-init mobilenet_v3_small's logits are ~2e-9; fp16 rounds them to 0 (cosine 0). Every
+    # element is within atol, so the output passes (it failed compile()'s check on the H100).
+    from torch_trt_module._numerics import POLICY
+
+    tiny = torch.full((2, 1000), 2e-9, dtype=torch.float64)
+    report = compare_outputs(torch.zeros_like(tiny), tiny, tolerance=POLICY["fp16"])
+    assert report.passed and only(report).cosine == 0.0
+    # Above the floor the bound still applies: a reversed output at rms 1 fails on it.
+    big = torch.linspace(-1.0, 1.0, 100, dtype=torch.float64)
+    report = compare_outputs(-big * 1e-4 + big, big, tolerance=POLICY["fp16"])
+    assert report.passed
+    bad = compare_outputs(big.roll(1), big, rtol=2.0, tolerance=POLICY["fp16"])  # elementwise passes
+    assert "cosine similarity" in only(bad).reason

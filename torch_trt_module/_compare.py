@@ -300,7 +300,10 @@ def _compare_one(name: str, a: torch.Tensor, r: torch.Tensor, tol: Tolerance,
                       f"median_{kind}": percentile(v, 50), f"p99_{kind}": percentile(v, 99)})
     finite = np.isfinite(a64) & np.isfinite(r64)
     cosine = _cosine(a64[finite], r64[finite])
-    if cosine < min_cosine:
+    # The direction bound means something only for a reference above the absolute floor: an
+    # output of random-init mobilenet_v3_small is ~2e-9, which fp16 rounds to 0 (cosine 0),
+    # while every element is within atol of it.
+    if cosine < min_cosine and rms > tol.atol:
         reasons.append(f"cosine similarity {cosine:.7f} < {min_cosine:g}")
     return OutputReport(**base, **stats, passed=not reasons, cosine=cosine,
                         num_failed=num_failed, fraction_failed=num_failed / n if n else 0.0,

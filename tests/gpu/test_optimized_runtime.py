@@ -23,7 +23,7 @@ from torch import nn
 import torch_trt_module as ttm
 from torch_trt_module import _compile
 from torch_trt_module._compare import compare_outputs
-from torch_trt_module._numerics import eager_uses_tf32, policy_for
+from torch_trt_module._numerics import eager_uses_tf32, policy_for, strict_fp32
 
 pytestmark = pytest.mark.gpu
 torchvision = pytest.importorskip("torchvision")
@@ -65,25 +65,39 @@ def test_the_optimized_program_matches_eager_at_the_profile_corners(precision: s
 
 @pytest.mark.parametrize("optimize", ["passes", "inductor"])
 def test_follow_mode_refolds_batchnorm_through_a_training_loop(optimize: str) -> None:
+    """After every step (BatchNorm statistics and every weight moved), the followed module equals
+    eager in IEEE fp32, and an explicit refit changes nothing (it was not stale).
+
+    Both sides run under strict_fp32(): in TF32, two correct programs that round differently (a
+    folded convolution, an unfolded one) drift apart once training drives the logits toward a
+    small difference of large sums (the first run of this test on the H100, with a loss of
+    ``output.square()``: 8 of 10 steps "failed" with nothing stale). TF32 parity is the corners test's.
+    """
     model = _resnet()
     fast = ttm.compile(model, torch.randn(4, 3, 64, 64, device="cuda"), cache=False, optimize=optimize)
     assert "BatchNorms folded" in fast.runner.optimized
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    stale = 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    target = torch.randn(8, 1000, device="cuda")
+    mismatched, stale = [], []
     for step in range(10):
         model.train()
-        x = torch.randn(8, 3, 64, 64, device="cuda")
-        loss = model(x).square().mean()  # moves BatchNorm statistics and every weight
+        loss = (model(torch.randn(8, 3, 64, 64, device="cuda")) - target).square().mean()
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        opt.step()  # and the forward above moved every BatchNorm's running statistics
         model.eval()
         y = torch.randn(4, 3, 64, 64, device="cuda")
-        with torch.no_grad():
+        with torch.no_grad(), strict_fp32():
             want = model(y)
-        if not compare_outputs(fast(y), want, tolerance=_policy("fp32")).passed:
-            stale += 1
-    assert stale == 0
+            got = fast(y)
+            report = compare_outputs(got, want, tolerance=policy_for("fp32"))
+            if not report.passed:
+                mismatched.append(f"step {step}: {report}")
+            fast.refit(model)
+            if not torch.allclose(fast(y), got, rtol=1e-6, atol=1e-6):
+                stale.append(step)
+    assert not stale, f"follow mode served stale weights at steps {stale}"
+    assert not mismatched, "\n".join(mismatched)
 
 
 _LOAD = """

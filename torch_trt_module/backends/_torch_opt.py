@@ -33,7 +33,7 @@ __all__ = ["AUTO_INDUCTOR", "Optimized"]
 
 #: Whether ``optimize="auto"`` compiles with TorchInductor on a GPU (else: the passes only, and
 #: ``optimize="inductor"`` asks for it). See docs/backends.md, "The PyTorch runtime", for why.
-AUTO_INDUCTOR = False
+AUTO_INDUCTOR = True
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
