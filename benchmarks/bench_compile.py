@@ -38,17 +38,19 @@ t0 = time.perf_counter()
 sys.path.insert(0, {repo!r})
 import torch
 import torch_trt_module as ttm
-from torch_trt_module import _compile
+from torch_trt_module._pipeline import compile as _compile
 from harness.cases import CASES
 case = next(c for c in CASES if c.name == {name!r})
 import torchvision, transformers  # the model libraries: import, not construction
-from torch_trt_module import _cache, _entries, _module
+from torch_trt_module._cache import cache as _cache
+from torch_trt_module._cache import entries as _entries
+from torch_trt_module._runtime import module as _module
 t_rt = time.perf_counter()
 # What compile() would import lazily on its first call in a process, cache hit or not: the
 # runtimes and the package's backend modules. Timed, reported, and kept out of compile_s.
 import importlib, onnxruntime
 for mod in ("tensorrt_rtx", "tensorrt", "torch_trt_module.backends._onnxruntime",
-            "torch_trt_module.backends._tensorrt", "torch_trt_module._compare"):
+            "torch_trt_module.backends._tensorrt", "torch_trt_module._verify.compare"):
     try:
         importlib.import_module(mod)
     except ImportError:
@@ -99,7 +101,7 @@ gc.callbacks.remove(on_gc)
 in_compile = dict(parts)  # before the load timed apart below adds to it
 again = ttm.TRTModule(module.engine)
 t4 = time.perf_counter()
-from torch_trt_module._compare import compare_outputs
+from torch_trt_module._verify.compare import compare_outputs
 a, k = case.inputs("off")
 with torch.inference_mode():
     report = compare_outputs(again(*a, **k), model(*a, **k))

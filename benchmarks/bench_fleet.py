@@ -60,7 +60,10 @@ def _make(model_name: str) -> Any:
 
 def _time_phases(phases: list[tuple[str, float, float]], t0: float) -> None:
     """Record (step, start, end) of the pipeline's steps in this worker, seconds since ``t0``."""
-    from torch_trt_module import _compile, _entries, _remote, _store
+    from torch_trt_module._pipeline import compile as _compile
+    from torch_trt_module._cache import entries as _entries
+    from torch_trt_module._cache import remote as _remote
+    from torch_trt_module._cache import store as _store
 
     def wrap(owner: Any, name: str, label: str) -> None:
         fn = getattr(owner, name)
@@ -100,7 +103,7 @@ def _worker(rank: int, world: int, mode: str, root: str, model_name: str, url: s
     import torch
 
     import torch_trt_module as ttm
-    from torch_trt_module import _compile
+    from torch_trt_module._pipeline import compile as _compile
 
     phases: list[tuple[str, float, float]] = [("start the process, import torch and the package", 0.0,
                                                   time.time() - t0)]

@@ -124,7 +124,7 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
     import contextlib
 
     import torch_trt_module as ttm
-    from torch_trt_module._bench import Candidate
+    from torch_trt_module._tools.bench import Candidate
 
     m = model.to(device)
     out = []
@@ -160,7 +160,7 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
 
 def bench_model(name: str, backends: list[str], batches: list[int], device: torch.device,
                 args: argparse.Namespace) -> list[dict[str, Any]]:
-    from torch_trt_module._bench import make_candidates
+    from torch_trt_module._tools.bench import make_candidates
 
     factory, inputs = MODELS[name]
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def bench_model(name: str, backends: list[str], batches: list[int], device: torc
 
 
 def _time_rows(name: str, cands: list[Any], batches: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    from torch_trt_module._bench import time_candidates
+    from torch_trt_module._tools.bench import time_candidates
 
     factory, inputs = MODELS[name]
     rows: list[dict[str, Any]] = []
@@ -210,7 +210,7 @@ def _time_rows(name: str, cands: list[Any], batches: list[int], args: argparse.N
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    from torch_trt_module._bench import markdown_table
+    from torch_trt_module._tools.bench import markdown_table
 
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -240,7 +240,7 @@ def watch_cost(device: torch.device, rounds: int, calls: int) -> tuple[str, dict
     import torchvision
 
     import torch_trt_module as ttm
-    from torch_trt_module._weights import WeightWatch
+    from torch_trt_module._runtime.weights import WeightWatch
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 16).eval().to(device)
@@ -264,7 +264,7 @@ def watch_cost(device: torch.device, rounds: int, calls: int) -> tuple[str, dict
     keys = list(med)
     linear = (med[keys[1]] - med[keys[0]]) / 1e3
     resnet_us = (med[keys[3]] - med[keys[2]]) / 1e3
-    from torch_trt_module._bench import markdown_table
+    from torch_trt_module._tools.bench import markdown_table
 
     table = markdown_table(["variant", "median us", "p90 us"],
                            [[k, f"{med[k] / 1e3:.2f}", f"{pct(samples[k], 90) / 1e3:.2f}"] for k in keys])
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         med = pct(s, 50)
         over = "-" if name.startswith(("timer", "direct", "eager")) else f"{(med - base) / 1e3:+.2f}"
         rows.append([name, f"{med / 1e3:.2f}", f"{pct(s, 90) / 1e3:.2f}", f"{pct(s, 99) / 1e3:.2f}", over, len(s)])
-    from torch_trt_module._bench import markdown_table
+    from torch_trt_module._tools.bench import markdown_table
 
     table = markdown_table(["variant", "median us", "p90 us", "p99 us", "overhead over direct (median) us",
                             "calls"], rows)

@@ -87,7 +87,7 @@ def ort_session(onnx: bytes) -> Any:
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
-    from torch_trt_module._spec import flatten
+    from torch_trt_module._core.spec import flatten
 
     return flatten(out, what="output", allow_const=False)[0]
 
@@ -135,7 +135,7 @@ def graph_facts(onnx_bytes: bytes) -> dict[str, int]:
 def measure(name: str, make: Callable[[], torch.nn.Module], inputs: Callable[[int], tuple[torch.Tensor, ...]]
             ) -> list[dict[str, Any]]:
     from torch_trt_module import export_onnx
-    from torch_trt_module._precision import convert_model
+    from torch_trt_module._export.precision import convert_model
 
     torch.manual_seed(0)
     model = make().eval()

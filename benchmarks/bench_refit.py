@@ -40,7 +40,8 @@ from torch import nn
 
 import torch_trt_module as ttm
 from harness.cases import CASES, TOLERANCES
-from torch_trt_module._compare import compare_outputs
+from torch_trt_module._verify.compare import compare_outputs
+from torch_trt_module._pipeline import compile as _compile
 
 MODELS = {"resnet18": "resnet18 (#1)", "bert": "BERT (#6)"}
 HEADING = "Refit (weights that change)"
@@ -80,7 +81,7 @@ def _ort_sessions(fast: ttm.TRTModule, model: nn.Module, args: tuple[Any, ...], 
     """Sessions with the model's current weights, three ways, timed and checked against eager."""
     import onnxruntime as ort
 
-    from torch_trt_module._onnx import with_initializers
+    from torch_trt_module._formats.onnx import with_initializers
 
     assert fast.engine is not None
     onnx = fast.engine.onnx
@@ -160,9 +161,9 @@ def measure(name: str, work: Path, loop_steps: int) -> dict[str, Any]:
     r["refit_explicit_s"], _ = _timed(lambda: fast.refit(model))
 
     _step(model, opt, args, kwargs)
-    before = dict(ttm._compile.STATS)  # noqa: SLF001 - counters the benchmark reads
+    before = dict(_compile.STATS)  # noqa: SLF001 - counters the benchmark reads
     r["warm_refit_s"], warm = _timed(lambda: ttm.compile(model, call, dynamic=case.dynamic, cache_dir=work / name))
-    after = ttm._compile.STATS  # noqa: SLF001
+    after = _compile.STATS  # noqa: SLF001
     r["warm_hit"] = after["cache_hits"] - before.get("cache_hits", 0) == 1 and after["builds"] == before["builds"]
     with torch.no_grad():
         rep = compare_outputs(warm(*args, **kwargs), model(*args, **kwargs), rtol=tol.rtol, atol=tol.atol)
@@ -187,7 +188,7 @@ def measure(name: str, work: Path, loop_steps: int) -> dict[str, Any]:
 
 
 def _source_hash(fast: ttm.TRTModule, model: nn.Module) -> str:
-    from torch_trt_module._weights import weights_hash
+    from torch_trt_module._runtime.weights import weights_hash
 
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return weights_hash({n: state[n] for n in fast.weight_names})

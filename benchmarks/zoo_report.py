@@ -107,7 +107,7 @@ def run_case(label: str) -> dict[str, Any]:
             with torch.inference_mode():
                 expected = model(*p_args, **p_kwargs)
                 reference = compiled.run_reference(*p_args, **p_kwargs)
-            from torch_trt_module._compare import compare_outputs
+            from torch_trt_module._verify.compare import compare_outputs
 
             ort = compare_outputs(reference, expected, rtol=tol.rtol, atol=tol.atol, what="onnxruntime")
             comp = ttm.verify(model, compiled, (p_args, p_kwargs), rtol=tol.rtol, atol=tol.atol)
@@ -186,8 +186,8 @@ def run_coverage(kind: str, name: str) -> dict[str, Any]:
     import torch_trt_module as ttm
     import zoo_models
     from harness.cases import TOLERANCES, class_failures, input_spread, randomize_zero_weights, worst
-    from torch_trt_module._compare import compare_outputs
-    from torch_trt_module._tree import flatten
+    from torch_trt_module._verify.compare import compare_outputs
+    from torch_trt_module._core.tree import flatten
 
     spec = zoo_models.spec(kind, name)
     rec: dict[str, Any] = {"model": name, "group": spec.group, "note": spec.note, "result": "failed",
@@ -286,7 +286,7 @@ def _eager_fp32_error(model: Any, args: Any, kwargs: Any, expected: Any, tol: An
 
     import torch
 
-    from torch_trt_module._compare import compare_outputs
+    from torch_trt_module._verify.compare import compare_outputs
 
     def up(v: Any) -> Any:
         return v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
@@ -398,7 +398,7 @@ def _watch_dynamo_graphs() -> list[dict[str, Any]]:
     """Every graph torch.compile hands this package's backend in this process: its op count and what the
     backend returned. PartitionedModule counts graphs and fallbacks, but not the ops of each graph or
     which graph got an engine, so the benchmark (not the library) wraps the backend to see them."""
-    from torch_trt_module import _dynamo
+    from torch_trt_module._partition import dynamo as _dynamo  # the graphs: PartitionedModule calls its backend
 
     seen: list[dict[str, Any]] = []
     original = _dynamo.backend
@@ -417,7 +417,7 @@ def _graph_states(graphs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Where each graph ran: ``engine`` (a TensorRT-RTX plan), ``split`` (a SegmentedModule: some of its ops
     on engines), ``next runtime`` (its graph without a plan, on ONNX Runtime), ``pytorch`` (the backend's
     fallback) or ``not run``."""
-    from torch_trt_module import _dynamo
+    from torch_trt_module._partition import dynamo as _dynamo  # the graphs: PartitionedModule calls its backend
 
     out = []
     for g in graphs:

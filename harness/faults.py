@@ -40,9 +40,10 @@ from typing import Any, Callable, Iterator
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _cache, _compile
-from torch_trt_module._cache import CACHE_FORMAT_VERSION, ORPHAN_AGE_S, EngineCache
-from torch_trt_module._keys import stable_hash
+from torch_trt_module._cache import cache as _cache
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache.cache import CACHE_FORMAT_VERSION, ORPHAN_AGE_S, EngineCache
+from torch_trt_module._cache.keys import stable_hash
 
 EXPORTER = "torchscript"
 

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from torch_trt_module import _compile
-from torch_trt_module._cache import EngineCache
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache.cache import EngineCache
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -1,4 +1,4 @@
-"""torch_trt_module._bench: ``measure`` (how often each callable runs, the statistics it reports,
+"""torch_trt_module._tools.bench: ``measure`` (how often each callable runs, the statistics it reports,
 errors in their row, the time budget), the candidates ``bench`` times and the reasons it gives for
 those that cannot run here, and the markdown table."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _bench
-from torch_trt_module._bench import BACKENDS, Timing, make_candidates, markdown_table, measure, time_candidates
+from torch_trt_module._tools import bench as _bench
+from torch_trt_module._tools.bench import BACKENDS, Timing, make_candidates, markdown_table, measure, time_candidates
 
 from ._support import REPO
 

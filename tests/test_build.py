@@ -1,4 +1,4 @@
-"""torch_trt_module._build: an ExportedModel becomes an Engine. The metadata every engine carries
+"""torch_trt_module._build.build: an ExportedModel becomes an Engine. The metadata every engine carries
 (specs, settings, backend and version, where it was built), an ONNX Runtime engine being the graph
 itself, TensorRT-RTX targets (real builds on the CPU, which TensorRT-RTX can do ahead of time), and
 failures of the native builder turned into BuildError."""
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import BuildError, _build
-from torch_trt_module._build import build_with_choice, engine_targets
-from torch_trt_module._settings import Settings
+from torch_trt_module import BuildError
+from torch_trt_module._build import build as _build
+from torch_trt_module._build.build import build_with_choice, engine_targets
+from torch_trt_module._core.settings import Settings
 from torch_trt_module.backends import BackendChoice, _trt_build
 
 ORT = BackendChoice("onnxruntime", "onnxruntime", "test")

@@ -1,6 +1,6 @@
 """The engine cache's storage layer: verification, atomicity, locking, eviction and faults.
 
-Only ``torch_trt_module._cache`` is exercised; compile() wiring is tested elsewhere.
+Only ``torch_trt_module._cache.cache`` is exercised; compile() wiring is tested elsewhere.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from torch_trt_module import _cache
-from torch_trt_module._cache import CACHE_FORMAT_VERSION, DEFAULT_MAX_SIZE, EngineCache, parse_size, resolve_cache_dir
-from torch_trt_module._cache_files import CacheEntry
+from torch_trt_module._cache import cache as _cache
+from torch_trt_module._cache.cache import CACHE_FORMAT_VERSION, DEFAULT_MAX_SIZE, EngineCache, parse_size, resolve_cache_dir
+from torch_trt_module._cache.files import CacheEntry
 from torch_trt_module._errors import CacheLockTimeout
 from torch_trt_module._errors import CacheError, TorchTRTError
 
 REPO = Path(__file__).resolve().parents[1]
-LOGGER = "torch_trt_module._cache"
+LOGGER = "torch_trt_module._cache.cache"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 KEY = "a" * 64
@@ -77,7 +77,7 @@ class Holder:
     def __init__(self, root: Path, name: str) -> None:
         code = f"""
             import sys
-            from torch_trt_module._cache import EngineCache
+            from torch_trt_module._cache.cache import EngineCache
             with EngineCache({str(root)!r}).lock({name!r}):
                 print("locked", flush=True)
                 sys.stdin.readline()
@@ -494,7 +494,7 @@ def test_disk_full(cache: EngineCache, root: Path, monkeypatch: pytest.MonkeyPat
 def test_sigkill_between_blobs_and_metadata(root: Path) -> None:
     code = f"""
         import os, signal
-        from torch_trt_module import _cache
+        from torch_trt_module._cache import cache as _cache
         real = _cache.atomic_write
         def dying_write(path, data):
             if path.name.endswith(".json"):
@@ -525,7 +525,7 @@ def test_sigkill_between_blobs_and_metadata(root: Path) -> None:
 def test_eight_processes_put_the_same_key(root: Path, same_bytes: bool) -> None:
     code = """
         import os, sys, time
-        from torch_trt_module._cache import EngineCache
+        from torch_trt_module._cache.cache import EngineCache
         root, i, same, go = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
         cache = EngineCache(root)
         tag = b"S" if same else bytes([65 + i])

@@ -40,7 +40,7 @@ def test_a_list_for_a_forward_of_one_argument_says_how_to_pass_one_list() -> Non
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
 def test_device_cuda_without_a_gpu_is_refused_before_any_work() -> None:
-    from torch_trt_module._compile import STATS
+    from torch_trt_module._pipeline.compile import STATS
 
     exports = STATS["exports"]
     with pytest.raises(ttm.BackendUnavailable) as info:

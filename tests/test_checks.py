@@ -1,4 +1,4 @@
-"""torch_trt_module._checks: compile()'s own checks. check_export runs the exported graph on ONNX
+"""torch_trt_module._verify.checks: compile()'s own checks. check_export runs the exported graph on ONNX
 Runtime at the example and at the profile's corners and names the point that fails (a graph
 specialised for part of the range fails at a corner, not at the example); check_compiled compares
 the compiled module with eager; both say the tolerance they used and how to get past the check."""
@@ -14,10 +14,10 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import ExportError, VerificationError
-from torch_trt_module._checks import check_compiled, check_export, check_tolerance, describe
-from torch_trt_module._export import ExportCheck, export_with_settings
-from torch_trt_module._numerics import POLICY
-from torch_trt_module._settings import Settings
+from torch_trt_module._verify.checks import check_compiled, check_export, check_tolerance, describe
+from torch_trt_module._export.export import ExportCheck, export_with_settings
+from torch_trt_module._core.numerics import POLICY
+from torch_trt_module._core.settings import Settings
 
 HINT = (" It matches at the example, so the graph was specialised for part of the declared range (an axis-less "
         "squeeze(), a size-dependent branch). Fix: narrow that dim in dynamic= (or make it static), or remove the "

@@ -261,7 +261,7 @@ def test_cache_list_info_prune_clear(tmp_path: Path) -> None:
     assert code == 0 and f"key        {newer['key']}" in text and "(1, 8)  (2, 8)  (32, 8)" in text
     code, text, _ = run("cache", "prune", "--max-size", str(newer["size"]), "--cache-dir", d)
     assert code == 0 and "evicted 1 entries" in text and older["key"] in text
-    assert [e.key for e in ttm._cache.EngineCache(d).entries()] == [newer["key"]]
+    assert [e.key for e in ttm._cache.cache.EngineCache(d).entries()] == [newer["key"]]
     code, text, _ = run("cache", "clear", "--cache-dir", d)
     assert code == 0 and text.startswith("removed 1 entries")
     code, text, _ = run("cache", "list", "--cache-dir", d)

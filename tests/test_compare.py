@@ -1,4 +1,4 @@
-"""Tests for torch_trt_module._compare: Polygraphy-style output comparison."""
+"""Tests for torch_trt_module._verify.compare: Polygraphy-style output comparison."""
 
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from torch_trt_module._compare import (
-    OutputReport,
-    ParityReport,
-    assert_parity,
-    compare_outputs,
-    verify,
-)
+from torch_trt_module._verify.compare import OutputReport, ParityReport, compare_outputs
+from torch_trt_module._verify.parity import assert_parity, verify
 import torch_trt_module as ttm
 from torch_trt_module._errors import VerificationError
 
@@ -464,7 +459,7 @@ def test_verify_compares_with_the_inference_semantics_of_a_training_model() -> N
 def test_the_cosine_bound_waits_for_a_reference_above_the_absolute_floor() -> None:
     # Random-init mobilenet_v3_small's logits are ~2e-9; fp16 rounds them to 0 (cosine 0). Every
     # element is within atol, so the output passes (it failed compile()'s check on the H100).
-    from torch_trt_module._numerics import POLICY
+    from torch_trt_module._core.numerics import POLICY
 
     tiny = torch.full((2, 1000), 2e-9, dtype=torch.float64)
     report = compare_outputs(torch.zeros_like(tiny), tiny, tolerance=POLICY["fp16"])

@@ -1,4 +1,4 @@
-"""compile() (torch_trt_module._compile) with the engine cache: what misses and what hits (in this
+"""compile() (torch_trt_module._pipeline.compile) with the engine cache: what misses and what hits (in this
 process and in fresh ones), damaged entries, concurrent compiles, eviction, unwritable directories,
 killed builders, and RTX validity checks on hits. Real TensorRT-RTX builds and ONNX Runtime;
 ``_compile.STATS`` counts exports and builds; every test checks the module against eager.
@@ -20,10 +20,11 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile, _keys
-from torch_trt_module._cache import EngineCache
-from torch_trt_module._cache_files import DeferredBlob
-from torch_trt_module._settings import Settings
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache import keys as _keys
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module._cache.files import DeferredBlob
+from torch_trt_module._core.settings import Settings
 from torch_trt_module.backends import BackendChoice
 
 from harness import faults
@@ -31,7 +32,7 @@ from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outp
 
 from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python
 
-from torch_trt_module import _entries
+from torch_trt_module._cache import entries as _entries
 
 pytestmark = []
 
@@ -88,7 +89,7 @@ def test_code_edits_between_processes(tmp_path: Path) -> None:
         sys.path.insert(0, {str(src)!r})
         import torch
         import torch_trt_module as ttm
-        from torch_trt_module import _compile
+        from torch_trt_module._pipeline import compile as _compile
         from model import Net
         model = Net().eval()
         m = ttm.compile(model, torch.randn(3, 8), cache_dir={str(tmp_path / 'cache')!r}, exporter="torchscript")
@@ -467,7 +468,7 @@ def test_a_follow_hit_whose_engine_holds_the_models_weights_keeps_the_optimized_
 
 
 def test_eval_semantics_nests_and_the_last_block_out_restores() -> None:
-    from torch_trt_module._modes import eval_semantics
+    from torch_trt_module._core.modes import eval_semantics
 
     model = _Mixed().train()
     model.bn.eval()
@@ -499,7 +500,7 @@ def test_eval_semantics_nests_and_the_last_block_out_restores() -> None:
 def test_lazy_modules_and_the_dynamo_backend_never_join_a_collective_unasked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A first call is reached by whichever ranks reach it (a rank-0-only evaluation): only an explicit
     process_group= may make its build a collective; compile() with example inputs takes the group."""
-    from torch_trt_module import _fleet
+    from torch_trt_module._cache import fleet as _fleet
 
     seen: list[object] = []
     real = _fleet.fleet_group

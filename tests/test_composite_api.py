@@ -16,7 +16,7 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import PartitionedModule, SegmentedModule
-from torch_trt_module._weights import weights_hash
+from torch_trt_module._runtime.weights import weights_hash
 
 from .test_split import NonZeroBetween
 

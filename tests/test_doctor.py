@@ -1,4 +1,4 @@
-"""torch_trt_module._doctor: what ``doctor()`` reports about this machine (smoke=False: GPUs, torch,
+"""torch_trt_module._tools.doctor: what ``doctor()`` reports about this machine (smoke=False: GPUs, torch,
 ONNX Runtime, the TensorRT modules, TF32), how an importable stub is told apart from a runtime, the
 smoke tests' verdict, and ``torch-trt-module doctor --json``: pure JSON on stdout, exit 0 when every
 backend that can run here passed, 1 when one failed."""
@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _doctor, cli
-from torch_trt_module._doctor import DoctorReport, Smoke
-from torch_trt_module._numerics import tf32_state
+from torch_trt_module import cli
+from torch_trt_module._tools import doctor as _doctor
+from torch_trt_module._tools.doctor import DoctorReport, Smoke
+from torch_trt_module._core.numerics import tf32_state
 
 from ._support import rtx_missing
 

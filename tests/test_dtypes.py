@@ -1,4 +1,4 @@
-"""torch_trt_module._dtypes: the one dtype table is consistent with torch, ONNX, numpy, TensorRT and
+"""torch_trt_module._core.dtypes: the one dtype table is consistent with torch, ONNX, numpy, TensorRT and
 Triton (each checked against that library's own mapping, not against a copy of the table), every
 lookup round-trips, and dtypes engines cannot take are refused with a clear error."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from torch_trt_module import EngineLoadError, InputError
-from torch_trt_module._dtypes import (
+from torch_trt_module._core.dtypes import (
     IO_DTYPES,
     TABLE,
     DType,

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from torch_trt_module import SettingsError, _compile, _dynamo
+from torch_trt_module import SettingsError, _dynamo
+from torch_trt_module._pipeline import compile as _compile
 from torch_trt_module._errors import ExportError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +141,7 @@ def _two_instances() -> tuple[torch.nn.Module, torch.nn.Module, Any, Any, list[A
 
 
 def test_two_instances_of_one_class_alternating_never_refit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch_trt_module._following import FollowsWeights
+    from torch_trt_module._runtime.following import FollowsWeights
 
     a, b, fast_a, fast_b, engines = _two_instances()
     x = torch.randn(4, 5)
@@ -303,7 +304,7 @@ _CHILD = textwrap.dedent("""
     x = torch.randn(4, 5)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
-    from torch_trt_module import _compile
+    from torch_trt_module._pipeline import compile as _compile
     print(json.dumps(_compile.STATS))
 """)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from torch_trt_module._dynamo_graphs import classify, identifier, refusal
+from torch_trt_module._partition.dynamo_graphs import classify, identifier, refusal
 
 
 def _captured(fn: Any, *args: torch.Tensor) -> tuple[torch.fx.GraphModule, list[Any]]:

@@ -1,4 +1,4 @@
-"""torch_trt_module._engine: Engine is immutable, its deferred blobs are read once at first use,
+"""torch_trt_module._build.engine: Engine is immutable, its deferred blobs are read once at first use,
 and it round-trips through to_bytes/from_bytes and save/load; corrupt or foreign files are refused
 with an EngineLoadError that names the file and the problem."""
 
@@ -12,8 +12,8 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import EngineLoadError
-from torch_trt_module._engine import ENGINE_FORMAT, Deferred, Engine
-from torch_trt_module._io import pack, unpack
+from torch_trt_module._build.engine import ENGINE_FORMAT, Deferred, Engine
+from torch_trt_module._core.io import pack, unpack
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Engines in the cache (torch_trt_module._entries): at a hit, what is read now and what is deferred
+"""Engines in the cache (torch_trt_module._cache.entries): at a hit, what is read now and what is deferred
 (a plan this machine cannot run), the ONNX Runtime session made while the graph's checksum is
 computed, and ONNX Runtime's optimized graph kept per kind of CPU."""
 
@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile, _keys
-from torch_trt_module._cache import EngineCache
-from torch_trt_module._cache_files import DeferredBlob
-from torch_trt_module._settings import Settings
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache import keys as _keys
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module._cache.files import DeferredBlob
+from torch_trt_module._core.settings import Settings
 from torch_trt_module.backends import BackendChoice
 
 from harness import faults

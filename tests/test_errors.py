@@ -16,10 +16,11 @@ from torch_trt_module import _errors
 _LINE = re.compile(r"^(?P<indent>[ │├└─]*)(?P<name>[A-Z]\w+)(?: \((?P<builtin>\w+)\))?(?:\s+\S.*)?$")
 
 
-def documented_tree() -> dict[str, tuple[str | None, str | None]]:
-    """``{class: (parent, builtin)}`` read from the ``::`` block of the module docstring."""
+def documented_tree(which: int = 0) -> dict[str, tuple[str | None, str | None]]:
+    """``{class: (parent, builtin)}`` read from a ``::`` block of the module docstring: the first
+    draws the exported classes, the second (``which=1``) the internal ones."""
     doc = inspect.getdoc(_errors) or ""
-    block = textwrap.dedent(doc.split("::", 1)[1].strip("\n").split("\n\n")[0])
+    block = textwrap.dedent(doc.split("::")[which + 1].strip("\n").split("\n\n")[0])
     tree: dict[str, tuple[str | None, str | None]] = {}
     stack: list[tuple[int, str]] = []  # (depth, name) of the open ancestors
     for line in block.splitlines():
@@ -45,7 +46,17 @@ def test_the_docstring_tree_is_read() -> None:
 
 
 def test_the_docstring_tree_names_every_class_and_nothing_else() -> None:
-    assert set(documented_tree()) == set(classes()) == set(_errors.__all__)
+    assert set(documented_tree()) == set(_errors.__all__)
+    internal = documented_tree(1)
+    assert set(documented_tree()) | (set(internal) - {"Exception"}) == set(classes())
+
+
+def test_the_internal_classes_are_drawn_apart_and_are_not_torch_trt_errors() -> None:
+    # Internal: caught inside the package (Corrupt: by the cache), never exported, so not TorchTRTErrors.
+    internal = {n for n in documented_tree(1) if n != "Exception"}
+    assert internal and not internal & set(_errors.__all__)
+    for name in internal:
+        assert not issubclass(classes()[name], _errors.TorchTRTError), name
 
 
 @pytest.mark.parametrize("name", sorted(_errors.__all__))

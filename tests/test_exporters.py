@@ -1,4 +1,4 @@
-"""torch_trt_module._exporters: the exporters in order (torch.export then the TorchScript tracer) and
+"""torch_trt_module._export.exporters: the exporters in order (torch.export then the TorchScript tracer) and
 how their failures are judged. Data-dependent control flow is recognised only from torch.export's
 own evidence (its exception chain), dims the model ties together are refined into one, a dim the
 model fixes is an ExportError with no fallback, and when every exporter fails each one's error is
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from torch_trt_module import ExportError
-from torch_trt_module import _exporters
-from torch_trt_module._exporters import capture, dynamic_dims, is_data_dependent, run_exporters, sanitize, summary
-from torch_trt_module._settings import Settings
+from torch_trt_module._export import exporters as _exporters
+from torch_trt_module._export.exporters import capture, dynamic_dims, is_data_dependent, run_exporters, sanitize, summary
+from torch_trt_module._core.settings import Settings
 
 # The wrapper _export hands the exporters takes flat tensors and returns a tuple of tensors.
 BATCH = ((1, 4), (2, 4), (8, 4))

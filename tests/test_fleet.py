@@ -39,7 +39,8 @@ def _rank_main(rank: int, world: int, port: int, root: str, mode: str) -> None:
     """One rank: compile the same model with its own cache directory; write what happened to rank<N>.json."""
     import torch.distributed as dist
 
-    from torch_trt_module import _compile, _errors
+    from torch_trt_module import _errors
+    from torch_trt_module._pipeline import compile as _compile
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {"rank": rank}
@@ -104,8 +105,8 @@ def test_process_group_option_is_checked() -> None:
 
 
 def test_without_a_group_compile_is_alone() -> None:
-    from torch_trt_module._fleet import fleet_group
-    from torch_trt_module._settings import Settings
+    from torch_trt_module._cache.fleet import fleet_group
+    from torch_trt_module._core.settings import Settings
 
     assert fleet_group(Settings()) is None  # torch.distributed is not initialized in this process
     assert fleet_group(Settings(process_group=False)) is None

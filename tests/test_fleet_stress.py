@@ -75,8 +75,8 @@ def _worker(rank: int, url: str, root: str, compiles: int, barrier: Any) -> None
     out: dict[str, Any] = {"rank": rank, "rows": []}
     try:
         import torch_trt_module as ttm
-        from torch_trt_module import _compile
-        from torch_trt_module._fleet_stats import process_totals
+        from torch_trt_module._pipeline import compile as _compile
+        from torch_trt_module._cache.fleet_stats import process_totals
 
         torch.set_num_threads(1)
         rng = random.Random(rank)
@@ -143,8 +143,8 @@ def test_a_fleet_on_one_redis_builds_each_model_once_and_serves_no_wrong_engine(
     # One download per worker and model it did not build; every later compile of it is local.
     assert totals == {"builds": 3, "uploads": 3, "remote_hits": len(MODELS) * (workers - 1)}
     # Redis holds one entry per model, each index record leads to its own, and every entry unpacks.
-    from torch_trt_module._io import unpack
-    from torch_trt_module._store import unpack_entry
+    from torch_trt_module._core.io import unpack
+    from torch_trt_module._cache.store import unpack_entry
 
     entries = redis_server.entries()
     assert len(entries) == len(MODELS)

@@ -25,10 +25,11 @@ import torch
 import torch.utils._pytree as pytree
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile, _exporters
-from torch_trt_module._compare import compare_outputs
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._export import exporters as _exporters
+from torch_trt_module._verify.compare import compare_outputs
 from torch_trt_module._errors import UnsupportedOutput
-from torch_trt_module._tree import TreeSpec, flatten, leaf_paths, unflatten
+from torch_trt_module._core.tree import TreeSpec, flatten, leaf_paths, unflatten
 
 TOL = {"rtol": 1e-2, "atol": 1e-3}  # class M
 BATCHES = (1, 3)  # the profile's min (dynamic="batch": 1..32) and another batch than the example's 2

@@ -1,4 +1,4 @@
-"""torch_trt_module._inputs, as units: match_inputs checks a call against the compiled structure
+"""torch_trt_module._core.inputs, as units: match_inputs checks a call against the compiled structure
 (every mismatch an InputError naming the input by its path), safe_cast decides which dtype casts
 cast_inputs=True may make, and widen_hint is the advice after an out-of-profile shape. TRTModule's
 use of them is in tests/reliability/test_inputs.py and tests/test_module.py."""
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from torch_trt_module import InputError
-from torch_trt_module._inputs import match_inputs, safe_cast, widen_hint
-from torch_trt_module._spec import TensorSpec
-from torch_trt_module._tree import flatten
+from torch_trt_module._core.inputs import match_inputs, safe_cast, widen_hint
+from torch_trt_module._core.spec import TensorSpec
+from torch_trt_module._core.tree import flatten
 
 X = TensorSpec("x", "float32", ("b", 3, "h"), (1, 3, 8), (4, 3, 16), (8, 3, 32))
 

@@ -1,4 +1,4 @@
-"""torch_trt_module._io: the atomic writer (all or nothing, no temp file left behind) and the one
+"""torch_trt_module._core.io: the atomic writer (all or nothing, no temp file left behind) and the one
 checksummed container (pack/unpack round trip; every kind of corruption is an EngineLoadError that
 names the source and the problem)."""
 
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from torch_trt_module import EngineLoadError
-from torch_trt_module import _io
-from torch_trt_module._io import (
+from torch_trt_module._core import io as _io
+from torch_trt_module._core.io import (
     CONTAINER_FORMAT,
     atomic_write,
     blob_index,
@@ -258,7 +258,7 @@ def test_bytes_after_the_last_blob_are_refused() -> None:
 
 
 def test_unpack_only_reads_the_named_blobs_and_still_checks_the_end() -> None:
-    from torch_trt_module._io import pack as _pack, unpack as _unpack
+    from torch_trt_module._core.io import pack as _pack, unpack as _unpack
 
     data = _pack("k", {"n": 1}, {"a": b"1" * 10, "b": b"2" * 10, "c": b"3"})
     assert _unpack(data, kind="k", only=("b",)) == ({"n": 1}, {"b": b"2" * 10})

@@ -1,4 +1,4 @@
-"""Cache keys (torch_trt_module._keys): the stable hash, what changes the content key and what does not,
+"""Cache keys (torch_trt_module._cache.keys): the stable hash, what changes the content key and what does not,
 GPU identity and backend versions, and keys identical in every process. Through compile(), on real
 TensorRT-RTX builds and ONNX Runtime, with ``_compile.STATS`` counting exports and builds."""
 
@@ -20,12 +20,13 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile, _keys
-from torch_trt_module._cache import EngineCache
-from torch_trt_module._cache_files import DeferredBlob
-from torch_trt_module._io import sha256_bytes
-from torch_trt_module._keys import stable_hash
-from torch_trt_module._settings import Settings
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache import keys as _keys
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module._cache.files import DeferredBlob
+from torch_trt_module._core.io import sha256_bytes
+from torch_trt_module._cache.keys import stable_hash
+from torch_trt_module._core.settings import Settings
 from torch_trt_module.backends import BackendChoice
 
 from harness import faults
@@ -58,7 +59,7 @@ def test_stable_hash_is_canonical_and_process_independent() -> None:
     assert stable_hash({"a": 1}) != stable_hash({"a": 1.5}) != stable_hash({"a": "1"})
     assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
     code = """
-        from torch_trt_module._keys import stable_hash
+        from torch_trt_module._cache.keys import stable_hash
         names = {"conv%d.weight" % i for i in range(50)}
         print(stable_hash({"params": {n: [len(n), n.encode()] for n in names}, "order": sorted(names)}))
     """
@@ -225,7 +226,7 @@ def test_key_is_identical_in_processes_with_different_hash_seeds(tmp_path: Path)
     code = """
         import json, os, sys
         import torch_trt_module as ttm
-        from torch_trt_module._cache import EngineCache
+        from torch_trt_module._cache.cache import EngineCache
         from harness.faults import TinyNet, example
         root = sys.argv[1] if len(sys.argv) > 1 else os.environ["ROOT"]
         ttm.compile(TinyNet(0), example(), cache_dir=root)
@@ -296,7 +297,7 @@ def test_a_global_read_by_forward_set_from_the_environment_misses_in_a_second_pr
         import json, sys, torch
         sys.path.insert(0, sys.argv[1])
         import torch_trt_module as ttm
-        from torch_trt_module import _compile
+        from torch_trt_module._pipeline import compile as _compile
         from scaled_model import Scaled
         model = Scaled().eval()
         fast = ttm.compile(model, torch.randn(2, 4), backend="onnxruntime", cache_dir=sys.argv[2])
@@ -408,7 +409,7 @@ def test_a_value_that_cannot_be_fingerprinted_is_always_a_miss(tmp_path: Path,
 
 
 def test_the_values_read_are_bounded_and_cycles_end() -> None:
-    from torch_trt_module._values import MAX_DEPTH, Tokens, Unfingerprintable
+    from torch_trt_module._cache.values import MAX_DEPTH, Tokens, Unfingerprintable
 
     tokens = Tokens(code_id=lambda obj: "code")
     loop: dict[str, Any] = {"scale": 2.0}

@@ -1,4 +1,4 @@
-"""torch_trt_module._lowering: scaled_dot_product_attention as plain math, checked against eager's
+"""torch_trt_module._export.lowering: scaled_dot_product_attention as plain math, checked against eager's
 fused kernels, and used while torch.export captures a model, so that the program and the ONNX
 graph hold the math (torch.onnx's own decomposition of the fused op breaks the views after it)."""
 
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import torch_trt_module as ttm
-from torch_trt_module._compare import compare_outputs
-from torch_trt_module._exporters import capture
-from torch_trt_module._lowering import attention_math, lowered_attention
+from torch_trt_module._verify.compare import compare_outputs
+from torch_trt_module._export.exporters import capture
+from torch_trt_module._export.lowering import attention_math, lowered_attention
 
 B, HQ, HKV, L, S, E = 2, 4, 2, 3, 5, 8
 

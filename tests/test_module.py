@@ -1,4 +1,4 @@
-"""TRTModule (torch_trt_module._module) on the ONNX Runtime runtime (real, on the CPU): output structure,
+"""TRTModule (torch_trt_module._runtime.module) on the ONNX Runtime runtime (real, on the CPU): output structure,
 input checks, lazy mode, save/load, and the fast call (straight to the runner's per-shape plan)."""
 
 from __future__ import annotations

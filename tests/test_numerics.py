@@ -1,4 +1,4 @@
-"""torch_trt_module._numerics: strict_fp32 turns TF32 off for one block and puts every flag back
+"""torch_trt_module._core.numerics: strict_fp32 turns TF32 off for one block and puts every flag back
 exactly (after an exception too, nested, and when the user set TF32 with the legacy ``allow_tf32``
 API); tf32_state reads the flags without the legacy getters; the tolerance policy and its lookups.
 
@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from torch_trt_module import _numerics
-from torch_trt_module._numerics import (
+from torch_trt_module._core import numerics as _numerics
+from torch_trt_module._core.numerics import (
     POLICY,
     Tolerance,
     eager_uses_tf32,

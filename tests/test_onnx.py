@@ -1,4 +1,4 @@
-"""torch_trt_module._onnx on hand-made graphs: reading and listing them (non-ONNX bytes and
+"""torch_trt_module._formats.onnx on hand-made graphs: reading and listing them (non-ONNX bytes and
 unsupported element types are InputErrors naming the source), building an ExportedModel for an
 ONNX file, the export checks (invalid graph, dropped input, specialised dim) and the Einsum rewrite."""
 
@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto as TP
 
 from torch_trt_module import ExportError, InputError
-from torch_trt_module._onnx import (
+from torch_trt_module._formats.onnx import (
     check_graph,
     exported_from_onnx,
     graph_dims,
@@ -23,7 +23,7 @@ from torch_trt_module._onnx import (
     onnx_io,
     op_summary,
 )
-from torch_trt_module._signature import Param
+from torch_trt_module._core.signature import Param
 from torch_trt_module.backends._onnxruntime import run_onnx_cpu
 
 

@@ -1,4 +1,4 @@
-"""torch_trt_module._onnx_safety (issue 24): a stored ONNX graph that names a file is refused, wherever the
+"""torch_trt_module._formats.onnx_safety (issue 24): a stored ONNX graph that names a file is refused, wherever the
 tensor is (an initializer, a sparse initializer, a node attribute, a subgraph, a local function, a
 training graph), and graphs the exporters write pass."""
 
@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import torch_trt_module as ttm
 from torch_trt_module import EngineLoadError
-from torch_trt_module._onnx_safety import check_self_contained
+from torch_trt_module._formats.onnx_safety import check_self_contained
 
 
 def _tensor(name: str = "w", external: bool = True) -> TensorProto:

@@ -97,7 +97,7 @@ def test_fasterrcnn_backbone_is_an_engine_and_its_postprocessing_runs_in_pytorch
     graph the parser refuses runs without a plan. ~2 min on 2 cores."""
     import torchvision
 
-    from torch_trt_module._split import SegmentedModule
+    from torch_trt_module._partition.split import SegmentedModule
 
     from ._support import require_rtx
 
@@ -132,7 +132,7 @@ def test_a_graph_whose_engine_build_fails_at_its_first_call_counts_as_pytorch(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The graphs are handed to the backend at the first call and built there; a build failing then
     # must show in fallbacks and repr() as in parts(), not as a graph on an engine.
-    from torch_trt_module import _compile
+    from torch_trt_module._pipeline import compile as _compile
 
     model = ItemBranch().eval()
     fast = ttm.compile(model, torch.randn(2, 8), cache=False)

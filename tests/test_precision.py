@@ -1,4 +1,4 @@
-"""Mixed precision (torch_trt_module._precision): what stays fp32, in eager and in the exported
+"""Mixed precision (torch_trt_module._export.precision): what stays fp32, in eager and in the exported
 ONNX graph, and accuracy against fp32 eager (class H of cases.md: cosine > 0.99 per output,
 output dtype as eager's) on cases.md #1 (resnet18), #4 (ViT) and #6 (BERT) through ONNX
 Runtime's CPU provider.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_trt_module as ttm
-from torch_trt_module._precision import (
+from torch_trt_module._export.precision import (
     FP32_MODULES,
     MixedPrecisionModel,
     PrecisionError,
@@ -26,7 +26,7 @@ from torch_trt_module._precision import (
     convert_model,
     fp32_islands,
 )
-from torch_trt_module._spec import flatten
+from torch_trt_module._core.spec import flatten
 
 from harness.models import Sensitive
 

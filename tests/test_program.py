@@ -1,4 +1,4 @@
-"""torch_trt_module._program: torch.export's program stored without pickle. save_program/load_program
+"""torch_trt_module._formats.program: torch.export's program stored without pickle. save_program/load_program
 round-trip a small program (the loaded one computes the same outputs), and a stored program whose
 tensor archives hold a pickle payload is refused before the payload can run."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from torch_trt_module import EngineLoadError
-from torch_trt_module._io import pack, unpack
-from torch_trt_module._program import load_program, save_program
+from torch_trt_module._core.io import pack, unpack
+from torch_trt_module._formats.program import load_program, save_program
 
 
 class Small(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""torch_trt_module._program_safety (issue 24): a stored torch.export program is read only after every
+"""torch_trt_module._formats.program_safety (issue 24): a stored torch.export program is read only after every
 string in it passed its grammar. torch.export's deserializer sympifies shape expressions (eval),
 exec's guards, resolves node targets by getattr and writes node names into generated code, so each
 of those is tried here with a payload, and each real program torch writes (dynamic batch with tied
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch.export import Dim, export
 
 import torch_trt_module as ttm
-from torch_trt_module import EngineLoadError, _program
-from torch_trt_module._io import pack, unpack
-from torch_trt_module._program import load_program, save_program, store_program
-from torch_trt_module._program_safety import check_expr, check_guard, check_program_json, check_target
+from torch_trt_module import EngineLoadError
+from torch_trt_module._formats import program as _program
+from torch_trt_module._core.io import pack, unpack
+from torch_trt_module._formats.program import load_program, save_program, store_program
+from torch_trt_module._formats.program_safety import check_expr, check_guard, check_program_json, check_target
 
 
 def _refused(fn: Any, text: str) -> bool:

@@ -17,22 +17,23 @@ from torch_trt_module import _errors
 
 # Exceptions that never leave the code that raises them: control flow, not errors a user sees.
 INTERNAL_EXCEPTIONS = {
-    # Raised by the cache's file layer for a bad entry and caught by the store (_cache.py), whose
-    # API turns it into a miss (get/lookup) or a CacheError (explicit operations).
-    "torch_trt_module._cache_files.Corrupt",
+    # Raised by the cache's file layer for a bad entry and caught by the store (_cache/cache.py), whose
+    # API turns it into a miss (get/lookup) or a CacheError (explicit operations). Defined in _errors
+    # with every other exception, but internal: not in _errors.__all__, not exported.
+    "torch_trt_module._errors.Corrupt",
     # Raised by TRTModule._prepare for an out-of-profile shape and caught by TRTModule._forward,
     # which widens the profile (lazy mode) or raises InputError with the same message.
-    "torch_trt_module._module._OutOfProfile",
+    "torch_trt_module._runtime.module._OutOfProfile",
     # Raised by the fingerprint's value reader (_values.Tokens) for a value it cannot identify, and
     # caught by _keys.fingerprint, which then gives no fingerprint (compile() misses).
-    "torch_trt_module._values.Unfingerprintable",
+    "torch_trt_module._cache.values.Unfingerprintable",
     # Raised by the cache's safe opener for a symlink, FIFO, directory or device (an OSError, so
     # every caller's existing handling of unreadable files applies), and never read.
-    "torch_trt_module._cache_safety.NotRegular",
+    "torch_trt_module._cache.safety.NotRegular",
     # Raised inside the ONNX and program checks and caught there, which raise EngineLoadError
     # naming where in the stored blob the refused field is.
-    "torch_trt_module._onnx_safety._NamesAFile",
-    "torch_trt_module._program_safety._Refused",
+    "torch_trt_module._formats.onnx_safety._NamesAFile",
+    "torch_trt_module._formats.program_safety._Refused",
 }
 
 
@@ -100,7 +101,8 @@ def test_every_exception_is_defined_in_errors_and_exported() -> None:
     stray = sorted(name for name, cls in found.items()
                    if cls.__module__ != _errors.__name__ and name not in INTERNAL_EXCEPTIONS)
     assert not stray, f"exception classes defined outside _errors.py: {stray}"
-    ours = {cls.__name__ for cls in found.values() if cls.__module__ == _errors.__name__}
+    ours = {cls.__name__ for name, cls in found.items()
+            if cls.__module__ == _errors.__name__ and name not in INTERNAL_EXCEPTIONS}
     assert ours == set(_errors.__all__), "_errors.__all__ is not exactly the classes _errors.py defines"
     unexported = sorted(n for n in ours if n not in ttm.__all__ or getattr(ttm, n) is not getattr(_errors, n))
     assert not unexported, f"exceptions not exported by torch_trt_module: {unexported}"

@@ -1,4 +1,4 @@
-"""torch_trt_module._quiet and the console (issue 20, item 14): compile() and explain() leave torch's FX
+"""torch_trt_module._core.quiet and the console (issue 20, item 14): compile() and explain() leave torch's FX
 dumps and "Unable to find user code" lines, TensorRT-RTX's parser lines and ONNX Runtime's error log
 off the user's stderr. What torch writes goes to DEBUG; the user's logging configuration is untouched."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._quiet import quiet_torch
+from torch_trt_module._core.quiet import quiet_torch
 
 NOISE = ("Unable to find user code", "def forward(", "ModelImporter.cpp", "[E:onnxruntime", "sequential_executor")
 
@@ -32,7 +32,7 @@ def test_quiet_torch_routes_this_thread_s_stderr_to_debug(caplog: pytest.LogCapt
         print("another thread's line", file=sys.stderr)
         other.append(None)
 
-    with caplog.at_level(logging.DEBUG, logger="torch_trt_module._quiet"):
+    with caplog.at_level(logging.DEBUG, logger="torch_trt_module._core.quiet"):
         with quiet_torch("a step"):
             print("torch's dump", file=sys.stderr)
             with quiet_torch("a nested step"):

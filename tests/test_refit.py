@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torch_trt_module as ttm
-from torch_trt_module._weights import weights_hash
+from torch_trt_module._runtime.weights import weights_hash
 
 RUNTIMES = ["onnxruntime", "torch"]
 
@@ -343,7 +343,7 @@ def test_a_checkpoint_refit_keeps_buffers_no_checkpoint_holds() -> None:
 def test_new_initializer_values_are_patched_into_the_graph_bytes_as_a_parse_would_write_them() -> None:
     import onnx
 
-    from torch_trt_module._onnx import _with_initializers_parsed, initializer_values, with_initializers
+    from torch_trt_module._formats.onnx import _with_initializers_parsed, initializer_values, with_initializers
 
     fast = ttm.compile(_model(), _x(), cache=False)
     assert fast.engine is not None
@@ -367,8 +367,8 @@ def test_new_initializer_values_are_patched_into_the_graph_bytes_as_a_parse_woul
 
 
 def test_follow_mode_builds_refittable_engines_where_the_builder_can(monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch_trt_module._build import engine_flags
-    from torch_trt_module._settings import Settings
+    from torch_trt_module._build.build import engine_flags
+    from torch_trt_module._core.settings import Settings
     from torch_trt_module.backends import BackendChoice
 
     rtx, trt = BackendChoice("tensorrt_rtx", "onnxruntime", ""), BackendChoice("tensorrt", "tensorrt", "")

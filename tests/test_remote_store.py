@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile
-from torch_trt_module._io import unpack
-from torch_trt_module._settings import Settings
-from torch_trt_module._store import MemoryStore, unpack_entry
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._core.io import unpack
+from torch_trt_module._core.settings import Settings
+from torch_trt_module._cache.store import MemoryStore, unpack_entry
 
 from harness.redis_server import PREFIX, RedisServer
 
@@ -44,7 +44,7 @@ def _compile_here(cache: Any, cache_dir: Path, seed: int = 0) -> tuple[dict[str,
 
 def _machine(url: str, cache_dir: str, out: str, times: int, slow_build: str) -> None:
     """One "machine": compile ``times`` times; write the counts of each compile to ``out``."""
-    from torch_trt_module._fleet_stats import process_totals
+    from torch_trt_module._cache.fleet_stats import process_totals
 
     torch.set_num_threads(1)
     if slow_build:  # announce the build, then take forever in it (the test kills this process)
@@ -111,7 +111,7 @@ def test_a_builder_killed_mid_build_loses_its_lease_and_another_takes_over(redis
 def test_a_waiter_sees_a_finished_build_within_a_fifth_of_a_second(redis_server: RedisServer) -> None:
     """A waiter polls at most every 0.2 s: it used to back off to 1 s, and a cold fleet's workers then
     sat idle ~0.5 s on average after the build was stored."""
-    from torch_trt_module._remote import RedisStore
+    from torch_trt_module._cache.remote import RedisStore
 
     builder, waiter = RedisStore(redis_server.url), RedisStore(redis_server.url)
     held, stored_at = threading.Event(), []
@@ -155,7 +155,7 @@ def test_a_corrupt_remote_entry_is_refused_and_rebuilt(redis_server: RedisServer
 
 def test_redis_stopped_mid_run_builds_locally_with_one_warning(redis_server: RedisServer, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    from torch_trt_module._remote import RedisStore
+    from torch_trt_module._cache.remote import RedisStore
 
     store = RedisStore(redis_server.url)  # its own object: the one-WARNING state of this test alone
     assert _compile_here(store, tmp_path / "a")[0]["builds"] == 1
@@ -209,7 +209,7 @@ def test_cache_option_is_checked_and_settings_stay_hashable() -> None:
 
 
 def test_an_unreachable_server_is_one_warning_and_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from torch_trt_module._remote import RedisStore
+    from torch_trt_module._cache.remote import RedisStore
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._saved import from_u8, to_u8
+from torch_trt_module._core.io import from_u8, to_u8
 
 
 @pytest.mark.parametrize("data", [b"", b"\x00\xff" * 3, bytes(range(256))])

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import torch_trt_module as ttm
-from torch_trt_module._settings import Settings, SettingsError, normalize_targets
+from torch_trt_module._core.settings import Settings, SettingsError, normalize_targets
 
 
 def test_every_field_is_marked_engine_or_runtime() -> None:

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import Engine, EngineLoadError, _compile
-from torch_trt_module._cache import EngineCache
-from torch_trt_module._io import pack, unpack
+from torch_trt_module import Engine, EngineLoadError
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module._core.io import pack, unpack
 
 from harness.faults import capture_warnings, compile_tiny, outputs_ok
 

@@ -1,4 +1,4 @@
-"""torch_trt_module._signature: a call's args and kwargs bound to forward's parameter names (the same
+"""torch_trt_module._core.signature: a call's args and kwargs bound to forward's parameter names (the same
 way at export and at every call), the inverse (to_call), the InputError of each kind of bad call,
 and split_inputs' forms of example_inputs."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torch_trt_module import InputError
-from torch_trt_module._signature import Param, bind_call, params_of, split_inputs, to_call
+from torch_trt_module._core.signature import Param, bind_call, params_of, split_inputs, to_call
 
 
 def every_kind(a: Any, /, b: Any, *args: Any, c: Any, d: Any = 1, **kw: Any) -> None:
@@ -110,8 +110,8 @@ def test_split_inputs_rejects_non_str_keywords() -> None:
 
 
 def test_compare_uses_the_same_split_inputs() -> None:
-    from torch_trt_module import _compare
+    from torch_trt_module._verify import parity as _compare
 
     # verify() and compile() must read example inputs the same way; the two tests above were written
-    # against _compare.split_inputs, so this keeps them covering it.
+    # against verify's module (_verify.parity), so this keeps them covering it.
     assert _compare.split_inputs is split_inputs

@@ -1,4 +1,4 @@
-"""torch_trt_module._spec: TensorSpec's shape check and profile text (the words of every
+"""torch_trt_module._core.spec: TensorSpec's shape check and profile text (the words of every
 out-of-profile InputError), its JSON, and ExportedModel's metadata round trip (to_meta/from_meta),
 which is what engine files, cache entries and saved modules carry."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._spec import ExportedModel, TensorSpec
+from torch_trt_module._core.spec import ExportedModel, TensorSpec
 
 X = TensorSpec("x", "float32", dims=("batch", 3), min=(1, 3), opt=(4, 3), max=(8, 3))
 OUT = TensorSpec("y", "int64", dims=("batch", "2*s1", 5))

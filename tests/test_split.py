@@ -189,7 +189,7 @@ def test_a_part_whose_build_fails_stays_in_pytorch_with_the_builder_s_whole_reas
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from torch_trt_module import _compile
+    from torch_trt_module._pipeline import compile as _compile
 
     from ._support import require_rtx
 
@@ -207,7 +207,7 @@ def test_a_part_whose_build_fails_stays_in_pytorch_with_the_builder_s_whole_reas
     model = NonZeroBetween().eval()
     with caplog.at_level(logging.WARNING, logger="torch_trt_module"):
         fast = real(model, torch.randn(4, 8), cache=False)
-    said = [r.getMessage() for r in caplog.records if r.name == "torch_trt_module._split"]
+    said = [r.getMessage() for r in caplog.records if r.name == "torch_trt_module._partition.split"]
     assert said == ["part fused_0 of NonZeroBetween runs in PyTorch: its build failed: tensorrt_rtx failed to build "
                     "the engine: [E] AveragePool: window 320 is larger than the maximum 256 [E] build aborted"]
     _check(fast, model, 3)  # no engine part left: the whole graph runs on the next runtime

@@ -1,4 +1,4 @@
-"""torch_trt_module._tree: flatten/unflatten round trips (namedtuples, dict subclasses, keyword-only
+"""torch_trt_module._core.tree: flatten/unflatten round trips (namedtuples, dict subclasses, keyword-only
 dict classes, list subclasses, constants and None), leaf_paths in flatten's order, TreeSpec's JSON,
 and class names read back from JSON never resolve to anything but a container of the recorded kind."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from torch_trt_module._tree import TreeSpec, flatten, leaf_paths, unflatten
+from torch_trt_module._core.tree import TreeSpec, flatten, leaf_paths, unflatten
 
 Pair = collections.namedtuple("Pair", "first second")
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._build import Engine
+from torch_trt_module._build.build import Engine
 from torch_trt_module._errors import TorchTRTError
-from torch_trt_module._triton import TritonExportError, TritonRepoExists, export_triton, triton_config
+from torch_trt_module._tools.triton import TritonExportError, TritonRepoExists, export_triton, triton_config
 
 from harness.models import Conv
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torch_trt_module as ttm
-from torch_trt_module._weights import WeightWatch
+from torch_trt_module._runtime.weights import WeightWatch
 
 from .test_refit import ConvBN, _close, _hash_of, _model, _x
 

@@ -14,11 +14,11 @@ Example:
     True
 """
 
-from ._build import build_engine
-from ._compare import OutputReport, ParityReport, assert_parity, verify
-from ._compile import compile, export_onnx
-from ._doctor import DoctorReport, doctor
-from ._engine import Engine
+from . import _errors
+from ._build.build import build_engine
+from ._build.engine import Engine
+from ._core.settings import Settings
+from ._core.spec import ExportedModel, TensorSpec
 from ._errors import (
     BackendUnavailable,
     BuildError,
@@ -38,13 +38,16 @@ from ._errors import (
     UsageError,
     VerificationError,
 )
-from ._module import TRTModule
-from ._saved import load, save
-from ._partition import PartitionedModule, PartitionReport, explain
-from ._settings import Settings
-from ._split import SegmentedModule
-from ._spec import ExportedModel, TensorSpec
-from ._triton import export_triton
+from ._partition.partitioned import PartitionedModule
+from ._partition.split import SegmentedModule
+from ._pipeline.compile import compile, export_onnx
+from ._pipeline.saved import load, save
+from ._runtime.module import TRTModule
+from ._tools.doctor import DoctorReport, doctor
+from ._tools.explain import PartitionReport, explain
+from ._tools.triton import export_triton
+from ._verify.compare import OutputReport, ParityReport
+from ._verify.parity import assert_parity, verify
 
 __version__ = "0.1.0"
 
@@ -88,3 +91,12 @@ __all__ = [
     "save",
     "verify",
 ]
+
+# One name per public object, as httpx does: ``torch_trt_module.TRTModule``, not the private module
+# that defines it (which moves as the package is reorganised). Exceptions keep ``_errors``' name:
+# the flat module that holds every one of them (tests/test_public_api.py checks it).
+for _name in __all__:
+    _value = globals()[_name]
+    if getattr(_value, "__module__", "").startswith(__name__ + ".") and _value.__module__ != _errors.__name__:
+        _value.__module__ = __name__
+del _name, _value

@@ -22,6 +22,11 @@ derive from the matching built-in so that generic handlers keep working::
     └── UsageError (ValueError)            the command line was given something it cannot use (exit 2)
 
 Every message says what was received, what was expected, and how to fix it.
+
+Internal, never raised out of the package (not exported, not a TorchTRTError)::
+
+    Exception
+    └── Corrupt                            a cache entry cannot be used: the cache turns it into a miss
 """
 
 from __future__ import annotations
@@ -119,3 +124,10 @@ class TritonRepoExists(TritonExportError, FileExistsError):
 
 class UsageError(TorchTRTError, ValueError):
     """The command line was given something it cannot use (exit code 2)."""
+
+
+class Corrupt(Exception):
+    """Why a cache entry cannot be used. Raised by the cache's file layer
+    (:mod:`torch_trt_module._cache.files`) and caught by the cache (:mod:`torch_trt_module._cache.cache`),
+    whose API turns it into a miss (get/lookup) or a :class:`CacheError` (explicit operations): it
+    never leaves the cache modules."""

@@ -21,7 +21,7 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module._errors import BackendUnavailable, RuntimeFailure
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._cudagraphs import CudaGraphRunner
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 

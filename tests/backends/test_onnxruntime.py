@@ -17,8 +17,8 @@ import torch
 from onnx import TensorProto as TP
 
 from torch_trt_module import BackendUnavailable, RuntimeFailure
-from torch_trt_module._spec import TensorSpec
-from torch_trt_module.backends import _onnxruntime
+from torch_trt_module._core.spec import TensorSpec
+from torch_trt_module.backends import _onnxruntime, _ort_shapes
 from torch_trt_module.backends._onnxruntime import (
     OnnxRuntimeRunner,
     optimized_graph_name,
@@ -59,14 +59,14 @@ NONZERO = graph([oh.make_node("Greater", ["x", "zero"], ["m"]), oh.make_node("No
 @pytest.mark.parametrize("expr,value", [("2*s0", 14), ("(s1 - 1)//2 + 1", 5), ("Max(s0, 4)", 7), ("Min(s0, s1)", 7),
                                         ("-s0 + 10", 3), ("s0 % 3", 1), ("FloorDiv(s1, 2)", 4), ("ceiling(s0)", 7)])
 def test_dim_expressions_are_evaluated(expr: str, value: int) -> None:
-    fn = _onnxruntime._compile_dim(expr)
+    fn = _ort_shapes._compile_dim(expr)
     assert fn is not None and fn({"s0": 7, "s1": 9}) == value
 
 
 @pytest.mark.parametrize("expr", ["__import__('os').system('touch x')", "s0.real", "s0 ** 2", "1.5*s0", "s0 +",
                                   "[s0]", "lambda: 1", "'s0'", "s0 if s0 else 1", "CeilToInt(s0/2)"])
 def test_anything_but_integer_arithmetic_is_refused_without_evaluating_it(expr: str) -> None:
-    assert _onnxruntime._compile_dim(expr) is None
+    assert _ort_shapes._compile_dim(expr) is None
 
 
 def test_shape_function_resolves_what_it_can_and_leaves_the_rest_to_ort() -> None:

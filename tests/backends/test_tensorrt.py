@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._compare import compare_outputs
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module._verify.compare import compare_outputs
+from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
 from .trt_double import MAX_SM_KHZ, HostStreams, Knobs, doubles, ort_compute, sleep_cycles, torch_compute

@@ -24,8 +24,8 @@ from torch_trt_module import backends
 from torch_trt_module.backends import RuntimeChoice
 from torch_trt_module.backends._onnxruntime import OnnxRuntimeRunner
 from torch_trt_module.backends._tensorrt import TensorRTRunner
-from torch_trt_module._spec import TensorSpec
-from torch_trt_module._weights import weights_hash
+from torch_trt_module._core.spec import TensorSpec
+from torch_trt_module._runtime.weights import weights_hash
 
 from .trt_double import (HostStreams, Knobs, doubles, onnx_weights, ort_weighted_compute, overloads,
                          property_returns, refitter_double, runtime_module)

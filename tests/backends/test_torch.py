@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile
-from torch_trt_module._io import pack, unpack
-from torch_trt_module._program import load_program, save_program
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._core.io import pack, unpack
+from torch_trt_module._formats.program import load_program, save_program
 from torch_trt_module.backends._torch import TorchRunner
 
 from harness import faults
@@ -152,7 +152,7 @@ class MaskFromPositions(torch.nn.Module):
 def test_every_device_argument_of_a_cpu_captured_program_is_moved() -> None:
     # move_to_device_pass rewrites the nodes but not the graph module's code, and BERT's program then
     # failed on the lent H200 ("Tensor device mismatch! Expected: cpu, Got: cuda:0").
-    from torch_trt_module._program import load_program
+    from torch_trt_module._formats.program import load_program
     from torch_trt_module.backends._torch import _retarget
 
     module = ttm.compile(MaskFromPositions().eval(), torch.randn(2, 5), runtime="torch", cache=False)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _settings
-from torch_trt_module._program import load_program
+from torch_trt_module._core import settings as _settings
+from torch_trt_module._formats.program import load_program
 from torch_trt_module.backends import _torch_opt
 from torch_trt_module.backends._torch_passes import optimize_graph
 

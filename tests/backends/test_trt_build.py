@@ -16,7 +16,7 @@ from onnx import TensorProto as TP
 from onnx import numpy_helper
 
 from torch_trt_module import BuildError
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._trt_build import build_serialized, builder_flags
 
 pytestmark = pytest.mark.usefixtures("rtx_required")

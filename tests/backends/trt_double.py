@@ -69,8 +69,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from torch_trt_module._dtypes import by_name
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module._core.dtypes import by_name
+from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends import normalize_device
 
 Compute = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 import torch_trt_module as ttm
-from torch_trt_module._compare import compare_outputs
-from torch_trt_module._numerics import eager_uses_tf32, policy_for
+from torch_trt_module._verify.compare import compare_outputs
+from torch_trt_module._core.numerics import eager_uses_tf32, policy_for
 
 pytestmark = pytest.mark.gpu
 torchvision = pytest.importorskip("torchvision")
@@ -281,7 +281,7 @@ def test_a_data_dependent_branch_runs_through_graph_breaks_on_the_gpu() -> None:
 
 def test_a_split_graph_runs_on_the_gpu_and_saves() -> None:
     """torch_executed_ops keeps GELU in PyTorch; the rest of the graph runs as engine parts on the GPU."""
-    from torch_trt_module._split import SegmentedModule
+    from torch_trt_module._partition.split import SegmentedModule
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
                                 torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64),

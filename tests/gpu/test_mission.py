@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._numerics import tf32_state
+from torch_trt_module._core.numerics import tf32_state
 
 pytestmark = pytest.mark.gpu
 torchvision = pytest.importorskip("torchvision")

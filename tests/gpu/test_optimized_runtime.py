@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile
-from torch_trt_module._compare import compare_outputs
-from torch_trt_module._numerics import eager_uses_tf32, policy_for, strict_fp32
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._verify.compare import compare_outputs
+from torch_trt_module._core.numerics import eager_uses_tf32, policy_for, strict_fp32
 
 pytestmark = pytest.mark.gpu
 torchvision = pytest.importorskip("torchvision")

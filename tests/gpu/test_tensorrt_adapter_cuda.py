@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
 from ..backends.trt_double import Knobs, doubles, runtime_module, torch_compute, torch_weighted_compute

@@ -14,8 +14,9 @@ from typing import Any, Callable
 import pytest
 
 import torch_trt_module as ttm
-from torch_trt_module import _cache, _compile
-from torch_trt_module._cache import EngineCache
+from torch_trt_module._cache import cache as _cache
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache.cache import EngineCache
 from torch_trt_module.cli import main as cli_main
 
 from harness.faults import capture_warnings, compile_tiny, outputs_ok
@@ -66,7 +67,7 @@ def test_a_directory_others_can_write_is_not_used(tmp_path: Path, bits: int) -> 
     assert _compile.STATS["builds"] == builds + 2  # no hit: nothing read from, or written to, it
     assert os.listdir(root) == [] and mode(root) == bits  # the user's directory is left as it was
     who = "anyone" if bits & 0o002 else "its group"
-    assert warned == [f"torch_trt_module._cache: engine cache directory {root} is not private, so it is not used "
+    assert warned == [f"torch_trt_module._cache.cache: engine cache directory {root} is not private, so it is not used "
                       f"(no reads, no writes): {root}: {who} can write it (mode {stat.filemode(bits | stat.S_IFDIR)})"
                       f". Fix: chmod 700 {root}. Others who can write it could plant engines. Or set "
                       "$TORCH_TRT_MODULE_CACHE_KEY (the same secret for everyone who shares it) to share a cache "
@@ -178,6 +179,6 @@ def test_a_cache_path_that_is_a_file_is_one_warning_and_compile_works(tmp_path: 
     with capture_warnings() as warned:
         for seed in (0, 0):
             assert outputs_ok(compile_tiny(seed, path), seed)
-    assert warned == [f"torch_trt_module._cache: engine cache {path} cannot be used (no reads, no writes): {path} is not a directory. Fix: "
+    assert warned == [f"torch_trt_module._cache.cache: engine cache {path} cannot be used (no reads, no writes): {path} is not a directory. Fix: "
                       "point cache_dir= (or $TORCH_TRT_MODULE_CACHE) at a directory, or remove the file"]
     assert path.read_bytes() == b"mine"

@@ -11,7 +11,7 @@ import threading
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import _compile
+from torch_trt_module._pipeline import compile as _compile
 
 from harness.faults import EXPORTER, TinyNet, example
 

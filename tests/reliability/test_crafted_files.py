@@ -20,13 +20,13 @@ import torch
 
 import torch_trt_module as ttm
 from torch_trt_module import Engine, EngineLoadError
-from torch_trt_module._cache import EngineCache
-from torch_trt_module._io import pack, unpack
-from torch_trt_module._saved import from_u8, to_u8
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module._core.io import pack, unpack
+from torch_trt_module._core.io import from_u8, to_u8
 
 from harness.faults import TinyNet, capture_warnings, compile_tiny, example, outputs_ok
 
-STATE_FORMAT = 3  # _module._STATE_FORMAT: what a saved TRTModule's state says it is
+STATE_FORMAT = 3  # _build.engine.STATE_FORMAT: what a saved TRTModule's state says it is
 PAYLOAD = "sympify.__globals__['__builtins__']['__import__']('os').system('touch {marker}')"
 
 

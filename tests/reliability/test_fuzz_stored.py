@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import Engine, TorchTRTError, _entries
-from torch_trt_module._cache import EngineCache
+from torch_trt_module import Engine, TorchTRTError
+from torch_trt_module._cache import entries as _entries
+from torch_trt_module._cache.cache import EngineCache
 from torch_trt_module.backends import BackendChoice
 
 from harness.faults import capture_warnings, compile_tiny, outputs_ok

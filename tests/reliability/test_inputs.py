@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import ExportError, InputError, TorchTRTError, _compile
-from torch_trt_module._spec import TensorSpec
+from torch_trt_module import ExportError, InputError, TorchTRTError
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._core.spec import TensorSpec
 
 from harness.models import Conv
 

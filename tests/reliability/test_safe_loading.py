@@ -25,9 +25,12 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module import Engine, EngineLoadError, _compile
-from torch_trt_module._cache import EngineCache
-from torch_trt_module import _entries, _module, backends
+from torch_trt_module import Engine, EngineLoadError
+from torch_trt_module._pipeline import compile as _compile
+from torch_trt_module._cache.cache import EngineCache
+from torch_trt_module import backends
+from torch_trt_module._cache import entries as _entries
+from torch_trt_module._runtime import module as _module
 from torch_trt_module.backends import BackendChoice, _tensorrt, _trt_loader
 
 from harness import faults
@@ -273,7 +276,7 @@ def install_fake_gpu(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]
         return object()
 
     monkeypatch.setattr(backends, "can_run_plan", lambda backend, meta, device: None)
-    monkeypatch.setattr(_module, "_default_device", lambda engine: "cuda")
+    monkeypatch.setattr(_module, "default_device", lambda backend, meta, has_plan: "cuda")
     monkeypatch.setattr(_trt_loader, "deserialize", deserialize)
     monkeypatch.setattr(_tensorrt, "TensorRTRunner", _RunnerDouble)
     return seen

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._compare import compare_outputs
+from torch_trt_module._verify.compare import compare_outputs
 
 from harness.models import ItemBranch, MaskedSelect, TensorBranch
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
-from torch_trt_module._compare import compare_outputs  # not re-exported by the package (yet)
+from torch_trt_module._verify.compare import compare_outputs  # not re-exported by the package (yet)
 from .._support import require_rtx, rtx_missing
 from harness.cases import (CASES, CORE_IDS, Case, class_failures, classifier_facts, classifier_names,
                              sweep_one)

@@ -24,12 +24,19 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, EngineLoadError, EngineNotRefittable
-from .._spec import TensorSpec
+from .._formats.onnx import initializer_values
+from ._cudagraphs import CudaGraphRunner
+from ._device import normalize_device
+from ._onnxruntime import OnnxRuntimeRunner, ort_version
+from . import _tensorrt, _trt_loader
+from ._torch import TorchRunner
+from ._trt_loader import RTX_SUPPORTED, import_tensorrt
 
 __all__ = ["RUNTIMES", "BackendChoice", "Runner", "RuntimeChoice", "backend_version", "can_run_plan",
-           "choose_runtime", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on", "select_backend",
-           "usable_device"]
+           "choose_runtime", "default_device", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on",
+           "select_backend", "usable_device"]
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -66,15 +73,14 @@ class RuntimeChoice:
     reason: str
 
 
-def normalize_device(device: str | torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:N`` (the current device) and ``cpu:0`` -> ``cpu`` (torch has one CPU device,
-    and its tensors say ``cpu``), so devices compare by what they are."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
+def default_device(backend: str, meta: dict[str, Any], has_plan: bool) -> str:
+    """Where a module of an engine lives when no device is given: the GPU for an engine compiled on one
+    (or a TensorRT plan that can run on this one) where a GPU exists, else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    if meta.get("device") == "cuda" or (has_plan and can_run_plan(backend, meta, "cuda") is None):
+        return "cuda"
+    return "cpu"
 
 
 def usable_device(device: str | torch.device, *, what: str = "device=", fix: str = "pass device='cpu', or leave "
@@ -105,8 +111,6 @@ def gpu_identity(device: torch.device | str | None) -> dict[str, Any] | None:
 
 
 def rtx_runs_on(device: torch.device | str | None) -> bool:
-    from ._trt_loader import RTX_SUPPORTED
-
     ident = gpu_identity(device)
     if ident is None:
         return False
@@ -115,10 +119,8 @@ def rtx_runs_on(device: torch.device | str | None) -> bool:
 
 
 def _importable(name: str, *, runtime: bool = False) -> bool:
-    from ._trt_loader import import_runtime, import_tensorrt
-
     try:
-        import_runtime(name) if runtime else import_tensorrt(name)
+        _trt_loader.import_runtime(name) if runtime else import_tensorrt(name)
         return True
     except BackendUnavailable:
         return False
@@ -126,10 +128,7 @@ def _importable(name: str, *, runtime: bool = False) -> bool:
 
 def backend_version(name: str) -> str:
     if name == "onnxruntime":
-        from ._onnxruntime import ort_version
-
         return ort_version()
-    from ._trt_loader import import_tensorrt
 
     return str(import_tensorrt(name)[1].__version__)
 
@@ -251,13 +250,10 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
             return _graphs(runner, dev, cuda_graphs), choice.reason
     _announce(choice, dev)
     if choice.runtime == "torch":
-        from ._torch import TorchRunner
-
         runner = TorchRunner(engine, dev)
         if weights:
             runner = runner.refit(weights)
         return _graphs(runner, dev, cuda_graphs), choice.reason
-    from ._onnxruntime import OnnxRuntimeRunner
 
     if cuda_graphs and "cuda-graphs-ort" not in _announced:
         _announced.add("cuda-graphs-ort")
@@ -271,28 +267,24 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
 
 def _onnx_weights(engine: Any) -> dict[str, torch.Tensor]:
     """The values of the engine's mapped weights as its ONNX graph holds them."""
-    from .._onnx import initializer_values
 
     return initializer_values(engine.onnx, set(engine.exported.weights))
 
 
 def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -> Runner:
-    from ._tensorrt import TensorRTRunner
-    from ._trt_loader import deserialize, import_runtime
-
     ex = engine.exported
     plan = engine.plan
     if plan is None:
         raise EngineLoadError("the engine's plan could not be read")
-    trt_engine = deserialize(plan, backend=engine.backend, device=device, allow_host_code=allow_host_code)
-    return TensorRTRunner(trt_engine, ex.inputs, ex.outputs, device, trt=import_runtime(engine.backend)[1],
-                          backend=engine.backend)
+    trt_engine = _trt_loader.deserialize(plan, backend=engine.backend, device=device, allow_host_code=allow_host_code)
+    trt = _trt_loader.import_runtime(engine.backend)[1]
+    return _tensorrt.TensorRTRunner(trt_engine, ex.inputs, ex.outputs, device, trt=trt,
+                                     backend=engine.backend)
 
 
 def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool) -> Runner:
     if not cuda_graphs:
         return runner
-    from ._cudagraphs import CudaGraphRunner
 
     return CudaGraphRunner(runner, device=device)
 
@@ -306,8 +298,6 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
         backend_version("onnxruntime")  # raises with an install hint if missing
         build, reason = "onnxruntime", "requested"
     elif requested == "tensorrt":
-        from ._trt_loader import import_tensorrt
-
         import_tensorrt("tensorrt")
         if to_run and not cuda:
             raise BackendUnavailable(
@@ -316,8 +306,6 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
                 "with build_engine(..., backend='tensorrt_rtx', targets=[...])")
         build, reason = "tensorrt", "requested"
     elif requested == "tensorrt_rtx":
-        from ._trt_loader import import_tensorrt
-
         import_tensorrt("tensorrt_rtx")
         if to_run and not rtx_runs_on(device):
             ident = gpu_identity(device)

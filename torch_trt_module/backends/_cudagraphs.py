@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, RuntimeFailure
-from .._spec import TensorSpec
 
 __all__ = ["CudaGraphRunner", "GraphDriver", "TorchCudaGraphs"]
 

@@ -26,11 +26,12 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
-from .._dtypes import by_name, by_trt, dtype_name as _dtype_name
+from .._core.dtypes import by_name, by_trt
+from .._core.dtypes import dtype_name as _dtype_name
+from .._core.spec import TensorSpec
 from .._errors import EngineLoadError, EngineNotRefittable, InputError, RuntimeFailure
-from .._spec import TensorSpec
-from . import normalize_device
-from ._trt_loader import device_guard
+from ._device import normalize_device
+from ._trt_loader import capture_log, device_guard, logger
 
 __all__ = ["CudaStreams", "Streams", "TensorRTRunner"]
 
@@ -262,7 +263,6 @@ class TensorRTRunner:
         with ``BuilderFlag.REFIT``: ``weights="follow"``). Waits for the device's pending work first
         (refitting an engine with work in flight is undefined) and checks every return value; a
         refit that fails part-way leaves the engine unusable, and says so."""
-        from ._trt_loader import capture_log, logger
 
         if not self.engine.refittable:
             raise EngineNotRefittable(

@@ -15,8 +15,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._core.spec import TensorSpec
 from .._errors import EngineLoadError, RuntimeFailure
-from .._spec import TensorSpec
+from .._formats.program import load_program
 from ._torch_opt import Optimized
 
 __all__ = ["TorchRunner"]
@@ -36,8 +37,6 @@ class TorchRunner:
 
     def __init__(self, engine: Any, device: torch.device | str, *, optimize: str | None = None) -> None:
         from torch.export.graph_signature import InputKind, OutputKind
-
-        from .._program import load_program
 
         data = engine.program
         if data is None:

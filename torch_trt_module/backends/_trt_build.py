@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .._core.spec import TensorSpec
 from .._errors import BuildError
-from .._spec import TensorSpec
 from ._trt_loader import capture_log, import_tensorrt, logger, trt_log
 
 __all__ = ["build_serialized", "builder_flags", "parse_onnx"]

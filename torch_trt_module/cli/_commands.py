@@ -10,7 +10,26 @@ import re
 import time
 from typing import Any
 
-from .._errors import UsageError
+from .._build.build import build_engine
+from .._cache.cache import EngineCache, parse_size
+from .._cache.fleet_stats import COUNTERS, fleet_totals
+from .._cache.remote import remote_store
+from .._core.numerics import strict_fp32
+from .._core.settings import Settings
+from .._errors import TritonRepoExists, UsageError
+from .._formats.onnx import onnx_io, op_summary
+from .._pipeline.compile import compile as ttm_compile
+from .._runtime.module import TRTModule
+from .._tools.bench import BACKENDS, Timing, make_candidates, markdown_table, time_candidates
+from .._tools.doctor import doctor
+from .._tools.explain import explain
+from .._tools.triton import export_triton
+from .._verify.checks import check_tolerance
+from .._verify.compare import compare_outputs
+from ..backends import select_backend
+from . import _inputs
+from ._inputs import build, device_of, dynamic_of, example_inputs, export
+from ._reports import describe, io_tables, layer_info, mib, read_engine, text_table
 
 __all__ = ["cmd_bench", "cmd_build", "cmd_cache", "cmd_doctor", "cmd_export_triton", "cmd_inspect", "cmd_verify"]
 
@@ -18,12 +37,9 @@ __all__ = ["cmd_bench", "cmd_build", "cmd_cache", "cmd_doctor", "cmd_export_trit
 # --------------------------------------------------------------------------- build / inspect
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ._inputs import build, load
-    from ._reports import describe, mib
-
     _check_output(args.output)  # before the export and build it would otherwise come after
     t0 = time.perf_counter()
-    source, plan, exported = load(args)
+    source, plan, exported = _inputs.load(args)
     engine = build(args, source, plan, exported)
     engine.save(args.output)
     print(f"built {args.model} -> {args.output} ({mib(os.path.getsize(args.output))}) in "
@@ -45,9 +61,6 @@ def _check_output(path: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .._onnx import onnx_io, op_summary
-    from ._reports import describe, io_tables, layer_info, mib, read_engine
-
     path = args.file
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory; give an engine file, a saved module or an .onnx file")
@@ -81,17 +94,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
-    from .._build import build_engine
-    from .._checks import check_tolerance
-    from .._compare import compare_outputs
-    from .._compile import compile as ttm_compile
-    from .._module import TRTModule
-    from .._numerics import strict_fp32
-    from .._settings import Settings
-    from ._inputs import device_of, dynamic_of, example_inputs, load
-
     device = device_of(args)  # first: a GPU this machine lacks is said before any work
-    source, plan, exported = load(args)
+    source, plan, exported = _inputs.load(args)
     if exported is None:
         assert source.module is not None
         compiled = ttm_compile(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
@@ -99,8 +103,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                cache=not args.no_cache, verify=False, device=str(device))
         model = source.module.to(device)
     else:
-        from ..backends import select_backend
-
         choice = select_backend(args.backend, device)  # raises if a requested backend cannot run here
         backend = choice.build if choice.run == choice.build else "onnxruntime"
         compiled = TRTModule(build_engine(exported, backend=backend, device=device, progress=False), device=device)
@@ -149,14 +151,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .._bench import BACKENDS, Timing, make_candidates, markdown_table, time_candidates
-    from ._inputs import device_of, example_inputs, export, load
-
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else []
     except ValueError:
         raise UsageError(f"--batch-sizes {args.batch_sizes!r} is not a comma-separated list of ints") from None
-    source, plan, exported = load(args, batches)
+    source, plan, exported = _inputs.load(args, batches)
     if not batches:
         batches = sorted({p[i][0] for _, _, p in plan[:1] for i in range(3) if p[i]})
     names: list[str] = []
@@ -193,11 +192,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .._errors import UsageError
-    from .._partition import explain
-    from ._inputs import dynamic_of, example_inputs, load
-
-    source, plan, exported = load(args)
+    source, plan, exported = _inputs.load(args)
     if source.module is None:
         raise UsageError(f"{args.model} is an ONNX file; explain takes a PyTorch model (package.module:factory)")
     ops = [o for o in (args.torch_executed_ops or "").split(",") if o]
@@ -209,8 +204,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .._doctor import doctor
-
     report = doctor(smoke=not args.no_smoke)
     print(json.dumps(report.to_json(), indent=2, default=str) if args.json else report)
     return 0 if report.ok else 1
@@ -226,9 +219,6 @@ def _as_flags(message: str) -> str:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .._cache import EngineCache, parse_size
-    from ._reports import describe, mib, text_table
-
     cache = EngineCache(args.cache_dir)
     as_json = lambda e: {"key": e.key, "size": e.size_bytes, "created": e.created,  # noqa: E731
                          "last_used": e.last_used, "meta": e.meta}
@@ -282,8 +272,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def _cache_counts(cache: Any, *, as_json: bool) -> int:
     """``cache info`` without a key: what every process that used this directory counted, and the remote store."""
-    from .._fleet_stats import COUNTERS, fleet_totals
-    from .._store import remote_store
 
     totals = fleet_totals(cache)
     remote = remote_store(True)
@@ -304,18 +292,13 @@ def _cache_counts(cache: Any, *, as_json: bool) -> int:
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    from .._errors import TritonRepoExists
-    from .._triton import export_triton
-    from ._inputs import build, load
-    from ._reports import read_engine
-
     if args.model_name and args.name and args.model_name != args.name:
         raise UsageError(f"export-triton got two model names, {args.model_name!r} (NAME) and {args.name!r} (--name); "
                          "give one")
     if os.path.isfile(args.model) and not args.model.lower().endswith(".onnx"):
         obj = read_engine(args.model)[0]
     else:
-        source, plan, exported = load(args)
+        source, plan, exported = _inputs.load(args)
         obj = build(args, source, plan, exported)
     name = args.model_name or args.name or os.path.splitext(os.path.basename(args.model.rpartition(":")[2]))[0]
     options: dict[str, Any] = {"dynamic_batching": not args.no_dynamic_batching, "instance_count": args.instance_count,

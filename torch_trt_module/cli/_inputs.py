@@ -11,7 +11,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .._errors import InputError, UsageError
+from .._build.build import build_engine
+from .._cache.cache import parse_size
+from .._core.dtypes import TEXT_NAMES, by_text
+from .._core.signature import params_of
+from .._errors import BackendUnavailable, InputError, UsageError
+from .._formats.onnx import exported_from_onnx, onnx_io
+from .._pipeline.compile import export_onnx
+from ..backends import usable_device
 
 __all__ = ["ModelSource", "Profile", "build", "device_of", "dynamic_of", "example_inputs", "export", "input_plan",
            "load", "load_model", "parse_dtypes", "parse_shapes"]
@@ -19,10 +26,6 @@ __all__ = ["ModelSource", "Profile", "build", "device_of", "dynamic_of", "exampl
 Shape = tuple[int, ...]
 Profile = tuple[Shape, Shape, Shape]  # (min, opt, max)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "int64": torch.int64, "long": torch.int64,
-           "int32": torch.int32, "int": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
 
 
 # --------------------------------------------------------------------------- shapes and dtypes
@@ -77,10 +80,10 @@ def parse_shapes(items: Sequence[str]) -> dict[str | None, Profile]:
 
 
 def parse_dtype(text: str) -> torch.dtype:
-    try:
-        return _DTYPES[text.lower()]
-    except KeyError:
-        raise UsageError(f"dtype {text!r} is not one of {', '.join(sorted(_DTYPES))}") from None
+    row = by_text(text)  # the one dtype table (_core.dtypes), with the names people type
+    if row is None:
+        raise UsageError(f"dtype {text!r} is not one of {', '.join(TEXT_NAMES)}")
+    return row.torch
 
 
 def parse_dtypes(items: Sequence[str]) -> dict[str | None, torch.dtype]:
@@ -117,15 +120,11 @@ class ModelSource:
     @property
     def input_names(self) -> list[str]:
         if self.module is not None:
-            from .._signature import params_of
-
             return [p.name for p in params_of(self.module.forward) if p.kind in ("positional_only",
                                                                                 "positional_or_keyword")]
         return [i[0] for i in self.onnx_io()[0]]
 
     def onnx_io(self) -> tuple[Any, Any]:
-        from .._onnx import onnx_io
-
         assert self.onnx_path is not None
         with open(self.onnx_path, "rb") as f:
             return _usage(lambda: onnx_io(f.read(), self.onnx_path))  # type: ignore[arg-type]
@@ -261,8 +260,6 @@ def dynamic_of(plan: Sequence[tuple[str, torch.dtype, Profile]]) -> dict[str, di
 
 def device_of(args: Any) -> torch.device:
     """--device, or cuda where a GPU is usable and cpu elsewhere; UsageError for a GPU this machine lacks."""
-    from .._errors import BackendUnavailable
-    from ..backends import usable_device
 
     if not args.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,8 +280,6 @@ def load(args: Any, batches: Sequence[int] = ()) -> tuple[ModelSource, list[tupl
     plan = [(n, dt, with_batch(p, batches)) for n, dt, p in plan]
     exported = None
     if source.onnx_path is not None:
-        from .._onnx import exported_from_onnx
-
         with open(source.onnx_path, "rb") as f:
             data = f.read()
         exported = _usage(lambda: exported_from_onnx(data, {n: p for n, _, p in plan}, source.onnx_path))
@@ -295,8 +290,6 @@ def load(args: Any, batches: Sequence[int] = ()) -> tuple[ModelSource, list[tupl
 
 
 def export(source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], args: Any, verify: bool = True) -> Any:
-    from .._compile import export_onnx
-
     assert source.module is not None, "an ONNX file needs no export"
     return export_onnx(source.module, ((), example_inputs(plan)), dynamic=dynamic_of(plan),
                        precision=args.precision or "fp32", verify=verify)
@@ -304,8 +297,6 @@ def export(source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], ar
 
 def build(args: Any, source: ModelSource, plan: list[tuple[str, torch.dtype, Profile]], exported: Any) -> Any:
     """The engine ``build`` and ``export-triton`` make: --backend, --target, --workspace, --opt-level."""
-    from .._build import build_engine
-    from .._cache import parse_size
 
     backend, targets = args.backend, args.target
     if targets and backend == "auto":

@@ -6,7 +6,11 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Sequence
 
+from .._build.engine import Engine
 from .._errors import UsageError
+from .._pipeline.saved import read_state
+from .. import backends
+from ..backends import _trt_loader
 
 __all__ = ["built_for", "describe", "io_tables", "layer_info", "mib", "read_engine", "text_table"]
 
@@ -14,8 +18,6 @@ __all__ = ["built_for", "describe", "io_tables", "layer_info", "mib", "read_engi
 def read_engine(path: str) -> tuple[Any, str]:
     """An :class:`~torch_trt_module.Engine` from an engine file or a saved TRTModule, and which it
     was. Both hold the same checksummed container; it is verified before anything is used."""
-    from .._engine import Engine
-    from .._saved import engine_of_state, read_state
 
     with open(path, "rb") as f:
         data = f.read()
@@ -27,23 +29,21 @@ def read_engine(path: str) -> tuple[Any, str]:
         state = None
     for key, value in (state.items() if isinstance(state, dict) else ()):
         if key.endswith("_extra_state") and isinstance(value, dict) and "engine" in value:
-            return engine_of_state(value, source=path), "saved TRTModule"
+            return Engine.from_state(value, source=path), "saved TRTModule"
     raise UsageError(f"{path} is not an engine file, a saved TRTModule or an .onnx file")
 
 
 def layer_info(engine: Any) -> tuple[list[str], str | None]:
     """TensorRT's per-layer information (it needs a deserialized engine, so a GPU runtime), or why none."""
-    from ..backends import can_run_plan
 
     if not engine.has_plan:
         return [], "none: ONNX Runtime runs the graph's ops"
-    why = can_run_plan(engine.backend, engine.meta, "cuda")
+    why = backends.can_run_plan(engine.backend, engine.meta, "cuda")
     if why is not None:
         return [], f"layer information needs a GPU runtime ({why})"
-    from ..backends._trt_loader import deserialize, import_runtime
 
-    trt = import_runtime(engine.backend)[1]
-    inspector = deserialize(engine.plan, backend=engine.backend, device="cuda").create_engine_inspector()
+    trt = _trt_loader.import_runtime(engine.backend)[1]
+    inspector = _trt_loader.deserialize(engine.plan, backend=engine.backend, device="cuda").create_engine_inspector()
     info = inspector.get_engine_information(trt.LayerInformationFormat.ONELINE)
     return [ln for ln in str(info).splitlines() if ln.strip()], None
 

@@ -1,0 +1,3 @@
+"""The orchestrator: ``compile()`` sequences the stages (export, build, cache, runtime) and compiles
+each part of a partitioned model; ``save``/``load``.
+"""

@@ -1,0 +1,2 @@
+"""Tools over the pipeline: ``explain``, ``doctor``, benchmarks, Triton export.
+"""

@@ -1,0 +1,3 @@
+"""Checks of a compiled module against eager: comparisons (``verify``, ``assert_parity``) and the
+pipeline's checks at the profile's corners.
+"""
