@@ -192,3 +192,53 @@ def test_a_model_with_attention_then_a_view_compiles_as_one_graph() -> None:
         with torch.inference_mode():
             report = compare_outputs(compiled(x), model(x), rtol=1e-2, atol=1e-3)
         assert report.passed, report
+
+
+# --------------------------------------------------------------------------- the runtime's program
+
+def _program_of(compiled: Any) -> Any:
+    from torch_trt_module._program import load_program
+
+    return load_program(compiled.engine.program)
+
+
+@pytest.mark.parametrize("model_cls", [T5Like, HeadsMerged])
+def test_the_runtime_program_keeps_fused_attention_and_onnx_keeps_the_math(model_cls: type) -> None:
+    # The PyTorch runtime runs the fused kernels, as eager and torch.compile do (issue 21: fp32
+    # transformers trailed torch.compile); the ONNX graph holds the math, views after it included.
+    model = model_cls().eval()
+    args = (torch.randn(2, 8, HQ * E),) if model_cls is T5Like else (torch.randn(2, 8, HQ * E), torch.randn(2, 1, 8, 8))
+    dynamic = {"x": {0: (1, 2, 5)}} if model_cls is T5Like else {"x": {0: (1, 2, 5)}, "mask": {0: (1, 2, 5)}}
+    compiled = ttm.compile(model, (args, {}), dynamic=dynamic, cache=False, runtime="torch")
+    assert _has_fused_attention(_program_of(compiled))
+    import onnx
+
+    assert "Softmax" in {n.op_type for n in onnx.load_from_string(compiled.engine.onnx).graph.node}
+    for batch in (1, 5):
+        xs = [torch.cat([a] * 3)[:batch] for a in args]
+        with torch.inference_mode():
+            report = compare_outputs(compiled(*xs), model(*xs), rtol=1e-4, atol=1e-5)
+        assert report.passed, report
+
+
+def test_the_lowered_program_stays_where_the_fused_one_disagrees(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from torch_trt_module import _exporters
+
+    monkeypatch.setattr(_exporters, "_agrees", lambda a, b: False)
+    model = T5Like().eval()
+    with caplog.at_level("INFO", logger="torch_trt_module._exporters"):
+        compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, runtime="torch")
+    assert not _has_fused_attention(_program_of(compiled))
+    assert "keeps attention as its math" in caplog.text
+    x = torch.randn(3, 8, HQ * E)
+    with torch.inference_mode():
+        assert compare_outputs(compiled(x), model(x), rtol=1e-4, atol=1e-5).passed
+
+
+def test_fp16_programs_hold_attention_as_fp16_math_with_an_fp32_softmax() -> None:
+    # precision="fp16" decomposes attention itself (fp32_islands, _precision): no fused op, no second capture.
+    model = T5Like().eval()
+    compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, precision="fp16", cast_inputs=True,
+                           runtime="torch")
+    assert not _has_fused_attention(_program_of(compiled))

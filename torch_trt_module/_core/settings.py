@@ -30,7 +30,7 @@ RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
 #: TorchInductor on a GPU), "inductor", "passes" (the passes only) or "none" (the program as captured).
 OPTIMIZE = ("auto", "inductor", "passes", "none")
 #: The version of those passes and of how Inductor is called: in the cache key (bump on any change).
-OPTIMIZE_VERSION = "bnfold-1+inductor-1"
+OPTIMIZE_VERSION = "bnfold-1+inductor-1+sdpa-1"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 
 # The user-facing form: None, "batch", or {input: {dim: (min, opt, max)}}.

@@ -72,8 +72,12 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
         try:
             if exporter == "torchscript":
                 return Exported(_export_torchscript(wrapper, names, leaves, out_names, profiles, settings), exporter)
-            program = capture(wrapper, names, leaves, profiles)
-            return Exported(_to_onnx(program, leaves, names, out_names, settings), exporter, program)
+            lowered: list[int] = []
+            program = capture(wrapper, names, leaves, profiles, lowered=lowered)
+            onnx_bytes = _to_onnx(program, leaves, names, out_names, settings)
+            if lowered and lowered[0]:
+                program = fused_attention_program(wrapper, names, leaves, profiles, program)
+            return Exported(onnx_bytes, exporter, program)
         except ExportError as e:
             if exporter == "torchscript" and not errors:
                 e = _tracer_verdict(e, wrapper, names, leaves, profiles)
@@ -116,9 +120,12 @@ def _tracer_verdict(refusal: ExportError, wrapper: torch.nn.Module, names: list[
 
 
 def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[torch.Tensor],
-            profiles: Profiles) -> Any:
+            profiles: Profiles, *, lower_attention: bool = True, lowered: list[int] | None = None) -> Any:
     """torch.export's program of ``wrapper``, with a ``Dim`` for every dynamic dim; ExportError
-    when the model's control flow depends on data or it fixes a declared-dynamic size."""
+    when the model's control flow depends on data or it fixes a declared-dynamic size.
+
+    ``lower_attention``: capture ``scaled_dot_product_attention`` as its math (see below); then
+    ``lowered``, if given, gets the number of calls that were lowered."""
     from torch.export import Dim
 
     dims = dynamic_dims(names, profiles)
@@ -130,9 +137,13 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
             # the fused op breaks the views that follow it in T5, Swin and MaxViT.
             # torch.export prints a failed trace's FX graph to stderr, and torch's loggers add theirs:
             # its exception, classified below, says it all (quiet_torch keeps the rest at DEBUG).
-            with warnings.catch_warnings(), lowered_attention(), quiet_torch("torch.export"):
+            lowering = lowered_attention() if lower_attention else contextlib.nullcontext()
+            with warnings.catch_warnings(), lowering as mode, quiet_torch("torch.export"):
                 warnings.simplefilter("ignore")
-                return torch.export.export(wrapper, tuple(leaves), dynamic_shapes=shapes, strict=False)
+                program = torch.export.export(wrapper, tuple(leaves), dynamic_shapes=shapes, strict=False)
+            if lowered is not None and mode is not None:
+                lowered[:] = [mode.calls]
+            return program
         except ExportError:
             raise  # our own verdict, made while tracing (e.g. the attention lowering's)
         except Exception as e:  # noqa: BLE001 - classified here, from torch.export's own evidence
@@ -162,6 +173,46 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
                 ) from e
             raise
     raise AssertionError("unreachable")
+
+
+def fused_attention_program(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[torch.Tensor],
+                            profiles: Profiles, lowered: Any) -> Any:
+    """The program the PyTorch runtime runs, for a model whose attention was lowered for ONNX:
+    captured again with ``scaled_dot_product_attention`` kept whole, so that its fused kernels
+    (flash, memory-efficient) run, as they do in eager and under ``torch.compile``.
+
+    The fused op's output strides are those of the kernel traced (see _lowering), so the program is
+    run once on the example beside the lowered one, on the example's device: where it fails or
+    differs, the lowered program is kept (logged at INFO). The ONNX graph always comes from the
+    lowered capture."""
+    try:
+        fused = capture(wrapper, names, leaves, profiles, lower_attention=False)
+        with torch.no_grad():
+            got = _flat(fused.module()(*leaves))
+            want = _flat(lowered.module()(*leaves))
+        if len(got) != len(want) or not all(_agrees(a, b) for a, b in zip(got, want)):
+            raise ValueError("its outputs differ from the lowered program's on the example")
+    except Exception as e:  # noqa: BLE001 - the lowered program is correct; this one only faster
+        log.info("the PyTorch runtime keeps attention as its math: the program with fused attention %s",
+                 summary(e) if not isinstance(e, ValueError) else e)
+        return lowered
+    return fused
+
+
+def _flat(out: Any) -> list[Any]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _agrees(a: Any, b: Any) -> bool:
+    """Fused and math attention round differently: agree to 1e-3 of the output's largest value."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return bool(a == b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    scale = float(b.detach().abs().max()) if b.numel() else 0.0
+    return bool(((a - b).abs() <= 1e-3 * scale + 1e-5).all())
 
 
 def _suggested_fixes(e: BaseException) -> list[str]:

@@ -80,8 +80,13 @@ def _repeat_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _LowerAttention(TorchFunctionMode):
-    """Replaces every ``F.scaled_dot_product_attention`` call with :func:`attention_math`. Inside
-    ``__torch_function__`` the mode is off, so the math's own ops pass through untouched."""
+    """Replaces every ``F.scaled_dot_product_attention`` call with :func:`attention_math`, and
+    counts them (:attr:`calls`). Inside ``__torch_function__`` the mode is off, so the math's own
+    ops pass through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
@@ -89,12 +94,14 @@ class _LowerAttention(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             query = args[0] if args else kwargs.get("query")
             if isinstance(query, torch.Tensor) and not query.is_nested:
+                self.calls += 1
                 return attention_math(*args, **kwargs)
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
-def lowered_attention() -> Iterator[None]:
-    """While active, ``scaled_dot_product_attention`` runs (and is traced) as its math form."""
-    with _LowerAttention():
-        yield
+def lowered_attention() -> Iterator[_LowerAttention]:
+    """While active, ``scaled_dot_product_attention`` runs (and is traced) as its math form; the
+    yielded mode's ``calls`` counts the calls it lowered."""
+    with _LowerAttention() as mode:
+        yield mode
