@@ -167,3 +167,30 @@ def test_optimize_none_runs_the_program_as_captured() -> None:
     assert fast.runner.optimized == "none"
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_training_loop_is_followed_with_batchnorm_refolded(foreach: bool) -> None:
+    """tests/gpu/test_optimized_runtime.py's loop on the CPU: train-mode forwards move the BatchNorm
+    statistics, SGD steps every weight; after each step the folded program equals eager in fp32,
+    and an explicit refit changes nothing (it was not stale)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    fast = ttm.compile(model, torch.randn(2, 3, 32, 32), cache=False, runtime="torch", optimize="passes")
+    assert fast.runner.optimized == "20 BatchNorms folded, eager kernels"
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=foreach)
+    target = torch.randn(4, 10)
+    for step in range(3):
+        model.train()
+        loss = (model(torch.randn(4, 3, 32, 32)) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        y = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            got = fast(y)
+            torch.testing.assert_close(got, model(y), rtol=1e-4, atol=1e-5, msg=f"step {step}")
+            fast.refit(model)
+            torch.testing.assert_close(fast(y), got, rtol=1e-6, atol=1e-7, msg=f"stale at step {step}")
