@@ -10,7 +10,7 @@ Counted exactly, from each worker's ``_compile.STATS`` and ``_fleet_stats.proces
 and 3 exports in all (one per model: a worker that waits for another's build never exports), 3 uploads,
 and one download per worker and model it did not build; every other compile is a local hit.
 
-The issue's full 8 workers x 20 compiles x 3 models is marked ``slow``; 4 x 4 x 3 runs by default.
+The issue's full 8 workers x 20 compiles x 3 models runs in CI (about 20 s on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -124,8 +124,7 @@ def _run_fleet(url: str, root: Path, workers: int, compiles: int) -> list[dict[s
     return results
 
 
-@pytest.mark.parametrize("workers,compiles", [pytest.param(4, 4, id="4x4x3"),
-                                              pytest.param(8, 20, id="8x20x3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers,compiles", [pytest.param(8, 20, id="8x20x3")])
 def test_a_fleet_on_one_redis_builds_each_model_once_and_serves_no_wrong_engine(
         redis_server: RedisServer, tmp_path: Path, workers: int, compiles: int) -> None:
     url = redis_server.url + "?lease_wait=120"  # bounded: a lost builder costs at most that, not 900 s
