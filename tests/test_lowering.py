@@ -197,7 +197,7 @@ def test_a_model_with_attention_then_a_view_compiles_as_one_graph() -> None:
 # --------------------------------------------------------------------------- the runtime's program
 
 def _program_of(compiled: Any) -> Any:
-    from torch_trt_module._program import load_program
+    from torch_trt_module._formats.program import load_program
 
     return load_program(compiled.engine.program)
 
@@ -223,11 +223,11 @@ def test_the_runtime_program_keeps_fused_attention_and_onnx_keeps_the_math(model
 
 def test_the_lowered_program_stays_where_the_fused_one_disagrees(monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from torch_trt_module import _exporters
+    from torch_trt_module._export import exporters as _exporters
 
     monkeypatch.setattr(_exporters, "_agrees", lambda a, b: False)
     model = T5Like().eval()
-    with caplog.at_level("INFO", logger="torch_trt_module._exporters"):
+    with caplog.at_level("INFO", logger="torch_trt_module._export.exporters"):
         compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, runtime="torch")
     assert not _has_fused_attention(_program_of(compiled))
     assert "keeps attention as its math" in caplog.text
