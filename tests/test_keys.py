@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -202,12 +203,15 @@ def test_gpu_identity_and_backend_version_are_in_tensorrt_keys(monkeypatch: pyte
     gpus = {0: h100, 1: h100, 2: {**h100, "name": "NVIDIA H100 PCIe"}, 3: {**h100, "compute_capability": "9.1"},
             4: {**h100, "sm_count": 114}, 5: {**h100, "total_memory": 80 << 30}}
     versions = {"tensorrt": "10.13.0.35"}
-    # Test doubles: tensorrt and a GPU are not available here; the key must take what they report.
-    monkeypatch.setattr(_keys, "gpu_identity", lambda device: gpus[torch.device(device).index])
+    # Test doubles: tensorrt and a GPU are not available here; the key must take what they report
+    # (the GPU's identity, which select_backend resolves once and the choice carries down).
     monkeypatch.setattr(_keys, "backend_version", lambda name: versions.get(name, "1.7.1.116"))
 
+    def on(choice: BackendChoice, gpu: int) -> BackendChoice:
+        return dataclasses.replace(choice, gpu=gpus[gpu] if choice.build == "tensorrt" else None)
+
     def key(choice: BackendChoice, gpu: int, s: Settings = settings) -> str:
-        return _keys.content_key(exported.onnx, exported.to_meta(), s, choice, torch.device("cuda", gpu))
+        return _keys.content_key(exported.onnx, exported.to_meta(), s, on(choice, gpu), torch.device("cuda", gpu))
 
     trt_keys = [key(trt, g) for g in gpus]
     assert trt_keys[0] == trt_keys[1]  # the same GPU model on another index: never the index
@@ -217,7 +221,7 @@ def test_gpu_identity_and_backend_version_are_in_tensorrt_keys(monkeypatch: pyte
     # RTX engines are portable across GPUs: their key takes the targets, not the GPU.
     assert key(rtx, 0) == key(rtx, 2)
     assert key(rtx, 0) != key(rtx, 0, settings.replace(targets=("sm86",)))
-    fp = [_keys.fingerprint(TinyNet(0), (X,), {}, settings, trt, torch.device("cuda", g)) for g in (0, 1, 2)]
+    fp = [_keys.fingerprint(TinyNet(0), (X,), {}, settings, on(trt, g), torch.device("cuda", g)) for g in (0, 1, 2)]
     assert fp[0] == fp[1] != fp[2]  # the warm-path index follows the same rule
 
 

@@ -102,3 +102,20 @@ def test_a_plan_the_runtime_refuses_at_load_moves_the_chain_on(monkeypatch: pyte
     assert "tensorrt could not load the engine here (tensorrt_lean could not deserialize" in caplog.text
     with pytest.raises(ttm.EngineLoadError, match="Serialization assertion"):
         backends.make_runner(fake, CUDA, runtime="tensorrt")  # forced: the refusal is the error
+
+
+def test_the_gpu_is_resolved_once_and_carried_by_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """select_backend looks the GPU up once; the key, the fleet's grouping and the build read it
+    from the choice (issue 22: one compile() resolved the GPU identity six times)."""
+    import torch_trt_module.backends as backends
+
+    calls: list[object] = []
+    ident = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "sm_count": 132, "total_memory": 1}
+    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "gpu_identity", lambda device: calls.append(device) or ident)
+    monkeypatch.setattr(backends, "_importable", lambda name, runtime=False: name == "tensorrt")
+    choice = backends.select_backend("auto", "cuda", to_run=False)
+    assert (choice.build, choice.gpu, len(calls)) == ("tensorrt", ident, 1)
+    assert choice == backends.BackendChoice("tensorrt", "none", choice.reason, dict(ident))
+    assert choice != backends.BackendChoice("tensorrt", "none", choice.reason, {**ident, "sm_count": 114})
+    hash(choice)  # usable as a key, the GPU's dict notwithstanding

@@ -16,7 +16,7 @@ import torch
 from .._core.settings import Settings, normalize_targets
 from .._core.spec import ExportedModel
 from .._errors import BuildError
-from ..backends import BackendChoice, backend_version, gpu_identity, select_backend
+from ..backends import BackendChoice, backend_version, select_backend
 from ..backends import _trt_build
 from ..backends._trt_build import builder_flags
 from .engine import ENGINE_FORMAT, Engine
@@ -78,7 +78,7 @@ def build_with_choice(exported: ExportedModel, settings: Settings, choice: Backe
 
     flags = engine_flags(choice, settings)
     meta["targets"] = list(targets) if targets else None
-    meta["gpu"] = gpu_identity(device) if choice.build == "tensorrt" else None
+    meta["gpu"] = choice.gpu if choice.build == "tensorrt" else None
     meta["builder_flags"] = flags
     t0 = time.perf_counter()
     try:

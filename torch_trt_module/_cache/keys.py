@@ -42,7 +42,7 @@ from .._core.settings import Settings
 from .._core.signature import bind_call, params_of
 from .._core.tree import flatten
 from .._formats.onnx import load
-from ..backends import BackendChoice, backend_version, gpu_identity
+from ..backends import BackendChoice, backend_version
 from .files import CACHE_FORMAT_VERSION
 from .values import NN_INTERNALS, Tokens, Unfingerprintable, in_stdlib, user_code
 
@@ -85,7 +85,7 @@ def stable_hash(obj: object) -> str:
 def timing_cache_name(choice: BackendChoice, device: torch.device) -> str | None:
     if choice.build != "tensorrt":
         return None
-    return "timing-" + stable_hash({"gpu": gpu_identity(device), "trt": backend_version("tensorrt")})[:32]
+    return "timing-" + stable_hash({"gpu": choice.gpu, "trt": backend_version("tensorrt")})[:32]
 
 
 def target_part(choice: BackendChoice, settings: Settings, device: torch.device) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def target_part(choice: BackendChoice, settings: Settings, device: torch.device)
     if choice.build != "onnxruntime":
         part["builder_flags"] = engine_flags(choice, settings)
     if choice.build == "tensorrt":
-        part["gpu"] = gpu_identity(device)
+        part["gpu"] = choice.gpu  # resolved once, by select_backend
     elif choice.build == "tensorrt_rtx":
         targets = engine_targets(choice, settings)
         part["targets"] = list(targets) if targets else "rtx-default"

@@ -19,7 +19,7 @@ reason are logged once at WARNING where the module will be slower than it could 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 import torch
@@ -62,9 +62,14 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class BackendChoice:
+    """What one compile() targets, resolved once by :func:`select_backend` and passed down to the
+    cache key, the fleet's grouping and the build: which backend builds, what runs it here, and for
+    a TensorRT build the identity of the GPU it is built for (:func:`gpu_identity`)."""
+
     build: str  # "tensorrt" | "tensorrt_rtx" | "onnxruntime": what makes the engine
     run: str  # what compile() expects to run it here (see choose_runtime)
     reason: str
+    gpu: dict[str, Any] | None = field(default=None, hash=False)  # TensorRT builds only
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,10 @@ def gpu_identity(device: torch.device | str | None) -> dict[str, Any] | None:
 
 
 def rtx_runs_on(device: torch.device | str | None) -> bool:
-    ident = gpu_identity(device)
+    return _rtx_supports(gpu_identity(device))
+
+
+def _rtx_supports(ident: dict[str, Any] | None) -> bool:
     if ident is None:
         return False
     major, minor = (int(v) for v in ident["compute_capability"].split("."))
@@ -294,6 +302,7 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
     """Pick what builds the engine (and say what will run it). ``to_run=False`` (build_engine)
     only needs to build, not run."""
     cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
+    ident = gpu_identity(device) if cuda else None  # the one lookup of this compile's GPU
     if requested == "onnxruntime":
         backend_version("onnxruntime")  # raises with an install hint if missing
         build, reason = "onnxruntime", "requested"
@@ -307,8 +316,7 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
         build, reason = "tensorrt", "requested"
     elif requested == "tensorrt_rtx":
         import_tensorrt("tensorrt_rtx")
-        if to_run and not rtx_runs_on(device):
-            ident = gpu_identity(device)
+        if to_run and not _rtx_supports(ident):
             why = "no CUDA GPU is in use" if ident is None else \
                 f"TensorRT-RTX does not support compute capability {ident['compute_capability']}"
             raise BackendUnavailable(
@@ -322,14 +330,15 @@ def select_backend(requested: str, device: torch.device | str | None, *, to_run:
     else:
         build, reason = "onnxruntime", ("neither tensorrt nor tensorrt_rtx is importable (pip install "
                                         "'torch_trt_module[rtx]' or '[tensorrt]')")
+    gpu = ident if build == "tensorrt" else None
     if not to_run:
-        return BackendChoice(build, "none", reason)
-    meta = {"gpu": gpu_identity(device)} if build == "tensorrt" else {}
+        return BackendChoice(build, "none", reason, gpu)
+    meta = {"gpu": gpu} if build == "tensorrt" else {}
     run = choose_runtime(build, meta, device or "cpu", has_plan=build != "onnxruntime", has_program=True,
                          runtime=runtime)
     if build != run.runtime and f"build:{build}:{run.reason}" not in _announced:
         _announced.add(f"build:{build}:{run.reason}")
         log.info("backend=%r builds with %s (%s); the module runs on %s: %s", requested, build, reason,
                  run.runtime, run.reason)
-    return BackendChoice(build, run.runtime, f"{reason}; runs on {run.runtime}: {run.reason}")
+    return BackendChoice(build, run.runtime, f"{reason}; runs on {run.runtime}: {run.reason}", gpu)
 
