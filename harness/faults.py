@@ -13,7 +13,7 @@ and ``compile()`` is called after each fault. It counts into a :class:`Counts`:
 Children (``child_main``) are fresh processes: each imports torch and the package again, as a
 user's second run would. Models are tiny (an MLP) so a rebuild takes a fraction of a second, and
 they export with the TorchScript exporter (0.02 s instead of the dynamo exporter's ~3 s warm-up in
-every process); the dynamo path is covered by ``tests/test_compile.py``.
+every process); the dynamo path is covered by ``tests/pipeline/test_compile.py``.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_a_saved_trtmodule_with_a_crafted_program_is_refused_at_load(dynamo_modu
 
 def test_a_saved_segmented_module_with_a_crafted_program_is_refused(tmp_path: Path) -> None:
     from tests._support import require_rtx
-    from tests.test_split import NonZeroBetween
+    from tests.partition.test_split import NonZeroBetween
 
     require_rtx()
     marker = tmp_path / "PWNED"

@@ -317,7 +317,7 @@ class Branchy(torch.nn.Module):
 @pytest.mark.parametrize("exporter", ["auto", "torchscript"])
 def test_data_dependent_control_flow_is_an_export_error(exporter: str) -> None:
     # partition="never": the error as it was; by default the model runs through graph breaks
-    # (tests/zoo/test_must_fail.py, tests/test_partition.py).
+    # (tests/zoo/test_must_fail.py, tests/partition/test_partition.py).
     with pytest.raises(ExportError) as info:
         ttm.compile(Branchy().eval(), torch.rand(3, 8) + 1, exporter=exporter, partition="never")
     msg = str(info.value)
@@ -351,7 +351,7 @@ def test_string_and_number_outputs_are_refused_at_compile_time(cls: type, kind: 
     # Outputs are tensors nested in tuples, lists and dicts, or None: a constant output would be
     # frozen at its compile-time value, so compile() refuses it before exporting or building.
     # What the code raises today is a plain TypeError (outside TorchTRTError), which
-    # tests/test_export.py also asserts; this test pins that down.
+    # tests/export/test_export.py also asserts; this test pins that down.
     stats = dict(_compile.STATS)
     with pytest.raises(TypeError) as info:
         ttm.compile(cls().eval(), X, exporter=EXPORTER)

@@ -106,7 +106,7 @@ def engine_flags(choice: BackendChoice, settings: Settings) -> list[str]:
     without a CUDA device: TensorRT-RTX 1.7 accepts the flag there, but every build that keeps a
     weight refittable then fails inside its code generator (``MyelinCheckException: graph_jit.cpp:
     CHECK(status == CUDA_SUCCESS)``, for REFIT, REFIT_IDENTICAL, STRIP_PLAN and marked
-    REFIT_INDIVIDUAL weights alike; tests/test_refit.py pins it). Such an engine follows new
+    REFIT_INDIVIDUAL weights alike; tests/runtime/test_refit.py pins it). Such an engine follows new
     weights on the next runtime of the chain (``EngineNotRefittable``), never stale.
     """
 

@@ -3,7 +3,7 @@
 Each field is marked ``engine=True`` when it changes the built engine and
 ``engine=False`` when it only changes how the engine is used. The cache key is
 derived from those marks (:meth:`Settings.engine_fields`), so adding a field
-cannot silently leave it out of the key: ``tests/test_settings.py`` fails for a
+cannot silently leave it out of the key: ``tests/core/test_settings.py`` fails for a
 field that is not marked one way or the other.
 """
 

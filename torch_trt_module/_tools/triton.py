@@ -9,7 +9,7 @@ Layout (Triton's own)::
         1/model.onnx          # or the ONNX graph                  (platform "onnxruntime_onnx")
 
 The config is written as text here, so exporting needs no Triton package;
-``tests/test_triton.py`` parses every config with Triton's own ModelConfig schema
+``tests/tools/test_triton.py`` parses every config with Triton's own ModelConfig schema
 (``tritonclient.grpc.model_config_pb2``).
 
 Batching. Triton's batcher concatenates requests along a leading batch dimension

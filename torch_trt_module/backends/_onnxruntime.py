@@ -130,7 +130,7 @@ class OnnxRuntimeRunner:
     ``initializers`` replace graph initializers by name (new weights: :meth:`refit`). They are
     written into the graph's bytes, not passed with ``SessionOptions.add_initializer``: ONNX
     Runtime 1.32's graph optimizer fuses a BatchNormalization into its Conv from the graph's own
-    values and ignores such an override (a stale result, pinned by tests/test_refit.py), and the
+    values and ignores such an override (a stale result, pinned by tests/runtime/test_refit.py), and the
     bytes are as fast to load (benchmarks/bench_refit.py).
     """
 

@@ -41,7 +41,7 @@ def _check(fast: torch.nn.Module, model: torch.nn.Module, batch: int) -> None:
 
 @pytest.fixture(scope="module")
 def split() -> tuple[torch.nn.Module, SegmentedModule]:
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     torch.manual_seed(0)
@@ -93,7 +93,7 @@ def test_a_corrupt_saved_split_is_refused(split: tuple, tmp_path: Path) -> None:
 
 
 def test_a_split_module_follows_its_models_weights() -> None:
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     torch.manual_seed(1)
@@ -130,7 +130,7 @@ def test_a_graph_with_no_engine_part_runs_whole_on_the_next_runtime() -> None:
     graph runs on ONNX Runtime here, as it did before graphs were split."""
     from harness.models import MaskedSelect
 
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     fast = ttm.compile(MaskedSelect().eval(), torch.randn(2, 8), cache=False)
@@ -152,7 +152,7 @@ def test_min_block_size_must_be_positive() -> None:
 
 
 def test_explain_lists_each_part_and_why() -> None:
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     report = ttm.explain(NonZeroBetween().eval(), torch.randn(4, 8))
@@ -172,10 +172,10 @@ def test_the_cli_explains_a_split(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from ._support import REPO
+    from .._support import REPO
 
     (tmp_path / "split_models.py").write_text(
-        "from tests.test_split import NonZeroBetween\n\ndef factory():\n    return NonZeroBetween()\n")
+        "from tests.partition.test_split import NonZeroBetween\n\ndef factory():\n    return NonZeroBetween()\n")
     done = subprocess.run([sys.executable, "-m", "torch_trt_module", "explain", "split_models:factory",
                            "--shapes", "x:1x8,4x8,32x8", "--torch-executed-ops", "aten.gelu,aten.tanh",
                            "--min-block-size", "2"], capture_output=True, text=True,
@@ -191,7 +191,7 @@ def test_a_part_whose_build_fails_stays_in_pytorch_with_the_builder_s_whole_reas
 
     from torch_trt_module._pipeline import compile as _compile
 
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     real = _compile.compile

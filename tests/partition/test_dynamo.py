@@ -18,7 +18,7 @@ from torch_trt_module import SettingsError, _dynamo
 from torch_trt_module._pipeline import compile as _compile
 from torch_trt_module._errors import ExportError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)

@@ -18,11 +18,11 @@ import torch_trt_module as ttm
 from torch_trt_module import PartitionedModule, SegmentedModule
 from torch_trt_module._runtime.weights import weights_hash
 
-from .test_split import NonZeroBetween
+from ..partition.test_split import NonZeroBetween
 
 
 def _split(seed: int = 0) -> tuple[torch.nn.Module, SegmentedModule]:
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     torch.manual_seed(seed)
@@ -104,7 +104,7 @@ def test_a_loaded_split_module_takes_new_weights_and_saves_them(tmp_path: Path) 
 
 
 def test_a_snapshot_split_module_keeps_its_weights_in_every_part() -> None:
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     model = NonZeroBetween().eval()

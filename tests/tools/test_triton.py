@@ -22,7 +22,7 @@ from torch_trt_module._tools.triton import TritonExportError, TritonRepoExists, 
 
 from harness.models import Conv
 
-from ._support import require_rtx
+from .._support import require_rtx
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="pip install 'torch_trt_module[triton]' (tritonclient[grpc])")

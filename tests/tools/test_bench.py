@@ -16,7 +16,7 @@ import torch_trt_module as ttm
 from torch_trt_module._tools import bench as _bench
 from torch_trt_module._tools.bench import BACKENDS, Timing, make_candidates, markdown_table, measure, time_candidates
 
-from ._support import REPO
+from .._support import REPO
 
 
 def counter() -> tuple[Callable[[], None], list[int]]:

@@ -33,7 +33,7 @@ from torch_trt_module.backends import BackendChoice
 from harness import faults
 from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outputs_ok
 
-from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python, require_rtx
+from .._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python, require_rtx
 CHILD_PRELUDE = f"""
 import sys, types
 _pkg = types.ModuleType("torch_trt_module")

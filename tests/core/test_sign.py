@@ -62,7 +62,7 @@ def test_a_saved_module_with_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_a_saved_segmented_module_with_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests._support import require_rtx
-    from tests.test_split import NonZeroBetween
+    from tests.partition.test_split import NonZeroBetween
 
     require_rtx()
     monkeypatch.setenv(KEY_ENV, "one")

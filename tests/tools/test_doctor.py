@@ -24,7 +24,7 @@ from torch_trt_module._tools import doctor as _doctor
 from torch_trt_module._tools.doctor import DoctorReport, Smoke
 from torch_trt_module._core.numerics import tf32_state
 
-from ._support import rtx_missing
+from .._support import rtx_missing
 
 
 @pytest.fixture(scope="module")

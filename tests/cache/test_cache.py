@@ -28,7 +28,7 @@ from torch_trt_module._cache.files import CacheEntry
 from torch_trt_module._errors import CacheLockTimeout
 from torch_trt_module._errors import CacheError, TorchTRTError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOGGER = "torch_trt_module._cache.cache"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -1,7 +1,7 @@
 """torch_trt_module._core.inputs, as units: match_inputs checks a call against the compiled structure
 (every mismatch an InputError naming the input by its path), safe_cast decides which dtype casts
 cast_inputs=True may make, and widen_hint is the advice after an out-of-profile shape. TRTModule's
-use of them is in tests/reliability/test_inputs.py and tests/test_module.py."""
+use of them is in tests/reliability/test_inputs.py and tests/runtime/test_module.py."""
 
 from __future__ import annotations
 

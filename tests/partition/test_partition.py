@@ -14,7 +14,7 @@ import torch_trt_module as ttm
 
 from harness.models import ItemBranch, MaskedSelect
 
-from ._support import REPO
+from .._support import REPO
 
 
 def test_explain_names_the_graph_break_and_its_source_line() -> None:
@@ -99,7 +99,7 @@ def test_fasterrcnn_backbone_is_an_engine_and_its_postprocessing_runs_in_pytorch
 
     from torch_trt_module._partition.split import SegmentedModule
 
-    from ._support import require_rtx
+    from .._support import require_rtx
 
     require_rtx()
     torch.manual_seed(0)

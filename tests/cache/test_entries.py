@@ -27,7 +27,7 @@ from torch_trt_module.backends import BackendChoice
 from harness import faults
 from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outputs_ok
 
-from ._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python
+from .._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python
 
 
 # --------------------------------------------------------------------------- the deferred plan

@@ -14,7 +14,7 @@ from torch_trt_module import assert_parity
 
 from harness.cases import KeywordArgs  # cases.md #11
 
-from ._support import rtx_missing
+from .._support import rtx_missing
 
 
 class Nested(torch.nn.Module):  # cases.md #10
