@@ -242,3 +242,21 @@ def test_fp16_programs_hold_attention_as_fp16_math_with_an_fp32_softmax() -> Non
     compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, precision="fp16", cast_inputs=True,
                            runtime="torch")
     assert not _has_fused_attention(_program_of(compiled))
+
+
+def test_a_cpu_compile_for_onnx_runtime_captures_once_and_keeps_the_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fused program serves the PyTorch runtime only: compiled on the CPU with the default runtime
+    # (ONNX Runtime), the model is captured once.
+    from torch_trt_module._export import exporters as _exporters
+
+    calls: list[bool] = []
+    real = _exporters.capture
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("lower_attention", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_exporters, "capture", counting)
+    compiled = ttm.compile(T5Like().eval(), torch.randn(2, 8, HQ * E), cache=False)
+    assert calls == [True]
+    assert not _has_fused_attention(_program_of(compiled))

@@ -75,7 +75,10 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
             lowered: list[int] = []
             program = capture(wrapper, names, leaves, profiles, lowered=lowered)
             onnx_bytes = _to_onnx(program, leaves, names, out_names, settings)
-            if lowered and lowered[0]:
+            # The fused program serves the PyTorch runtime, which runs a module compiled on a GPU (or
+            # asked for): a CPU compile runs ONNX Runtime and would pay a second capture for nothing.
+            torch_runtime = settings.runtime == "torch" or any(t.is_cuda for t in leaves)
+            if lowered and lowered[0] and torch_runtime:
                 program = fused_attention_program(wrapper, names, leaves, profiles, program)
             return Exported(onnx_bytes, exporter, program)
         except ExportError as e:
