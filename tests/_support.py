@@ -87,3 +87,21 @@ def require_rtx() -> None:
     if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
         pytest.fail(f"tensorrt_rtx is not importable, but CI installs the 'rtx' extra: {why}")
     pytest.skip(f"needs tensorrt_rtx (pip install 'torch_trt_module[rtx]'): {why}")
+
+
+# Children load only the storage layer: the package's __init__ imports torch, about 1.5 s per process.
+CHILD_PRELUDE = f"""
+import sys, types
+_pkg = types.ModuleType("torch_trt_module")
+_pkg.__path__ = [{str(REPO / "torch_trt_module")!r}]
+sys.modules["torch_trt_module"] = _pkg
+"""
+
+
+def child_argv(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code), *args]
+
+
+def run_py(code: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **kw.pop("env", {})}
+    return subprocess.run(child_argv(code), env=env, text=True, capture_output=True, timeout=60, **kw)

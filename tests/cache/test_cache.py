@@ -15,7 +15,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,7 +27,8 @@ from torch_trt_module._cache.files import CacheEntry
 from torch_trt_module._errors import CacheLockTimeout
 from torch_trt_module._errors import CacheError, TorchTRTError
 
-REPO = Path(__file__).resolve().parents[2]
+from .._support import child_argv, run_py
+
 LOGGER = "torch_trt_module._cache.cache"
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -52,23 +52,6 @@ def age(paths: list[Path], seconds: float) -> None:
     for p in paths:
         os.utime(p, (t, t))
 
-
-# Children load only the storage layer: the package's __init__ imports torch, about 1.5 s per process.
-CHILD_PRELUDE = f"""
-import sys, types
-_pkg = types.ModuleType("torch_trt_module")
-_pkg.__path__ = [{str(REPO / "torch_trt_module")!r}]
-sys.modules["torch_trt_module"] = _pkg
-"""
-
-
-def child_argv(code: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code), *args]
-
-
-def run_py(code: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **kw.pop("env", {})}
-    return subprocess.run(child_argv(code), env=env, text=True, capture_output=True, timeout=60, **kw)
 
 
 class Holder:

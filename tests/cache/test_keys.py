@@ -33,22 +33,8 @@ from torch_trt_module.backends import BackendChoice
 from harness import faults
 from harness.faults import EXPORTER, Child, TinyNet, compile_tiny, example, outputs_ok
 
-from .._support import IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python, require_rtx
-CHILD_PRELUDE = f"""
-import sys, types
-_pkg = types.ModuleType("torch_trt_module")
-_pkg.__path__ = [{str(REPO / "torch_trt_module")!r}]
-sys.modules["torch_trt_module"] = _pkg
-"""
-
-
-def child_argv(code: str, *args: str) -> list[str]:
-    return [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code), *args]
-
-
-def run_py(code: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **kw.pop("env", {})}
-    return subprocess.run(child_argv(code), env=env, text=True, capture_output=True, timeout=60, **kw)
+from .._support import (IS_ROOT, REPO, assert_matches, counting, fingerprints, keys, last_json, python, require_rtx,
+                        run_py)
 
 
 def test_stable_hash_is_canonical_and_process_independent() -> None:
