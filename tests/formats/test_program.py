@@ -73,7 +73,7 @@ def test_round_trip_computes_the_same_outputs(program: Any, saved: bytes) -> Non
 def test_the_container_holds_json_and_tensor_archives(saved: bytes) -> None:
     header, blobs = unpack(saved, kind="torch-program")
     assert header == {"torch": torch.__version__}
-    assert set(blobs) == {"program", "state_dict", "constants", "example_inputs"}
+    assert set(blobs) == {"program", "graph", "state_dict", "constants", "example_inputs"}  # graph: _formats.graph
     assert blobs["program"].lstrip().startswith(b"{")  # torch.export's own JSON schema
     weights = torch.load(io.BytesIO(blobs["state_dict"]), weights_only=True)
     assert set(weights) == {"lin.weight", "lin.bias", "scale", "shift"}

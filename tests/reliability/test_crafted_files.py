@@ -53,6 +53,8 @@ def crafted_program(program: bytes, marker: Path) -> bytes:
         elif isinstance(node, list):
             stack.extend(node)
     assert done, "the program has no symbolic shape to replace"
+    # Without the compact graph (_formats.graph), so that every reader goes through this JSON.
+    blobs.pop("graph", None)
     return pack("torch-program", header, {**blobs, "program": json.dumps(doc).encode()})
 
 

@@ -120,11 +120,13 @@ def check_self_contained(data: bytes | memoryview, *, source: str, what: str = "
                               "corrupt: compile the model again") from None
 
 
-def check_engine_blobs(blobs: Mapping[str, bytes | None], *, source: str) -> None:
+def check_engine_blobs(blobs: Mapping[str, bytes | None], *, source: str, graph_only: bool = False) -> None:
     """Check what parsers would read of an engine loaded from storage (a file, a saved module, a cache
     entry): the ONNX graph (no external files) and torch.export's program (no code). The plan goes
-    to TensorRT only, and its host code is off unless the user allows it."""
+    to TensorRT only, and its host code is off unless the user allows it. ``graph_only=True`` (a cache
+    hit): of a program stored with its compact graph, check only that graph, which is all the PyTorch
+    runtime reads (``_formats.program.check_program``); torch.export's JSON is checked where it is read."""
     if (onnx := blobs.get("onnx")) is not None:
         check_self_contained(onnx, source=source)
     if (program := blobs.get("program")) is not None:
-        check_program(program, source=source)
+        check_program(program, source=source, graph_only=graph_only)

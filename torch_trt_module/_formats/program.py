@@ -5,7 +5,9 @@ as the JSON that ``torch.export``'s own serializer writes, and the weights, cons
 example inputs as ``torch.save`` archives that are read back with
 ``torch.load(weights_only=True)`` before the deserializer sees them, so a saved program
 can hold tensors and plain data only. All parts go in one checksummed container
-(:mod:`torch_trt_module._core.io`).
+(:mod:`torch_trt_module._core.io`). Beside torch.export's JSON goes the compact graph of
+:mod:`torch_trt_module._formats.graph` (where the program has one), which the PyTorch runtime loads
+instead (:func:`load_runtime_graph`): torch.export's deserializer takes seconds on a large model.
 
 torch.export's deserializer evaluates parts of the JSON (symbolic shapes go through
 ``sympy.sympify``, guards through ``exec``), so :func:`load_program` reads a program only after
@@ -24,9 +26,11 @@ import torch
 
 from .._core.io import pack, unpack
 from .._errors import EngineLoadError, ExportError
+from .graph import LoadedGraph, check_graph, dump_graph, load_graph
 from .program_safety import check_program_json
 
-__all__ = ["check_program", "load_program", "replace_weights", "save_program", "store_program"]
+__all__ = ["check_program", "load_program", "load_runtime_graph", "replace_weights", "save_program",
+           "store_program"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,12 @@ def save_program(program: Any) -> bytes:
             art = serialize(program)
         except Exception as e:  # noqa: BLE001 - as above
             raise ExportError(f"torch.export's serializer cannot store the PyTorch program: {_short(e)}") from e
-    blobs = {"program": art.exported_program, "state_dict": art.state_dict or b"", "constants": art.constants or b"",
-             "example_inputs": art.example_inputs or b""}
+    blobs = {"program": art.exported_program}
+    if (graph := dump_graph(program)) is not None:  # after _lower_rounding: the nodes the JSON has
+        blobs["graph"] = graph
+    # example_inputs stays last: a damaged last byte is caught by load_program, which reads it
+    blobs.update(state_dict=art.state_dict or b"", constants=art.constants or b"",
+                 example_inputs=art.example_inputs or b"")
     return pack(_KIND, {"torch": torch.__version__}, {k: bytes(v) for k, v in blobs.items()})
 
 
@@ -146,23 +154,52 @@ def replace_weights(data: bytes, values: Any) -> bytes:
     return pack(_KIND, header, blobs)
 
 
-def check_program(data: bytes, *, source: str = "the saved PyTorch program") -> None:
+def check_program(data: bytes, *, source: str = "the saved PyTorch program", graph_only: bool = False) -> None:
     """Raise :class:`~torch_trt_module.EngineLoadError` unless ``data`` is an intact stored program that
-    says nothing torch.export's deserializer would evaluate as code (see :mod:`torch_trt_module._formats.program_safety`)."""
-    # Only the graph's JSON is read (the weights' archives are checked when they are loaded): about
+    says nothing torch.export's deserializer would evaluate as code (see
+    :mod:`torch_trt_module._formats.program_safety`), with a well-formed compact graph if it has one
+    (:func:`~torch_trt_module._formats.graph.check_graph`).
+    ``graph_only=True``: where there is a compact graph, check only that (what the PyTorch runtime reads;
+    :func:`load_program` checks the JSON before torch's deserializer reads it): a warm cache hit's fast path."""
+    # Only the graph's parts are read (the weights' archives are checked when they are loaded): about
     # 10 ms for resnet18, where checking every blob's sha256 took 0.1 s.
-    _, blobs = _unpack(data, source, only=("program",))
+    _, blobs = _unpack(data, source, only=("graph",) if graph_only else ("program", "graph"), optional=("graph",))
+    if "graph" in blobs:
+        check_graph(blobs["graph"], source=source)
+        if graph_only:
+            return
+    if "program" not in blobs:
+        _, blobs = _unpack(data, source, only=("program",))
     check_program_json(blobs["program"], source=source)
+
+
+def load_runtime_graph(data: bytes, *, source: str = "the saved PyTorch program"
+                       ) -> tuple[LoadedGraph, dict[str, torch.Tensor]] | None:
+    """The compact graph of a stored program and its weights by name (every one the graph takes is
+    checked to be there, and a tensor), or None for a program stored without one (by an earlier
+    version, or one the format cannot express): read it with :func:`load_program` then."""
+    _, blobs = _unpack(data, source, only=("graph", "state_dict", "constants"), optional=("graph",))
+    if "graph" not in blobs:
+        return None
+    graph = load_graph(blobs["graph"], source=source)
+    state = {**_tensors(blobs["state_dict"], "weights"), **_tensors(blobs["constants"], "constants")}
+    for kind, name in graph.weights:
+        if not isinstance(state.get(name), torch.Tensor):
+            found = f"hold as a {type(state[name]).__name__}" if name in state else "lack"
+            raise EngineLoadError(f"{source}: the stored PyTorch program's graph takes the {kind.lower()} {name!r}, "
+                                  f"which its weights {found}; the file is corrupt: compile the model again")
+    return graph, state
 
 
 _PARTS = ("program", "state_dict", "constants", "example_inputs")
 
 
-def _unpack(data: bytes, source: str, only: tuple[str, ...] = _PARTS) -> tuple[dict[str, Any], dict[str, bytes]]:
+def _unpack(data: bytes, source: str, only: tuple[str, ...] = _PARTS,
+            optional: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, bytes]]:
     # Not asked to be signed: the container that holds it (an engine, a cache entry, a saved
     # SegmentedModule) is, and its signature covers these bytes.
     header, blobs = unpack(data, kind=_KIND, source=source, signed=False, only=only)
-    if missing := [n for n in only if n not in blobs]:
+    if missing := [n for n in only if n not in blobs and n not in optional]:
         raise EngineLoadError(f"{source}: the stored PyTorch program lacks its {', '.join(missing)} part(s); "
                               "the file is corrupt or was not written by torch_trt_module")
     return header, blobs

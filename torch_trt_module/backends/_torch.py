@@ -17,7 +17,7 @@ import torch
 
 from .._core.spec import TensorSpec
 from .._errors import EngineLoadError, RuntimeFailure
-from .._formats.program import load_program
+from .._formats.program import load_program, load_runtime_graph
 from ._torch_opt import Optimized
 
 __all__ = ["TorchRunner"]
@@ -36,8 +36,6 @@ class TorchRunner:
     backend = "torch"
 
     def __init__(self, engine: Any, device: torch.device | str, *, optimize: str | None = None) -> None:
-        from torch.export.graph_signature import InputKind, OutputKind
-
         data = engine.program
         if data is None:
             raise EngineLoadError("the engine has no PyTorch program to run")
@@ -45,35 +43,23 @@ class TorchRunner:
         ex = engine.exported
         self.inputs: list[TensorSpec] = list(ex.inputs)
         self.outputs: list[TensorSpec] = list(ex.outputs)
-        program = load_program(data)
-        if self.device.type != "cpu":
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, self.device)  # device= arguments in the graph too
-            _retarget(program.graph_module, self.device)
-        sig = program.graph_signature
-        state = {**program.state_dict, **program.constants}
+        # The compact graph where the program has one (milliseconds), else torch.export's program.
+        loaded = _load_compact(data, self.device) or _load_export(data, self.device)
+        graph, weights, n_user, self._user_out, n_out = loaded
         self._weights: list[torch.Tensor] = []
         self.weight_names: list[str] = []
-        for spec in sig.input_specs:
-            if spec.kind == InputKind.USER_INPUT:
-                continue
-            if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-                raise EngineLoadError(f"the PyTorch program takes a {spec.kind.name} input, which the PyTorch runtime "
-                                      "cannot supply")
-            self._weights.append(state[spec.target].detach().to(self.device))
-            self.weight_names.append(spec.target)
-        n_user = sum(spec.kind == InputKind.USER_INPUT for spec in sig.input_specs)
+        for name, value in weights:
+            self._weights.append(value.detach().to(self.device))
+            self.weight_names.append(name)
         if n_user != len(self.inputs):
             raise EngineLoadError(f"the PyTorch program takes {n_user} inputs; the engine's metadata has "
                                   f"{len(self.inputs)}")
-        self._user_out = [i for i, spec in enumerate(sig.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
         if len(self._user_out) != len(self.outputs):
             raise EngineLoadError(f"the PyTorch program returns {len(self._user_out)} outputs; the engine's metadata "
                                   f"has {len(self.outputs)}")
-        self._graph = program.graph_module
+        self._graph = graph
         self._call = self._graph.forward  # no nn.Module dispatch: the graph has no hooks of its own
-        self._all_out = len(self._user_out) == len(sig.output_specs)
+        self._all_out = len(self._user_out) == n_out
         mode = optimize or str((engine.meta.get("settings") or {}).get("optimize", "auto")).split("@")[0]
         self._opt = Optimized.make(self._graph, self.weight_names, self._weights, mode, self.device) \
             if mode != "none" else None
@@ -113,6 +99,48 @@ class TorchRunner:
         self._weight_ids = frozenset(id(_root(w)) for w in weights)
         self._weights = weights
         return self
+
+
+# What a loader gives TorchRunner: the graph module, the weights ((name, tensor), in the order of
+# its placeholders), the number of user inputs, the indices of the user outputs, the number of outputs.
+_Loaded = tuple[torch.fx.GraphModule, list[tuple[str, torch.Tensor]], int, list[int], int]
+
+
+def _load_compact(data: bytes, device: torch.device) -> _Loaded | None:
+    """The program's compact graph (``_formats.graph``), or None where it was stored without one."""
+    loaded = load_runtime_graph(data)
+    if loaded is None:
+        return None
+    graph, state = loaded
+    if device.type != "cpu":
+        _retarget(graph.module, device)  # device= arguments; the weights are moved by the caller
+    return (graph.module, [(name, state[name]) for _, name in graph.weights], graph.n_user_inputs,
+            list(graph.user_outputs), graph.n_outputs)
+
+
+def _load_export(data: bytes, device: torch.device) -> _Loaded:
+    """torch.export's program, read by its deserializer (after ``_formats.program_safety``'s check)."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    program = load_program(data)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)  # device= arguments in the graph too
+        _retarget(program.graph_module, device)
+    sig = program.graph_signature
+    state = {**program.state_dict, **program.constants}
+    weights = []
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            continue
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            raise EngineLoadError(f"the PyTorch program takes a {spec.kind.name} input, which the PyTorch runtime "
+                                  "cannot supply")
+        weights.append((spec.target, state[spec.target]))
+    n_user = sum(spec.kind == InputKind.USER_INPUT for spec in sig.input_specs)
+    user_out = [i for i, spec in enumerate(sig.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+    return program.graph_module, weights, n_user, user_out, len(sig.output_specs)
 
 
 def _retarget(graph_module: Any, device: torch.device) -> None:
