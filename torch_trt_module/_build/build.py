@@ -110,7 +110,7 @@ def engine_flags(choice: BackendChoice, settings: Settings) -> list[str]:
     weights on the next runtime of the chain (``EngineNotRefittable``), never stale.
     """
 
-    refit = settings.weights == "follow" and (choice.build != "tensorrt_rtx" or torch.cuda.is_available())
+    refit = settings.follows_weights and (choice.build != "tensorrt_rtx" or torch.cuda.is_available())
     return builder_flags(choice.build, cuda_graphs=settings.cuda_graphs, refit=refit)
 
 

@@ -103,9 +103,10 @@ def target_part(choice: BackendChoice, settings: Settings, device: torch.device)
 def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, choice: BackendChoice,
                 device: torch.device) -> str:
     """The cache key: a sha256 over everything that changes the engine and nothing else. With
-    ``weights="follow"`` the weights' values are left out (an entry of the same structure is refit
-    to the source's weights at the hit); with ``"snapshot"`` they are in (inside the graph)."""
-    follow = settings.weights == "follow" and bool(model_meta.get("weights"))
+    ``weights="follow"`` or ``"exact"`` the weights' values are left out (an entry of the same structure
+    is refit to the source's weights at the hit; the two share entries: they differ only in how a call
+    looks for a change); with ``"snapshot"`` they are in (inside the graph)."""
+    follow = settings.follows_weights and bool(model_meta.get("weights"))
     return stable_hash({
         "cache_format": CACHE_FORMAT_VERSION,
         "graph": structure_hash(onnx, set(model_meta["weights"])) if follow else sha256_bytes(onnx),
@@ -120,9 +121,9 @@ def content_key(onnx: bytes, model_meta: dict[str, Any], settings: Settings, cho
 
 
 def keyed_by_value(settings: Settings) -> bool:
-    """Whether the fingerprint holds the weights' values: unless ``weights="follow"``, and always for the
-    TorchScript exporter, whose graphs fold their weights (so its engines cannot be refit)."""
-    return settings.weights != "follow" or settings.exporter == "torchscript"
+    """Whether the fingerprint holds the weights' values: unless ``weights="follow"`` (or ``"exact"``), and
+    always for the TorchScript exporter, whose graphs fold their weights (so its engines cannot be refit)."""
+    return not settings.follows_weights or settings.exporter == "torchscript"
 
 
 def structure_hash(onnx: bytes, weights: set[str]) -> str:
@@ -142,7 +143,7 @@ def structure_hash(onnx: bytes, weights: set[str]) -> str:
 def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
                 choice: BackendChoice, device: torch.device) -> str | None:
     """The warm-path index: module content + call structure + shapes + settings + backend. With
-    ``weights="follow"`` the weights' values are left out, as in :func:`content_key`. None where a
+    ``weights="follow"`` or ``"exact"`` the weights' values are left out, as in :func:`content_key`. None where a
     value the model's code reads cannot be fingerprinted: compile() then looks nothing up (a miss)."""
     bound = bind_call(params_of(model.forward), args, kwargs)
     leaves, tree = flatten(bound, what="input")
@@ -156,7 +157,8 @@ def fingerprint(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str,
         "cache_format": CACHE_FORMAT_VERSION,
         "kind": "fingerprint",
         "module": module,
-        "weights": settings.weights,
+        # "exact" finds what "follow" recorded, and the reverse: the same engine serves both
+        "weights": "follow" if settings.follows_weights else settings.weights,
         "call": tree.to_json(),
         "shapes": [[list(t.shape), str(t.dtype)] for t in leaves],
         "settings": settings.engine_fields(),

@@ -30,8 +30,12 @@ RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
 #: TorchInductor on a GPU), "inductor", "passes" (the passes only) or "none" (the program as captured).
 OPTIMIZE = ("auto", "inductor", "passes", "none")
 #: The version of those passes and of how Inductor is called: in the cache key (bump on any change).
-OPTIMIZE_VERSION = "bnfold-1+inductor-1+sdpa-1"
+OPTIMIZE_VERSION = "bnfold-1+linear-perm-1+inductor-1+sdpa-1"
 EXPORTERS = ("auto", "dynamo", "torchscript")
+#: "follow" (refit when the source's weights change, seen by a cheap per-call signature), "exact"
+#: (follow, plus a bitwise comparison with a copy at every call: also sees writes through p.data)
+#: or "snapshot" (keep the compiled weights). See docs/weights-and-refit.md.
+WEIGHT_MODES = ("follow", "exact", "snapshot")
 
 # The user-facing form: None, "batch", or {input: {dim: (min, opt, max)}}.
 # Settings keep a hashable, sorted form of the dict so the dataclass can be frozen.
@@ -84,7 +88,7 @@ class Settings:
     # --- fields that only change how the engine is used ---
     backend: str = _runtime("auto")  # the resolved backend and its version enter the key instead
     runtime: str = _runtime("auto")  # what runs the engine here (backends.choose_runtime)
-    weights: str = _runtime("follow")  # follow the source's weights (refit on change) or keep a snapshot
+    weights: str = _runtime("follow")  # WEIGHT_MODES: follow the source's weights (refit on change) or not
     device: str | None = _runtime(None)  # the GPU identity enters the key, never the index
     verify: bool = _runtime(True)
     rtol: float | None = _runtime(None)
@@ -107,7 +111,7 @@ class Settings:
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("runtime", self.runtime, RUNTIMES)
-        _check_choice("weights", self.weights, ("follow", "snapshot"))
+        _check_choice("weights", self.weights, WEIGHT_MODES)
         _check_choice("partition", self.partition, ("auto", "split", "never"))
         _check_choice("optimize", self.optimize, OPTIMIZE)
         if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
@@ -156,6 +160,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def follows_weights(self) -> bool:
+        """Whether compiled modules follow the source's weights ("follow" or "exact"): engines are then
+        refittable and cached by structure. "exact" differs only in how a call looks for a change,
+        so everything built or cached treats the two alike."""
+        return self.weights in ("follow", "exact")
 
     def engine_fields(self) -> dict[str, Any]:
         """The JSON-able values of every field that changes the engine (for the cache key)."""

@@ -50,7 +50,8 @@ class PartitionedModule(torch.nn.Module):
     docstring). Inference only: calls run under ``torch.no_grad()``.
 
     It has no weights of its own: the model's Python and the graphs that run in PyTorch read the
-    model's tensors, and each engine follows them (``weights="follow"``, the default). So
+    model's tensors, and each engine follows them (``weights="follow"``, the default; with
+    ``weights="exact"`` each engine is compiled with it, and compares their bytes at every call). So
     ``weight_names`` and ``weights_hash()`` are the model's, and ``refit(weights)`` loads the weights
     into the model itself, in place (where a TRTModule's refit leaves its model alone), after checking
     every name, shape and dtype; every engine follows at its next call.

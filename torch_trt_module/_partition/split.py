@@ -54,6 +54,8 @@ class SegmentedModule(torch.nn.Module):
     ``refit(weights)`` makes every part compute with ``weights`` without touching the model (the
     PyTorch parts get copies); the next change of the model's weights makes every part follow the
     model again, as a TRTModule does. A loaded one has no model, and keeps what it is refit to.
+    With ``weights="exact"`` every engine part is compiled with it (each compares its weights' bytes
+    at every call), and so is the watch that notices the model's next change after a refit.
 
     Example:
         >>> fast = torch_trt_module.compile(model_with_nonzero, x)   # doctest: +SKIP
@@ -64,9 +66,10 @@ class SegmentedModule(torch.nn.Module):
 
     def __init__(self, graph: torch.fx.GraphModule, segments: list[Segment], params: tuple[Param, ...],
                  call_tree: TreeSpec, output_tree: TreeSpec, program: Any, inputs: tuple[TensorSpec, ...], *,
-                 follows: bool = False) -> None:
+                 follows: bool = False, exact: bool = False) -> None:
         super().__init__()
-        self._follows = follows  # compiled with weights="follow": its tensors are its model's
+        self._follows = follows  # compiled with weights="follow" or "exact": its tensors are its model's
+        self._exact = exact  # "exact": the watch after a refit compares bytes too
         self.__dict__.update(_lock=threading.Lock(), _watch=None, _shared=None)  # see refit()
         self.graph = graph
         self.segments = segments
@@ -148,7 +151,7 @@ class SegmentedModule(torch.nn.Module):
             self._refit_parts({**ours, **values})
             if self._follows and self._shared is None:
                 self._shared = dict(ours)  # the model's own tensors, to follow again when they change
-                self._watch = _watch_of(self._shared)
+                self._watch = _watch_of(self._shared, exact=self._exact)
             self._rebind(values)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -196,7 +199,8 @@ class SegmentedModule(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SegmentedModule":
         new = copy_module(self, memo, shared=("_lock", "_watch"))
-        new.__dict__.update(_lock=threading.Lock(), _watch=None if new._shared is None else _watch_of(new._shared))
+        new.__dict__.update(_lock=threading.Lock(),
+                            _watch=None if new._shared is None else _watch_of(new._shared, exact=new._exact))
         return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -290,7 +294,7 @@ def compile_split(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
             continue
         setattr(graph, seg.name, module)
     result = SegmentedModule(graph, plan.segments, params, call_tree, output_tree, plan.program, plan.inputs,
-                             follows=settings.weights == "follow")
+                             follows=settings.follows_weights, exact=settings.weights == "exact")
     if settings.weights == "snapshot":
         result._keep_weights()  # as its engine parts do: the weights it was compiled with
     log.info("%s is split: %s", type(model).__name__, result.extra_repr())
@@ -301,9 +305,10 @@ def _unprefixed(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
-def _watch_of(tensors: dict[str, torch.Tensor]) -> Any:
+def _watch_of(tensors: dict[str, torch.Tensor], *, exact: bool = False) -> Any:
     """A WeightWatch on ``tensors`` (the model's own, which a refit stopped sharing): it notices their next
-    change the way every following module does (version counters, the global epoch)."""
+    change the way every following module does (version counters, the global epoch; ``exact``: and their
+    bytes)."""
 
     holder = torch.nn.Module()  # names without dots: one flat table
     for name, t in tensors.items():
@@ -311,7 +316,7 @@ def _watch_of(tensors: dict[str, torch.Tensor]) -> Any:
             holder.register_parameter(name.replace(".", "/"), t)
         else:
             holder.register_buffer(name.replace(".", "/"), t)
-    watch = WeightWatch(holder, [n.replace(".", "/") for n in tensors])
+    watch = WeightWatch(holder, [n.replace(".", "/") for n in tensors], exact=exact)
     watch.read({})
     watch.__dict__["holder"] = holder  # the watch links weakly; the holder lives as long as it
     return watch

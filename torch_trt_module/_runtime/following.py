@@ -1,6 +1,8 @@
 """Following the source module's weights: the part of :class:`~torch_trt_module.TRTModule` that
 notices a change (through :class:`~torch_trt_module._runtime.weights.WeightWatch`) and refits the runner,
 or warns (``weights="snapshot"``), or rebuilds (a TorchScript graph, whose weights are folded).
+``weights="exact"`` is "follow" with a watch that also compares the weights' bytes at every call
+(:mod:`torch_trt_module._runtime.exact`); everything else here treats the two alike.
 
 A mixin, so that ``_module.py`` keeps the call path and this file the weights path; it works on
 the module's own state (its runner, engine, lock and watch), set up by ``TRTModule._load``.
@@ -63,14 +65,14 @@ class FollowsWeights:
         if not names:  # no map (a TorchScript graph): watch every tensor, to rebuild or to warn
             names = [n for n, _ in source.named_parameters()] + [n for n, _ in source.named_buffers()]
         if names:
-            self._watch = WeightWatch(source, names)
+            self._watch = WeightWatch(source, names, exact=self.weights == "exact")
             self._watch.mark()  # the engine has the source's weights as they are now
-            if self.weights == "follow":
+            if self.weights != "snapshot":
                 _say_plain_tensors(source)
 
     def _weights_changed(self) -> None:
-        """Called by a call that found the source's weights changed (follow or snapshot mode)."""
-        if self.weights == "follow":
+        """Called by a call that found the source's weights changed (follow, exact or snapshot mode)."""
+        if self.weights != "snapshot":
             # Before taking the lock: a step's closure in another thread may be calling this module.
             wait_for_steps()
         with self._lock:
@@ -98,13 +100,14 @@ class FollowsWeights:
 
     def _weights_for_move(self) -> dict[str, torch.Tensor] | None:
         """The weights a runner made on another device must have (``.to()``): those this module was refit
-        to, with a change of the source that no call has applied yet (follow mode) read now."""
-        if self.weights == "follow":
+        to, with a change of the source that no call has applied yet (follow or exact mode) read now."""
+        follows = self.weights != "snapshot"
+        if follows:
             wait_for_steps()
         with self._lock:
             values = dict(self._current or {})
             watch, ex = self._watch, self._exported
-            if self.weights == "follow" and watch is not None and ex.weights and watch.alive and watch.changed():
+            if follows and watch is not None and ex.weights and watch.alive and watch.changed():
                 new = watch.read(ex.weights)
                 if new is not None:
                     values.update(new)

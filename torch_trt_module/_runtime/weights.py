@@ -27,7 +27,9 @@ at every call, compares a signature of its weights with the one the engine was r
 
 An in-place write through ``p.data`` (``p.data.mul_(2)``) goes through a tensor with a version
 counter of its own and leaves the memory where it was: nothing cheap sees it (docs/weights-and-refit.md,
-"How a change is noticed", says so, with the fix). The hooks are installed once, when the first module follows
+"How a change is noticed", says so, with the fix). ``weights="exact"`` sees it: the watch also keeps
+a copy of every tracked tensor and, where the signature says "unchanged", compares the tensors with
+it bit for bit (:mod:`torch_trt_module._runtime.exact`). The hooks are installed once, when the first module follows
 weights; they change nothing but counters. Reads never take another thread's optimizer step
 half-done (:mod:`torch_trt_module._runtime.steps`).
 """
@@ -43,14 +45,15 @@ from typing import Any, Callable, Collection, Mapping
 
 import torch
 
+from .._core.settings import WEIGHT_MODES
 from .._errors import InputError
 from . import steps as _steps
+from .exact import ContentCheck
 
 __all__ = ["WEIGHT_MODES", "WeightWatch", "given_weights", "read_weights", "weights_hash"]
 
 log = logging.getLogger(__name__)
 
-WEIGHT_MODES = ("follow", "snapshot")
 _version = operator.attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
 
@@ -186,13 +189,18 @@ def _always() -> bool:
 class WeightWatch:
     """A weak link to the source module, and the signature of its tracked weights (see the module
     docstring). ``changed()`` is what every call of a following module pays: a closure made at each
-    read, over what that read saw, so a call does no attribute lookups."""
+    read, over what that read saw, so a call does no attribute lookups. ``exact``: the closure also
+    compares the tensors' bytes with copies taken at that read, where the signature is unchanged."""
 
     changed: Callable[[], bool]
 
-    def __init__(self, source: torch.nn.Module, names: list[str]) -> None:
+    def __init__(self, source: torch.nn.Module, names: list[str], *, exact: bool = False) -> None:
         _install_hooks()
         self.names = names
+        self.exact = exact
+        # exact: the copies the last read or mark took, by position in names (None: not compared);
+        # what read() gives the engine, so the engine gets exactly what later calls compare with
+        self._copies: list[torch.Tensor | None] = []
         self.tensor_ids: frozenset[int] = frozenset()
         self.changed = _always  # until the first read or mark
         self._bumps = [0]  # the hooks' counter (bump())
@@ -216,6 +224,7 @@ class WeightWatch:
         # The source is gone: nothing can change any more, and nothing is kept alive.
         self._tensors = self._versioned = self._addressed = []
         self._storages = []
+        self._copies = []
         self.changed = _always  # the owner finds it dead, and drops it
 
     def _resolve(self) -> None:
@@ -226,7 +235,7 @@ class WeightWatch:
         # inside inference_mode, which no signature sees; a reassignment is still seen.
         self._versioned = [t for t in tensors if not t.is_inference()]
         blind = [n for n, t in zip(self.names, tensors) if t.is_inference()]
-        if blind and blind != self._blind:
+        if blind and blind != self._blind and not self.exact:  # exact compares their bytes: followed
             log.warning("weights='follow' cannot see in-place writes made under torch.inference_mode to %s "
                         "(inference tensors have no version counter); a reassignment or load_state_dict is "
                         "still followed. Create them outside inference_mode, or call refit(model) after such writes",
@@ -251,9 +260,10 @@ class WeightWatch:
                 _watched.setdefault(m, weakref.WeakSet()).add(self)
 
     def _signature(self) -> Callable[[], bool]:
-        """A ``changed()`` that compares against the weights as they are now."""
+        """A ``changed()`` that compares against the weights as they are now (exact: copies them now)."""
         box, versioned, addressed = self._bumps, self._versioned, self._addressed
         bumps, total, addresses = box[0], sum(map(_version, versioned)), [*map(_data_ptr, addressed)]
+        self._copies = []
         if not self._tensors:  # the source is gone, or follows nothing
             return _always if self._source() is None else (lambda: box[0] != bumps)
 
@@ -261,7 +271,17 @@ class WeightWatch:
             return (box[0] != bumps or sum(map(_version, versioned)) != total
                     or [*map(_data_ptr, addressed)] != addresses)
 
-        return changed
+        if not self.exact:
+            return changed
+        check = ContentCheck(self._tensors)
+        self._copies = check.copies
+        differs = check.differs
+
+        def changed_exactly() -> bool:
+            # The cheap signature first: after an optimizer step it answers, and no byte is read.
+            return changed() or differs()
+
+        return changed_exactly
 
     @property
     def alive(self) -> bool:
@@ -286,7 +306,10 @@ class WeightWatch:
             if self._source() is None:
                 return None
             changed = self._signature()  # taken before reading: a write from now on shows at the next call
-            state = {n: t for n, t in zip(self.names, self._tensors)}
+            # exact: the engine gets the copies the next calls compare with, so a write between the
+            # copy and this read cannot leave the two apart unseen
+            copies = self._copies or [None] * len(self._tensors)
+            state = {n: t if c is None else c for n, t, c in zip(self.names, self._tensors, copies)}
             values = read_weights(weights, state, device)
             if device is not None and device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # copied before a step can start
