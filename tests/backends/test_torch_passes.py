@@ -79,6 +79,94 @@ def test_batchnorm_folding_matches_the_captured_program() -> None:
     assert _count(gm, "batch_norm") == 4
 
 
+class PermutedLinears(torch.nn.Module):
+    """Linears over permuted inputs: batch-first MHA (its in-projection reads x.transpose(1, 0)), a
+    permute that keeps the last dim, one that moves it (must not be rewritten) and a 2-d transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+        self.keep = torch.nn.Linear(16, 16)
+        self.moved = torch.nn.Linear(6, 3)
+        self.flat = torch.nn.Linear(6, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.mha(x, x, x, need_weights=False)
+        h = self.keep(h.permute(1, 0, 2)).permute(1, 0, 2)  # last dim stays; its input is contiguous
+        m = self.moved(h[:, :, :5].permute(0, 2, 1))        # (B, 5, 6): the last dim moved, kept
+        f = self.flat(x[0, :6, :6].t())                      # rank 2: kept
+        return h.sum(-1) + m.sum((-1, -2)).unsqueeze(-1) + f.sum()
+
+
+def test_linear_before_permute_matches_and_leaves_no_batched_gemm() -> None:
+    # vit_b_16's in-projection ran as a bmm of 197 tiny GEMMs over a broadcast weight (0.81 ms of
+    # 16 ms at batch 8 on the H100); over the unpermuted input it is one GEMM (issue 21).
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    model = PermutedLinears().eval()
+    x = torch.randn(2, 6, 16)
+    _, gm, names, weights = _program(model, x)
+    weights = [w.detach() for w in weights]  # as TorchRunner passes them: ATen's matmul folds for a weight needing grad
+    opt, plan = optimize_graph(gm, names)
+    # the MHA's in-projection, `keep` and `moved` (which falls back as it runs: its last dim moves)
+    assert _count(opt, "_permuted_linear") == 3
+    derived = plan.derive(dict(zip(names, weights)))
+    for batch in (1, 3):
+        xb = torch.randn(batch, 6, 16)
+        (want,) = gm(*weights, xb)
+        (got,) = opt(*derived, xb)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, model(xb), rtol=1e-5, atol=1e-5)
+        assert got.is_contiguous()
+    xb = torch.randn(3, 6, 16)
+    with torch.no_grad():
+        before = make_fx(lambda *a: gm(*a), tracing_mode="fake")(*weights, xb)
+        after = make_fx(lambda *a: opt(*a), tracing_mode="fake")(*derived, xb)
+    def bmms(g: torch.fx.GraphModule) -> list[tuple[int, ...]]:
+        return [tuple(n.args[0].meta["val"].shape) for n in g.graph.nodes if n.target is torch.ops.aten.bmm.default]
+
+    # ATen's matmul over the MHA's transposed input: 6 GEMMs of 3 rows, the weight broadcast ...
+    assert (6, 3, 16) in bmms(before)
+    # ... and one GEMM over contiguous rows after; `keep`'s permute undoes a transpose (its input
+    # is contiguous: left as it was), `moved` keeps its batched GEMM (its last dim moves)
+    assert (6, 3, 16) not in bmms(after) and len(bmms(after)) == len(bmms(before)) - 1
+
+
+class NormedAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.mha = torch.nn.LayerNorm(16), torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(x)
+        return self.mha(h, h, h, need_weights=False)[0]
+
+
+def test_linear_before_permute_sees_through_an_fp16_program_s_cast() -> None:
+    # precision="fp16" keeps LayerNorm in fp32 and casts after it: linear(to(transpose(y), fp16))
+    torch.manual_seed(0)
+    model = NormedAttention().eval()
+    _, gm, names, weights = _program(model, torch.randn(2, 6, 16), runtime="torch", precision="fp16",
+                                     cast_inputs=True)
+    weights = [w.detach() for w in weights]
+    opt, plan = optimize_graph(gm, names)
+    assert _count(opt, "_permuted_linear") == 3  # q, k and v
+    derived = plan.derive(dict(zip(names, weights)))
+    for batch in (1, 3):
+        xb = torch.randn(batch, 6, 16, dtype=torch.float16)  # the program's input (compile() casts at the boundary)
+        (want,) = gm(*weights, xb)
+        (got,) = opt(*derived, xb)
+        assert got.dtype == want.dtype == torch.float16
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_the_passes_version_is_in_the_keyed_optimize_version() -> None:
+    from torch_trt_module.backends._torch_passes import PASSES_VERSION
+
+    assert PASSES_VERSION in _settings.OPTIMIZE_VERSION  # a changed pass is a cache miss
+
+
 def test_fp16_program_folds_through_its_cast() -> None:
     model = _stats(ConvBN())
     x = torch.randn(2, 3, 12, 12)

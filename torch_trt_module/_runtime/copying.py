@@ -1,4 +1,5 @@
-"""Copying and pickling compiled modules (issue 24).
+"""Copying and pickling compiled modules (issue 24), and the device conversions a parent's
+``.to()``/``.cuda()``/``.cpu()`` reach them through (``_apply``).
 
 ``copy.deepcopy`` is how EMA and SWA helpers (``torch.optim.swa_utils.AveragedModel``, timm's
 ``ModelEmaV2``) and many trainers duplicate a model. A compiled module holds a runtime session, a
@@ -89,6 +90,26 @@ class Copies:
 
         def _apply_weights(self, values: dict[str, torch.Tensor]) -> None: ...
 
+        def to(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    # ------------------------------------------------------------------ devices (TRTModule.to does the move)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # A parent's .to()/.cuda()/.cpu() reaches children through _apply, not through their .to():
+        # follow the device the conversion moves a tensor of ours to.
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.device is not None or self._lazy is not None:
+            probe = fn(torch.empty(0, device=self.device or "cpu"))
+            if isinstance(probe, torch.Tensor) and probe.device != (self.device or torch.device("cpu")):
+                self.to(probe.device)
+        return self
+
+    def cuda(self, device: int | torch.device | None = None) -> Any:  # type: ignore[override]
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self) -> Any:  # type: ignore[override]
+        return self.to("cpu")
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise pickle_refusal(self)  # type: ignore[arg-type]
 
@@ -114,7 +135,7 @@ class Copies:
                 new._lazy = _refitting(new._lazy)
         if self.engine is not None:
             version = new.weights_version
-            follow = new_source is not None and self.weights == "follow"
+            follow = new_source is not None and self.weights != "snapshot"
             current = new._current
             new._load(self.engine, device, refit_now=follow)  # a follower reads its source's weights now
             if current and not follow:

@@ -51,8 +51,9 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
     ``source`` links the module to the model it was compiled from (weakly). With
     ``weights="follow"`` (the default) a change to the source's parameters or buffers is seen at
     the next call and the engine is refit to them first (:mod:`torch_trt_module._runtime.weights` says
-    how); ``weights="snapshot"`` keeps the compiled weights and warns once when the source's
-    change. :meth:`refit` takes new weights explicitly.
+    how); ``weights="exact"`` also compares their bytes at every call (writes through ``p.data``);
+    ``weights="snapshot"`` keeps the compiled weights and warns once when the source's change.
+    :meth:`refit` takes new weights explicitly.
 
     Example:
         >>> trt_model = TRTModule(engine)            # doctest: +SKIP
@@ -146,10 +147,16 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
                   and [p.name for p in params[: len(tree.keys)]] == tree.keys
                   and all(p.kind in ("positional_only", "positional_or_keyword") for p in params[: len(tree.keys)]))
         self._n_positional = len(tree.keys) if simple else -1
-        # The fast call (see __call__): plain positional tensors that need no cast, at input
-        # shapes already checked against the profile. None turns it off for this engine.
-        casts = any(u != s.torch_dtype for u, s in zip(self._user_in, exported.inputs))
-        self._fast = None if casts or not simple else {}
+        # Keywords the fast call takes (model(**batch), as Hugging Face models are called): the same
+        # tensors as positional ones, by the parameters' names. None where one is positional-only.
+        self._kw_keys = tuple(tree.keys) if simple and all(
+            p.kind == "positional_or_keyword" for p in params[: len(tree.keys)]) else None
+        # The fast call (see __call__): plain tensors of the compiled dtypes, at input shapes
+        # already checked against the profile; an fp16/bf16 engine's inputs cast at the boundary.
+        # None turns it off for this engine.
+        self._in_cast = [None if u == s.torch_dtype else s.torch_dtype for u, s in zip(self._user_in, exported.inputs)]
+        self._any_in_cast = any(c is not None for c in self._in_cast)
+        self._fast = None if not simple else {}
         self._single_out = exported.output_tree.kind == "tensor"
         self._on_cpu = runner.device.type == "cpu"  # t.is_cpu is cheaper than a device comparison
 
@@ -226,6 +233,12 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         if watch is not None and watch.changed():
             self._weights_changed()
         fast = self._fast
+        if kwargs and not args and fast is not None and self._kw_keys is not None \
+                and len(kwargs) == self._n_positional:
+            try:
+                args, kwargs = tuple([kwargs[k] for k in self._kw_keys]), {}
+            except KeyError:  # another name: the full path says which
+                pass
         if (fast is None or kwargs or self.training or len(args) != self._n_positional
                 or self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
                 or _G_FWD_PRE or _G_FWD or _G_BWD_PRE or _G_BWD or self._compiled_call_impl is not None):
@@ -238,6 +251,8 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         call = fast.get((args[0].shape,) if len(args) == 1 else tuple([t.shape for t in args]))
         if call is None:
             return self._forward(args, {})
+        if self._any_in_cast:
+            args = tuple([t if c is None else t.to(c) for t, c in zip(args, self._in_cast)])
         outs = call(args)
         if self._any_cast:
             outs = self._cast_outputs(outs)
@@ -269,9 +284,12 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
             self._widen(args, kwargs, e)
             return self._forward(args, kwargs)
         outs = self._runner.run(prepared)
-        if self._fast is not None and len(self._fast) < 64 and all(a is b for a, b in zip(prepared, leaves)):
-            # Shapes _prepare passed, and inputs it left as they were: later calls like this one
-            # may skip straight to the runner (to its per-shape plan where it has one).
+        if self._fast is not None and len(self._fast) < 64 and all(
+                a is b or (c is not None and b.dtype == u and b.is_contiguous())
+                for a, b, c, u in zip(prepared, leaves, self._in_cast, self._user_in)):
+            # Shapes _prepare passed, and inputs it left as they were (or only cast, as the fast
+            # call casts them): later calls like this one may skip straight to the runner (to its
+            # per-shape plan where it has one).
             key = tuple([t.shape for t in leaves])
             call_for = getattr(self._runner, "call_for", None)
             self._fast[key] = call_for(key) if call_for is not None else self._runner.run
@@ -361,22 +379,6 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         if device is not None and self._lazy is not None:
             self._lazy_device = torch.device(device)
         return self
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "TRTModule":
-        # A parent's .to()/.cuda()/.cpu() reaches children through _apply, not through their .to():
-        # follow the device the conversion moves a tensor of ours to.
-        super()._apply(fn, recurse)
-        if self.device is not None or self._lazy is not None:
-            probe = fn(torch.empty(0, device=self.device or "cpu"))
-            if isinstance(probe, torch.Tensor) and probe.device != (self.device or torch.device("cpu")):
-                self.to(probe.device)
-        return self
-
-    def cuda(self, device: int | torch.device | None = None) -> "TRTModule":  # type: ignore[override]
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
-
-    def cpu(self) -> "TRTModule":  # type: ignore[override]
-        return self.to("cpu")
 
     def train(self, mode: bool = True) -> "TRTModule":
         # Allowed so a parent's train() works; forward computes inference in either mode (one WARNING).
