@@ -24,6 +24,26 @@ REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
+def cache_entry(root: Path) -> tuple[EngineCache, str, Any]:
+    """The one entry of the cache at ``root``: the cache, its key and the entry read back."""
+    cache = EngineCache(root)
+    (info,) = cache.entries()
+    entry = cache.get(info.key)
+    assert entry is not None
+    return cache, info.key, entry
+
+
+class TwoInputs(torch.nn.Module):
+    """Two tensor inputs that both reach the output: ``lin(x) * y``, x: (B, 8), y: (B, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.l(x) * y
+
+
 def keys(root: Path) -> set[str]:
     return {e.key for e in EngineCache(root).entries()}
 

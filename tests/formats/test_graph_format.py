@@ -33,6 +33,8 @@ from torch_trt_module._formats.program import check_program, load_program, load_
 from torch_trt_module._pipeline.compile import STATS
 from torch_trt_module.backends import _torch
 from torch_trt_module.backends._torch import TorchRunner
+
+from .._support import cache_entry
 from tests.formats.test_program_safety import Same
 
 
@@ -362,14 +364,6 @@ def test_device_arguments_are_pointed_at_the_runtime_device() -> None:
 
 # --------------------------------------------------------------------------- the cache
 
-def _entry(root: Path) -> tuple[EngineCache, str, Any]:
-    cache = EngineCache(root)
-    (info,) = cache.entries()
-    entry = cache.get(info.key)
-    assert entry is not None
-    return cache, info.key, entry
-
-
 def test_a_warm_hit_never_calls_torch_exports_deserializer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._export.serde import serialize
 
@@ -390,7 +384,7 @@ def test_a_warm_hit_never_calls_torch_exports_deserializer(tmp_path: Path, monke
 def test_a_cache_hit_with_a_crafted_graph_is_evicted_and_rebuilt(tmp_path: Path, calls: list[str]) -> None:
     model, x = ConvBN().eval(), torch.randn(2, 3, 8, 8)
     ttm.compile(model, x, cache_dir=tmp_path, runtime="torch", optimize="none")
-    cache, key, entry = _entry(tmp_path)
+    cache, key, entry = cache_entry(tmp_path)
     program = _edited(entry.blobs["program"], lambda d: _node(d, "aten::relu.default").__setitem__(2, "os.system"))
     meta = {k: v for k, v in entry.meta.items() if k in ("engine_meta", "backend")}
     assert cache.put(key, {**entry.blobs, "program": program}, meta)  # a cache writer's entry: checksums match

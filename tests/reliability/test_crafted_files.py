@@ -24,6 +24,8 @@ from torch_trt_module._cache.cache import EngineCache
 from torch_trt_module._core.io import pack, unpack
 from torch_trt_module._core.io import from_u8, to_u8
 
+from .._support import cache_entry
+
 from harness.faults import TinyNet, capture_warnings, compile_tiny, example, outputs_ok
 
 STATE_FORMAT = 3  # _build.engine.STATE_FORMAT: what a saved TRTModule's state says it is
@@ -133,14 +135,6 @@ def test_a_saved_segmented_module_with_a_crafted_program_is_refused(tmp_path: Pa
     assert not marker.exists()
 
 
-def _entry(root: Path) -> tuple[EngineCache, str, Any]:
-    cache = EngineCache(root)
-    (info,) = cache.entries()
-    entry = cache.get(info.key)
-    assert entry is not None
-    return cache, info.key, entry
-
-
 def _replant(cache: EngineCache, key: str, entry: Any, **blobs: bytes) -> None:
     meta = {k: v for k, v in entry.meta.items() if k in ("engine_meta", "backend")}
     assert cache.put(key, {**entry.blobs, **blobs}, meta)  # a cache writer's entry: every checksum matches
@@ -149,7 +143,7 @@ def _replant(cache: EngineCache, key: str, entry: Any, **blobs: bytes) -> None:
 def test_a_cache_hit_with_a_crafted_program_is_evicted_and_rebuilt(tmp_path: Path) -> None:
     marker, root = tmp_path / "PWNED", tmp_path / "cache"
     compile_tiny(0, root, exporter="dynamo", runtime="torch")
-    cache, key, entry = _entry(root)
+    cache, key, entry = cache_entry(root)
     _replant(cache, key, entry, program=crafted_program(entry.blobs["program"], marker))
     with capture_warnings() as warned:
         warm = compile_tiny(0, root, exporter="dynamo", runtime="torch")
@@ -163,7 +157,7 @@ def test_a_cache_hit_with_a_crafted_program_is_evicted_and_rebuilt(tmp_path: Pat
 def test_a_deferred_crafted_program_in_the_cache_is_dropped_at_its_first_use(tmp_path: Path) -> None:
     marker, root = tmp_path / "PWNED", tmp_path / "cache"
     compile_tiny(0, root, exporter="dynamo")
-    cache, key, entry = _entry(root)
+    cache, key, entry = cache_entry(root)
     _replant(cache, key, entry, program=crafted_program(entry.blobs["program"], marker))
     warm = compile_tiny(0, root, exporter="dynamo")  # ONNX Runtime runs it: the program is not read yet
     with capture_warnings() as warned:
@@ -206,7 +200,7 @@ def test_a_cache_hit_whose_graph_names_a_file_is_evicted_and_rebuilt(tmp_path: P
                                                                      blob: str) -> None:
     root = tmp_path / "cache"
     compile_tiny(0, root)
-    cache, key, entry = _entry(root)
+    cache, key, entry = cache_entry(root)
     name = "onnx" if blob == "onnx" else next(n for n in entry.meta["blobs"] if n.startswith("ort-"))
     data = entry.blobs["onnx"] if blob == "onnx" else cache.get(key, only={name}).blobs[name]
     full = {n: b for n, b in cache.get(key, only=set(entry.meta["blobs"])).blobs.items()}

@@ -9,14 +9,7 @@ import torch
 
 import torch_trt_module as ttm
 
-
-class TwoInputs(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.l(x) * y
+from .._support import TwoInputs
 
 
 def test_a_list_of_example_inputs_is_the_positional_arguments() -> None:
