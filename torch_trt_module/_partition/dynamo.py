@@ -39,17 +39,8 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], *, compile_
             options: dict[str, Any] | None = None, mode: str | None = None) -> Callable[..., Any]:
     """Compile one dynamo graph with ``compile_fn`` (the orchestrator's ``compile``, passed in by
     :mod:`torch_trt_module._dynamo`, the registered backend, and by PartitionedModule's maker), or run it
-    in PyTorch where it cannot be compiled (one WARNING says why).
-
-    ``options`` are :func:`torch_trt_module.compile`'s (``precision``, ``cache_dir``, ``verify``,
-    ``runtime``, ``weights``, ``dynamic``, ``max_batch``, ...); an unknown one raises
-    :class:`SettingsError`. ``dynamic`` defaults to the dims dynamo made symbolic.
-
-    Example:
-        >>> fast = torch.compile(model, backend="torch_trt_module", options={"precision": "fp16"})  # doctest: +SKIP
-        >>> with torch.no_grad():                    # engines are inference-only  # doctest: +SKIP
-        ...     out = fast(torch.randn(8, 3, 224, 224))
-    """
+    in PyTorch where it cannot be compiled (one WARNING says why). ``options`` and an example: the
+    registered entry point, :func:`torch_trt_module._dynamo.backend`."""
     options = dict(options or {})
     settings = Settings.from_options(**options)  # a wrong option is the user's error: it raises
     if settings.partition == "auto":  # dynamo made the graph breaks already: split inside a graph only
