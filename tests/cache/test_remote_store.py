@@ -87,7 +87,10 @@ def test_two_machines_build_once_then_remote_then_local(redis_server: RedisServe
 
 def test_a_builder_killed_mid_build_loses_its_lease_and_another_takes_over(redis_server: RedisServer,
                                                                             tmp_path: Path) -> None:
-    url = redis_server.url + "?lease_ttl=2"
+    # The lease must outlive the second machine's start (a fresh process importing torch: 2-4 s on a
+    # loaded 2-core CI machine; with a 2 s lease it sometimes found it expired already and never
+    # waited). Renewed every third of it, a killed builder's lease lives 6.7-10 s more.
+    url = redis_server.url + "?lease_ttl=10"
     marker = tmp_path / "building"
     victim = _run_machine(tmp_path, "a", url, slow_build=str(marker))
     deadline = time.monotonic() + 60
