@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -236,6 +237,60 @@ def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatc
     assert warned == ["TorchInductor could not compile this program (RuntimeError: InductorError: no C++ "
                       "compiler); it runs without Inductor"]
     assert fast.runner.optimized == "3 BatchNorms folded, eager kernels"
+
+
+def _forwarding_compile(fail_at_batch: int) -> Any:
+    """A double of torch.compile whose compiled function runs the graph, but raises as Inductor does
+    when Dynamo compiles it again for an input of ``fail_at_batch`` rows (a lowering that fails only
+    for the new, symbolic shapes)."""
+
+    def compile_(fn: Any, **_: object) -> Any:
+        def compiled(*args: torch.Tensor) -> Any:
+            if args[-1].shape[0] == fail_at_batch:
+                raise RuntimeError("InductorError: LoweringException at the new shapes")
+            return fn(*args)
+        return compiled
+    return compile_
+
+
+def test_an_inductor_failure_at_a_later_shape_falls_back_instead_of_failing_the_call(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Before: only the first call's failure fell back; a failure when Dynamo compiled again for a new
+    # batch size failed the user's call, which the graph itself runs.
+    monkeypatch.setattr(torch, "compile", _forwarding_compile(fail_at_batch=5))
+    _torch_opt._warned.clear()
+    model = _stats(ConvBN())
+    fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
+                       verify=False)
+    fast(torch.randn(2, 3, 12, 12))
+    assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
+    x = torch.randn(5, 3, 12, 12)
+    with caplog.at_level(logging.WARNING):
+        out = fast(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert [r.getMessage() for r in caplog.records if "TorchInductor" in r.getMessage()] == [
+        "TorchInductor could not compile this program (RuntimeError: InductorError: LoweringException at the new "
+        "shapes); it runs without Inductor"]
+    assert fast.runner.optimized == "3 BatchNorms folded, eager kernels"
+
+
+class _Pick(torch.nn.Module):
+    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.index_select(0, idx) * 2
+
+
+def test_an_error_the_graph_raises_too_is_the_inputs_and_keeps_inductor(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(torch, "compile", _forwarding_compile(fail_at_batch=-1))
+    _torch_opt._warned.clear()
+    x, idx = torch.randn(4, 3), torch.tensor([0, 3])
+    fast = ttm.compile(_Pick().eval(), (x, idx), cache=False, runtime="torch", optimize="inductor", verify=False)
+    fast(x, idx)
+    with caplog.at_level(logging.WARNING), pytest.raises(ttm.RuntimeFailure, match="index"):
+        fast(x, torch.tensor([0, 9]))  # out of range: the graph fails as well
+    assert not [r for r in caplog.records if "TorchInductor" in r.getMessage()]
+    assert fast.runner.optimized == "TorchInductor"
+    torch.testing.assert_close(fast(x, idx), x.index_select(0, idx) * 2)
 
 
 def test_optimize_is_keyed_with_its_version(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,7 +98,13 @@ class Optimized:
 
     def call(self, *args: torch.Tensor) -> Any:
         with torch.no_grad():  # an inference graph: no autograd state, and one set of Inductor guards
-            return self._fn(*args)
+            fn = self._fn
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - sorted out below: Inductor's failure, or the inputs'
+                if fn is self.graph.forward or fn == self._first:
+                    raise
+                return self._without_inductor(e, args)
 
     def _first(self, *args: torch.Tensor) -> Any:
         """The first calls: compile (once, under a lock), fall back to the graph if Inductor fails."""
@@ -108,12 +114,21 @@ class Optimized:
             try:
                 out = self._compiled(*args)
             except Exception as e:  # noqa: BLE001 - Inductor's own failure: the graph itself still runs
-                _warn_once(f"compile:{type(e).__name__}", "TorchInductor could not compile this program (%s: %s); "
-                           "it runs without Inductor", type(e).__name__, str(e).splitlines()[0][:300])
-                self._fn, self.inductor = self.graph.forward, False
-                return self.graph.forward(*args)
+                return self._without_inductor(e, args)
             self._fn = self._compiled
             return out
+
+    def _without_inductor(self, error: Exception, args: tuple[torch.Tensor, ...]) -> Any:
+        """After the compiled program raised (at its first call, or when Dynamo compiled it again for
+        new input shapes): where the graph itself runs these inputs, it was Inductor's failure, so
+        the module goes on without Inductor (one WARNING); where the graph fails too, the inputs
+        are at fault and the graph's error is raised. Never a failed call that the graph could run."""
+        out = self.graph.forward(*args)  # raises the inputs' own error, if it is theirs
+        _warn_once(f"compile:{type(error).__name__}", "TorchInductor could not compile this program (%s: %s); "
+                   "it runs without Inductor", type(error).__name__, str(error).splitlines()[0][:300] if str(error)
+                   else "")
+        self._fn, self.inductor = self.graph.forward, False
+        return out
 
     def refit(self, values: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """New weight arguments for these program weights (by name), folds recomputed; the raw
