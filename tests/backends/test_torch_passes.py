@@ -162,6 +162,68 @@ def test_linear_before_permute_sees_through_an_fp16_program_s_cast() -> None:
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
+class Siblings(torch.nn.Module):
+    """Sibling Linears: q/k/v with biases (merged, and one view of each needs a reshape: a slice
+    of the merged output is not contiguous), a gated MLP's gate and up without biases (merged),
+    a Linear whose output the program returns (its group is left alone) and a lone Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+        self.gate, self.up = torch.nn.Linear(8, 12, bias=False), torch.nn.Linear(8, 12, bias=False)
+        self.down = torch.nn.Linear(12, 8)
+        self.out_a, self.out_b = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s * 8)  # merges (s, 8) of a (b, s, 20) slice: only a reshape can
+        k = self.k(x).view(b, s, 2, 4).transpose(1, 2)
+        att = (q.view(b, s, 2, 4).transpose(1, 2) @ k.transpose(-1, -2)).softmax(-1)
+        h = (att @ self.v(x).view(b, s, 2, 2).transpose(1, 2)).transpose(1, 2).reshape(b, s, 4)
+        m = self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        y = m + h.repeat(1, 1, 2)
+        return self.out_a(y) + 1, self.out_b(y)  # out_b's output is returned as it is
+
+
+def test_sibling_linears_are_merged_and_match_the_captured_program() -> None:
+    # BERT's query, key and value projections as three GEMMs of N = 768 leave most of an H100's SMs
+    # idle at batch 8; merged, they are one GEMM of N = 2304 (issue 21)
+    torch.manual_seed(0)
+    model = Siblings().eval()
+    x = torch.randn(2, 5, 8)
+    _, gm, names, weights = _program(model, x)
+    weights = [w.detach() for w in weights]
+    unmerged, _ = optimize_graph(gm, names)  # without the weights' shapes: nothing merged
+    opt, plan = optimize_graph(gm, names, weights=dict(zip(names, weights)))
+    assert _count(unmerged, "linear") == _count(gm, "linear") == 8
+    assert plan.merges == 2 and _count(opt, "linear") == 5  # q+k+v and gate+up; down, out_a, out_b
+    assert _count(opt, "reshape") - _count(gm, "reshape") == 3  # the views of q, k and v's slices
+    derived = plan.derive(dict(zip(names, weights)))
+    for batch in (1, 3):
+        xb = torch.randn(batch, 5, 8)
+        want, got = gm(*weights, xb), opt(*derived, xb)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert a.is_contiguous()
+        for a, b in zip(got, model(xb)):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimize", ["passes", "inductor"])
+def test_merged_linears_follow_a_refit(optimize: str) -> None:
+    torch.manual_seed(0)
+    model = Siblings().eval()
+    fast = ttm.compile(model, torch.randn(2, 5, 8), cache=False, runtime="torch", optimize=optimize)
+    assert fast.runner.optimized.startswith("2 Linear groups merged, ")
+    x = torch.randn(3, 5, 8)
+    for step in range(2):
+        with torch.no_grad():
+            model.k.weight.mul_(1.5)  # the middle of the merged weight
+            model.up.weight.add_(0.1)
+        for a, b in zip(fast(x), model(x)):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-5, msg=f"stale after step {step}")
+
+
 def test_the_passes_version_is_in_the_keyed_optimize_version() -> None:
     from torch_trt_module.backends._torch_passes import PASSES_VERSION
 
@@ -239,6 +301,41 @@ def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatc
     assert fast.runner.optimized == "3 BatchNorms folded, eager kernels"
 
 
+def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """On a GPU, Inductor first compiles with its C++ wrapper. A double of torch.compile that fails
+    with it (no C++ compiler on the user's machine) and works without: the call is computed by
+    the graph, the next one by Inductor with the Python wrapper, and one WARNING says why."""
+    seen: list[object] = []
+
+    def compile_(fn: Any, *, options: dict[str, object] | None = None, **_: object) -> Any:
+        seen.append(options)
+
+        def compiled(*args: torch.Tensor) -> Any:
+            if options and options.get("cpp_wrapper"):
+                raise RuntimeError("InductorError: CppCompileError: g++ not found")
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setitem(_torch_opt._TIERS, False, _torch_opt._TIERS[True])  # the GPU's tiers, on this CPU
+    _torch_opt._warned.clear()
+    model = _stats(ConvBN())
+    fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
+                       verify=False)
+    assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor (C++ wrapper)"
+    x = torch.randn(2, 3, 12, 12)
+    with caplog.at_level(logging.WARNING):
+        outs = [fast(x) for _ in range(3)]
+    for out in outs:
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert seen == [{"cpp_wrapper": True}, None]  # compiled twice: C++ wrapper, then Python
+    assert [r.getMessage() for r in caplog.records if "TorchInductor" in r.getMessage()] == [
+        "TorchInductor could not compile this program with its C++ wrapper (RuntimeError: InductorError: "
+        "CppCompileError: g++ not found); it compiles with the Python wrapper"]
+    assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
+
+
 def _forwarding_compile(fail_at_batch: int) -> Any:
     """A double of torch.compile whose compiled function runs the graph, but raises as Inductor does
     when Dynamo compiles it again for an input of ``fail_at_batch`` rows (a lowering that fails only
@@ -272,6 +369,37 @@ def test_an_inductor_failure_at_a_later_shape_falls_back_instead_of_failing_the_
         "TorchInductor could not compile this program (RuntimeError: InductorError: LoweringException at the new "
         "shapes); it runs without Inductor"]
     assert fast.runner.optimized == "3 BatchNorms folded, eager kernels"
+
+
+@pytest.mark.parametrize("optimize", ["passes", "inductor"])
+def test_a_pass_that_fails_at_a_later_shape_falls_back_to_the_program_as_captured(
+        optimize: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A double of a pass's runtime function that fails at batch 5 (a pass bug that only some inputs
+    # reach): the call is computed by the program as captured, and so are the calls after it.
+    from torch_trt_module.backends import _torch_passes
+
+    real = _torch_passes._permuted_linear
+
+    def flaky(y: torch.Tensor, *rest: Any) -> torch.Tensor:
+        if y.shape[0] == 5:  # the permute's input is batch-first MHA's (B, L, E)
+            raise RuntimeError("a pass bug at batch 5")
+        return real(y, *rest)
+
+    monkeypatch.setattr(_torch_passes, "_permuted_linear", flaky)
+    _torch_opt._warned.clear()
+    torch.manual_seed(0)
+    model = NormedAttention().eval()
+    fast = ttm.compile(model, torch.randn(2, 6, 16), cache=False, runtime="torch", optimize=optimize)
+    assert not fast.runner.optimized.startswith("none")
+    x = torch.randn(5, 6, 16)
+    with caplog.at_level(logging.WARNING):
+        outs = [fast(x), fast(x), fast(torch.randn(2, 6, 16))]
+    torch.testing.assert_close(outs[0], model(x).detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs[1], outs[0])
+    warned = [r.getMessage() for r in caplog.records if "passes" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("the inference passes' program failed on these inputs (")
+    assert "a pass bug at batch 5" in warned[0]
+    assert fast.runner.optimized == "none (the inference passes' program failed; it runs as captured)"
 
 
 class _Pick(torch.nn.Module):

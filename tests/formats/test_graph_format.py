@@ -331,6 +331,7 @@ def test_the_runtime_is_the_same_with_and_without_the_compact_graph(optimize: st
     monkeypatch.setattr(_torch, "load_program", lambda data: reads.append(1) or load_program(data))
     fast, slow = TorchRunner(engine, "cpu", optimize=optimize), TorchRunner(old, "cpu", optimize=optimize)
     assert reads == [1]  # only the engine without the compact graph went through torch.export
+    assert (fast.program_format, slow.program_format) == ("compact graph", "torch.export")
     assert fast.weight_names == slow.weight_names and fast.optimized == slow.optimized
     assert (fast._user_out, fast._all_out) == (slow._user_out, slow._all_out)
     for a, b in zip(fast._weights, slow._weights):

@@ -6,7 +6,8 @@ inference passes, compiled by TorchInductor, against eager with PyTorch's defaul
 - a saved module loaded where Inductor's caches are empty (another machine, simulated by a
   fresh process with an empty ``TORCHINDUCTOR_CACHE_DIR``);
 - a corrupt program in the engine cache is detected and rebuilt, and the rebuilt module is
-  optimized again.
+  optimized again;
+- a warm cache hit in a fresh process loads the compact graph (``_formats.graph``) on the GPU.
 """
 
 from __future__ import annotations
@@ -142,3 +143,36 @@ def test_a_corrupt_program_is_rebuilt_and_optimized_again(tmp_path: Path) -> Non
     with torch.no_grad():
         want = model(x)
     assert compare_outputs(fast(x), want, tolerance=_policy("fp32")).passed
+
+
+_HIT = """
+import sys, torch, torch_trt_module as ttm
+torch.manual_seed(0)
+import torchvision
+model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+x = torch.load(sys.argv[2]).cuda()
+fast = ttm.compile(model, x, cache_dir=sys.argv[1], runtime="torch")
+print(fast.runner.program_format)
+torch.save(fast(x).cpu(), sys.argv[3])
+"""
+
+
+def test_a_warm_hit_in_a_fresh_process_loads_the_compact_graph_on_the_gpu(tmp_path: Path) -> None:
+    # The compact graph's device arguments are rewritten for the GPU (_retarget) at load: a program
+    # captured with device= arguments must run there as it did at compile time.
+    x = torch.randn(2, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    outs = []
+    for run in ("cold", "warm"):
+        r = subprocess.run([sys.executable, "-c", _HIT, str(tmp_path / "cache"), str(tmp_path / "x.pt"),
+                            str(tmp_path / f"{run}.pt")], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(r.stdout.strip().splitlines()[-1])
+    assert outs == ["compact graph", "compact graph"]
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    with torch.no_grad():
+        want = model(x.cuda())
+    for run in ("cold", "warm"):
+        assert compare_outputs(torch.load(tmp_path / f"{run}.pt").cuda(), want, tolerance=_policy("fp32")).passed

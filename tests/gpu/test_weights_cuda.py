@@ -49,3 +49,24 @@ def test_new_memory_at_a_freed_address_is_seen_on_cuda() -> None:
     if w.data_ptr() != before:
         pytest.skip("the caching allocator did not reuse the block here; nothing to show")
     _close(fast, model, x)
+
+
+@pytest.mark.parametrize("write", ["mul_", "normal_", "copy_"])
+def test_exact_mode_follows_writes_through_data_on_cuda(write: str) -> None:
+    # The GPU path of weights="exact": one batched reduction over the watched tensors per call
+    # (the CPU uses memcmp). "follow" cannot see these writes; "exact" must, with one refit each.
+    model = _model()
+    x = torch.randn(4, 16, device="cuda")
+    fast = ttm.compile(model, x, cache=False, weights="exact")
+    _close(fast, model, x)
+    w = model[2].weight
+    if write == "mul_":
+        w.data.mul_(2)
+    elif write == "normal_":
+        w.data.normal_()
+    else:
+        w.data.copy_(torch.randn_like(w))
+    _close(fast, model, x)
+    assert fast.weights_version == 1
+    _close(fast, model, x)
+    assert fast.weights_version == 1  # no change, no refit

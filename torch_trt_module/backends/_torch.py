@@ -44,7 +44,10 @@ class TorchRunner:
         self.inputs: list[TensorSpec] = list(ex.inputs)
         self.outputs: list[TensorSpec] = list(ex.outputs)
         # The compact graph where the program has one (milliseconds), else torch.export's program.
-        loaded = _load_compact(data, self.device) or _load_export(data, self.device)
+        compact = _load_compact(data, self.device)
+        #: Which stored form was loaded: "compact graph" or "torch.export" (an entry of an older release).
+        self.program_format = "compact graph" if compact is not None else "torch.export"
+        loaded = compact or _load_export(data, self.device)
         graph, weights, n_user, self._user_out, n_out = loaded
         self._weights: list[torch.Tensor] = []
         self.weight_names: list[str] = []

@@ -7,6 +7,13 @@ channels_last, and Inductor's fused kernels for the rest. The weights stay *argu
 compiled graph, never constants baked into it, so a refit swaps tensors of the same shapes,
 dtypes and strides, and nothing is compiled again.
 
+On a GPU, Inductor writes its wrapper (the code that launches the kernels) in C++
+(``cpp_wrapper``), not Python: the kernels are the same, but a launch costs the host less. Where
+the host is what limits a call (small models, small batches), that is most of the time:
+mobilenet_v3_small at batch 8 on an H100, 2.11 ms a call with the Python wrapper and 1.40 ms with
+the C++ one, against 2.31 ms for ``torch.compile``'s default (benchmarks/RESULTS.md). Where the
+C++ wrapper cannot compile, the Python one runs (one WARNING), then the graph without Inductor.
+
 What Inductor compiles lives in its own on-disk caches (``torch.compile``'s), so a second process
 compiles from them in a fraction of the first time. Nothing of it is stored in this library's cache
 or saved files: a saved module stores the captured program, and the machine that loads it compiles
@@ -35,6 +42,11 @@ __all__ = ["AUTO_INDUCTOR", "Optimized"]
 #: ``optimize="inductor"`` asks for it). See docs/backends.md, "The PyTorch runtime", for why.
 AUTO_INDUCTOR = True
 
+#: Inductor's options, best first, on a GPU (True) and on a CPU (False). The C++ wrapper is the
+#: GPU's default for the launch cost (see above); on a CPU the kernels dominate, and its compile
+#: (seconds more per graph) would not pay back.
+_TIERS: dict[bool, tuple[dict[str, Any], ...]] = {True: ({"cpp_wrapper": True}, {}), False: ({},)}
+
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
@@ -57,16 +69,23 @@ class Optimized:
     that runs it; :meth:`refit` derives new weight arguments from new program weights."""
 
     def __init__(self, graph: torch.fx.GraphModule, plan: WeightPlan, raw: dict[str, torch.Tensor],
-                 device: torch.device, inductor: bool) -> None:
+                 device: torch.device, inductor: bool, captured: torch.fx.GraphModule | None = None) -> None:
         self.graph = graph
+        # The program as captured (its weights: ``raw``, in order): what runs if the passes' graph
+        # ever fails where it does not.
+        self._captured = captured
+        self.passes_failed = False
         self.plan = plan
         self.device = device
         # NHWC weights pay off where Inductor lays out the activations to match; eager kernels
         # would convert the activations at every convolution instead.
         self.channels_last = inductor and device.type == "cuda" and bool(plan.conv_weights)
         self._raw = raw
+        self._names = list(raw)  # the captured program's weight order (``make`` builds ``raw`` in it)
         self.weights = plan.derive(raw, channels_last=self.channels_last)
         self.inductor = inductor
+        # Inductor's options, best first: each failure moves on to the next (then to the graph).
+        self._tiers: list[dict[str, Any]] = list(_TIERS[device.type == "cuda"])
         self._lock = threading.Lock()
         self._fn: Callable[..., Any] = self._first if inductor else graph.forward
         self._compiled: Callable[..., Any] | None = None
@@ -77,7 +96,7 @@ class Optimized:
         """The optimized program for ``mode`` ("auto", "inductor" or "passes"), or None (the plain
         program runs) where the passes cannot apply, with a WARNING."""
         try:
-            gm, plan = optimize_graph(graph, names)
+            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)))
         except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
             _warn_once(f"passes:{type(e).__name__}", "the inference passes could not rewrite this program (%s: %s); "
                        "it runs as captured", type(e).__name__, e)
@@ -87,13 +106,20 @@ class Optimized:
             _warn_once(f"inductor:{why}", "TorchInductor cannot compile here (%s); the optimized program runs "
                        "without it", why)
             inductor = False
-        return cls(gm, plan, dict(zip(names, weights)), device, inductor)
+        return cls(gm, plan, dict(zip(names, weights)), device, inductor, captured=graph)
 
     def describe(self) -> str:
+        if self.passes_failed:
+            return "none (the inference passes' program failed; it runs as captured)"
         parts = [f"{self.plan.folds} BatchNorms folded"] if self.plan.folds else []
+        if self.plan.merges:
+            parts.append(f"{self.plan.merges} Linear groups merged")
         if self.channels_last:
             parts.append("channels_last weights")
-        parts.append("TorchInductor" if self.inductor else "eager kernels")
+        if not self.inductor:
+            parts.append("eager kernels")
+        else:
+            parts.append("TorchInductor" + (" (C++ wrapper)" if self._tiers[0].get("cpp_wrapper") else ""))
         return ", ".join(parts)
 
     def call(self, *args: torch.Tensor) -> Any:
@@ -101,16 +127,19 @@ class Optimized:
             fn = self._fn
             try:
                 return fn(*args)
-            except Exception as e:  # noqa: BLE001 - sorted out below: Inductor's failure, or the inputs'
-                if fn is self.graph.forward or fn == self._first:
+            except Exception as e:  # noqa: BLE001 - sorted out below: Inductor's, the passes' or the inputs'
+                if fn == self._first or fn == self._as_captured or self._captured is None:
                     raise
+                if fn is self.graph.forward:
+                    return self._without_passes(e, args)
                 return self._without_inductor(e, args)
 
     def _first(self, *args: torch.Tensor) -> Any:
         """The first calls: compile (once, under a lock), fall back to the graph if Inductor fails."""
         with self._lock:
             if self._compiled is None:
-                self._compiled = torch.compile(self.graph.forward, fullgraph=True, dynamic=None)
+                self._compiled = torch.compile(self.graph.forward, fullgraph=True, dynamic=None,
+                                               options=dict(self._tiers[0]) or None)
             try:
                 out = self._compiled(*args)
             except Exception as e:  # noqa: BLE001 - Inductor's own failure: the graph itself still runs
@@ -123,12 +152,40 @@ class Optimized:
         new input shapes): where the graph itself runs these inputs, it was Inductor's failure, so
         the module goes on without Inductor (one WARNING); where the graph fails too, the inputs
         are at fault and the graph's error is raised. Never a failed call that the graph could run."""
-        out = self.graph.forward(*args)  # raises the inputs' own error, if it is theirs
-        _warn_once(f"compile:{type(error).__name__}", "TorchInductor could not compile this program (%s: %s); "
-                   "it runs without Inductor", type(error).__name__, str(error).splitlines()[0][:300] if str(error)
-                   else "")
+        try:
+            out = self.graph.forward(*args)
+        except Exception as e:  # noqa: BLE001 - the passes' graph fails too: the passes', or the inputs'
+            if self._captured is None:
+                raise
+            return self._without_passes(e, args)
+        why = (type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
+        if len(self._tiers) > 1:  # the C++ wrapper failed: the next call compiles with the Python one
+            _warn_once(f"cpp:{why[0]}", "TorchInductor could not compile this program with its C++ wrapper "
+                       "(%s: %s); it compiles with the Python wrapper", *why)
+            self._tiers.pop(0)
+            self._compiled, self._fn = None, self._first
+            return out
+        _warn_once(f"compile:{why[0]}", "TorchInductor could not compile this program (%s: %s); "
+                   "it runs without Inductor", *why)
         self._fn, self.inductor = self.graph.forward, False
         return out
+
+    def _without_passes(self, error: Exception, args: tuple[torch.Tensor, ...]) -> Any:
+        """After the passes' graph raised: where the program as captured runs these inputs, a pass
+        was at fault, so the module runs the captured program from now on (one WARNING); where it
+        fails too, its error (the inputs') is raised and the optimized program stays."""
+        out = self._as_captured(*args)
+        _warn_once(f"passes-run:{type(error).__name__}", "the inference passes' program failed on these inputs "
+                   "(%s: %s); the module runs the program as captured", type(error).__name__,
+                   str(error).splitlines()[0][:300] if str(error) else "")
+        self._fn, self.inductor, self.passes_failed = self._as_captured, False, True
+        return out
+
+    def _as_captured(self, *args: torch.Tensor) -> Any:
+        """The captured program, with the raw weights in place of the derived ones ``args`` starts with."""
+        assert self._captured is not None
+        raw = self._raw
+        return self._captured.forward(*[raw[n] for n in self._names], *args[len(self.weights):])
 
     def refit(self, values: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """New weight arguments for these program weights (by name), folds recomputed; the raw
