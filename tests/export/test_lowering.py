@@ -236,12 +236,44 @@ def test_the_lowered_program_stays_where_the_fused_one_disagrees(monkeypatch: py
         assert compare_outputs(compiled(x), model(x), rtol=1e-4, atol=1e-5).passed
 
 
-def test_fp16_programs_hold_attention_as_fp16_math_with_an_fp32_softmax() -> None:
-    # precision="fp16" decomposes attention itself (fp32_islands, _precision): no fused op, no second capture.
-    model = T5Like().eval()
-    compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, precision="fp16", cast_inputs=True,
+@pytest.mark.parametrize("model_cls", [T5Like, HeadsMerged])
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_programs_keep_fused_attention_in_their_dtype_and_onnx_keeps_the_math(
+        precision: str, model_cls: type) -> None:
+    # fp32_islands decomposes attention into low-precision matmuls around an fp32 softmax (for ONNX,
+    # whose engines build from its dtypes). The PyTorch runtime's program keeps one fused call in the
+    # low dtype instead, whose kernels keep the softmax in fp32 themselves: decomposed, vit_b_16 fp16
+    # at batch 32 wrote its fp32 scores to memory and trailed torch.compile under autocast (0.91x).
+    from torch_trt_module._core.numerics import policy_for
+
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model = model_cls().eval()
+    args = (torch.randn(2, 8, HQ * E),) if model_cls is T5Like else (torch.randn(2, 8, HQ * E), torch.randn(2, 1, 8, 8))
+    dynamic = {"x": {0: (1, 2, 5)}} if model_cls is T5Like else {"x": {0: (1, 2, 5)}, "mask": {0: (1, 2, 5)}}
+    compiled = ttm.compile(model, (args, {}), dynamic=dynamic, cache=False, precision=precision, cast_inputs=True,
                            runtime="torch")
-    assert not _has_fused_attention(_program_of(compiled))
+    program = _program_of(compiled)
+    fused = [n for n in program.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert fused and all(n.args[0].meta["val"].dtype == low for n in fused)
+    import onnx
+
+    assert "Softmax" in {n.op_type for n in onnx.load_from_string(compiled.engine.onnx).graph.node}
+    for batch in (1, 5):
+        xs = [torch.cat([a] * 3)[:batch] for a in args]
+        with torch.inference_mode():
+            report = compare_outputs(compiled(*xs), model(*xs), tolerance=policy_for(precision))
+        assert report.passed, report
+
+
+def test_an_fp32_model_s_attention_is_never_touched_by_the_low_precision_switch() -> None:
+    # The switch acts on fp32_islands' low-precision attention only: fp32 attention is the model's own.
+    from torch_trt_module._export.precision import low_precision_attention
+
+    q = torch.randn(2, 4, 6, 8)
+    want = F.scaled_dot_product_attention(q, q, q)
+    with low_precision_attention(fused=True) as calls:
+        got = F.scaled_dot_product_attention(q, q, q)
+    assert calls == [0] and torch.equal(got, want)
 
 
 def test_a_cpu_compile_for_onnx_runtime_captures_once_and_keeps_the_math(monkeypatch: pytest.MonkeyPatch) -> None:

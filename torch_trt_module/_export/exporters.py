@@ -29,6 +29,7 @@ from .._core.quiet import quiet_torch
 from .._core.settings import Settings
 from .._errors import ExportError
 from .lowering import lowered_attention
+from .precision import low_precision_attention
 
 __all__ = ["Exported", "run_exporters"]
 
@@ -73,12 +74,13 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
             if exporter == "torchscript":
                 return Exported(_export_torchscript(wrapper, names, leaves, out_names, profiles, settings), exporter)
             lowered: list[int] = []
-            program = capture(wrapper, names, leaves, profiles, lowered=lowered)
+            with low_precision_attention(fused=False) as low:  # an fp16/bf16 model's attention: counted
+                program = capture(wrapper, names, leaves, profiles, lowered=lowered)
             onnx_bytes = _to_onnx(program, leaves, names, out_names, settings)
             # The fused program serves the PyTorch runtime, which runs a module compiled on a GPU (or
             # asked for): a CPU compile runs ONNX Runtime and would pay a second capture for nothing.
             torch_runtime = settings.runtime == "torch" or any(t.is_cuda for t in leaves)
-            if lowered and lowered[0] and torch_runtime:
+            if ((lowered and lowered[0]) or low[0]) and torch_runtime:
                 program = fused_attention_program(wrapper, names, leaves, profiles, program)
             return Exported(onnx_bytes, exporter, program)
         except ExportError as e:
@@ -189,7 +191,8 @@ def fused_attention_program(wrapper: torch.nn.Module, names: Sequence[str], leav
     differs, the lowered program is kept (logged at INFO). The ONNX graph always comes from the
     lowered capture."""
     try:
-        fused = capture(wrapper, names, leaves, profiles, lower_attention=False)
+        with low_precision_attention(fused=True):  # fp16/bf16 attention too (precision.py)
+            fused = capture(wrapper, names, leaves, profiles, lower_attention=False)
         with torch.no_grad():
             got = _flat(fused.module()(*leaves))
             want = _flat(lowered.module()(*leaves))
@@ -206,16 +209,22 @@ def _flat(out: Any) -> list[Any]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
+#: How closely fused and math attention agree, relative to the output's largest value, by dtype:
+#: fp16 and bf16 programs round at their own precision (eps 9.8e-4 and 7.8e-3) in both.
+_AGREE = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
 def _agrees(a: Any, b: Any) -> bool:
-    """Fused and math attention round differently: agree to 1e-3 of the output's largest value."""
+    """Fused and math attention round differently: agree to 1e-3 of the output's largest value
+    (fp32), or :data:`_AGREE`'s fraction in a low-precision dtype."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return bool(a == b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if not a.is_floating_point():
         return torch.equal(a, b)
-    scale = float(b.detach().abs().max()) if b.numel() else 0.0
-    return bool(((a - b).abs() <= 1e-3 * scale + 1e-5).all())
+    scale = float(b.detach().abs().float().max()) if b.numel() else 0.0
+    return bool(((a.float() - b.float()).abs() <= _AGREE.get(a.dtype, 1e-3) * scale + 1e-5).all())
 
 
 def _suggested_fixes(e: BaseException) -> list[str]:

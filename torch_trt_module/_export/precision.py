@@ -32,7 +32,12 @@ tracer run its Python, so the casts become ``Cast`` nodes in the ONNX graph):
    ``F.scaled_dot_product_attention`` is decomposed into low-precision matmuls
    around an fp32 softmax (the numerics of flash attention), and
    ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``) runs with that
-   attention inside it.
+   attention inside it. Under :func:`low_precision_attention` with ``fused=True``
+   (the capture of the program the PyTorch runtime runs) it stays one fused call
+   in the low dtype instead: flash and memory-efficient attention keep their
+   softmax in fp32 themselves, and never write the fp32 scores to memory (vit_b_16
+   fp16 at batch 32 on an H100: 6.61 ms decomposed, against 6.01 ms for
+   ``torch.compile`` under autocast, which runs the fused kernel).
 
 Not covered: ops reached only from C++ (custom ops), and torch functions called
 inside another Python-level torch function, which the mode sees as one call;
@@ -45,11 +50,13 @@ fp32 copies (compile() exports eval-mode models only).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import math
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +139,30 @@ def _in_low(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
 
 # --------------------------------------------------------------------------- attention
 
+# Set by low_precision_attention (below) for the calls of one capture, in its thread.
+_FUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("ttm_fused_attention", default=False)
+_CALLS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("ttm_attention_calls", default=None)
+
+
+@contextlib.contextmanager
+def low_precision_attention(*, fused: bool) -> Iterator[list[int]]:
+    """While active, low-precision calls of ``scaled_dot_product_attention`` are counted in the
+    list this yields (``[n]``); with ``fused=True`` each stays one fused call in the low dtype, for
+    the PyTorch runtime's program; with ``fused=False`` it is decomposed (as without this), for ONNX.
+
+    Example:
+        >>> with low_precision_attention(fused=True) as calls:   # doctest: +SKIP
+        ...     program = torch.export.export(mixed_precision_model, args)
+    """
+    calls = [0]
+    fused_token, calls_token = _FUSED.set(fused), _CALLS.set(calls)
+    try:
+        yield calls
+    finally:
+        _FUSED.reset(fused_token)
+        _CALLS.reset(calls_token)
+
+
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
@@ -142,6 +173,14 @@ def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     query, key, value = (t.to(low) for t in (query, key, value))
+    if (calls := _CALLS.get()) is not None:
+        calls[0] += 1
+    if _FUSED.get():
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            # An additive mask in the low dtype: fp32's most negative value would become -inf.
+            attn_mask = attn_mask.float().clamp(min=torch.finfo(low).min).to(low)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if enable_gqa and key.size(-3) != query.size(-3):
         reps = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(reps, dim=-3)
