@@ -10,8 +10,8 @@ dtypes and strides, and nothing is compiled again.
 On a GPU, Inductor writes its wrapper (the code that launches the kernels) in C++
 (``cpp_wrapper``), not Python: the kernels are the same, but a launch costs the host less. Where
 the host is what limits a call (small models, small batches), that is most of the time:
-mobilenet_v3_small at batch 8 on an H100, 2.11 ms a call with the Python wrapper and 1.40 ms with
-the C++ one, against 2.31 ms for ``torch.compile``'s default (benchmarks/RESULTS.md). Where the
+mobilenet_v3_small's graph at batch 8 on an H100, 2.11 ms a call with the Python wrapper and
+1.40 ms with the C++ one, against 2.31 ms for ``torch.compile``'s default (benchmarks/RESULTS.md). Where the
 C++ wrapper cannot compile, the Python one runs (one WARNING), then the graph without Inductor.
 
 What Inductor compiles lives in its own on-disk caches (``torch.compile``'s), so a second process
@@ -57,6 +57,12 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
         log.warning(msg, *args)
 
 
+def _why(error: BaseException) -> tuple[str, str]:
+    """An error's type and the first line of its message (at most 300 characters), for a WARNING."""
+    text = str(error)
+    return type(error).__name__, text.splitlines()[0][:300] if text else ""
+
+
 def inductor_available(device: torch.device) -> str | None:
     """None where TorchInductor can compile for ``device``, else why not."""
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
@@ -86,7 +92,7 @@ class Optimized:
         self.inductor = inductor
         # Inductor's options, best first: each failure moves on to the next (then to the graph).
         self._tiers: list[dict[str, Any]] = list(_TIERS[device.type == "cuda"])
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _first holds it while a failure moves to the next tier
         self._fn: Callable[..., Any] = self._first if inductor else graph.forward
         self._compiled: Callable[..., Any] | None = None
 
@@ -158,13 +164,16 @@ class Optimized:
             if self._captured is None:
                 raise
             return self._without_passes(e, args)
-        why = (type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
-        if len(self._tiers) > 1:  # the C++ wrapper failed: the next call compiles with the Python one
-            _warn_once(f"cpp:{why[0]}", "TorchInductor could not compile this program with its C++ wrapper "
-                       "(%s: %s); it compiles with the Python wrapper", *why)
-            self._tiers.pop(0)
-            self._compiled, self._fn = None, self._first
-            return out
+        why = _why(error)
+        with self._lock:
+            if self._compiled is None:  # another thread's failure already moved on
+                return out
+            if len(self._tiers) > 1:  # the C++ wrapper failed: the next call compiles with the Python one
+                _warn_once(f"cpp:{why[0]}", "TorchInductor could not compile this program with its C++ wrapper "
+                           "(%s: %s); it compiles with the Python wrapper", *why)
+                self._tiers.pop(0)
+                self._compiled, self._fn = None, self._first
+                return out
         _warn_once(f"compile:{why[0]}", "TorchInductor could not compile this program (%s: %s); "
                    "it runs without Inductor", *why)
         self._fn, self.inductor = self.graph.forward, False
@@ -176,8 +185,7 @@ class Optimized:
         fails too, its error (the inputs') is raised and the optimized program stays."""
         out = self._as_captured(*args)
         _warn_once(f"passes-run:{type(error).__name__}", "the inference passes' program failed on these inputs "
-                   "(%s: %s); the module runs the program as captured", type(error).__name__,
-                   str(error).splitlines()[0][:300] if str(error) else "")
+                   "(%s: %s); the module runs the program as captured", *_why(error))
         self._fn, self.inductor, self.passes_failed = self._as_captured, False, True
         return out
 
