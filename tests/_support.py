@@ -1,6 +1,7 @@
 """Helpers shared by the test files that compile through the engine cache (test_keys, test_compile,
-test_entries): what is in a cache directory, what compile() did, and fresh Python processes; and
-``require_rtx``, the one rule for tests that need TensorRT-RTX (skip here, fail in CI)."""
+test_entries): what is in a cache directory, what compile() did, and fresh Python processes;
+``require_rtx``, the one rule for tests that need TensorRT-RTX (skip here, fail in CI); the refit
+tests' model and broken weights (test_refit, test_tensorrt_refit); hand-written ONNX graphs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pytest
 import torch
@@ -42,6 +43,70 @@ class TwoInputs(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.l(x) * y
+
+
+class ConvBN(torch.nn.Module):
+    """A conv with its BatchNorm (the pair an exporter or a builder likes to fold) and a linear head:
+    the refit tests' model (tests/runtime/test_refit.py, tests/backends/test_tensorrt_refit.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def convbn_model(seed: int = 0) -> ConvBN:
+    """:class:`ConvBN` in eval mode, seeded, with BatchNorm statistics far from the identity (so a
+    stale one shows)."""
+    torch.manual_seed(seed)
+    model = ConvBN()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def convbn_input(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+#: Weights a refit must refuse, and what its error then says: (breakage, message).
+REFIT_BREAKAGES = [
+    ("missing", "'head.bias' is missing"),
+    ("shape", "'conv.weight' has shape (8, 3, 1, 1), the engine's weight has (8, 3, 3, 3)"),
+    ("dtype", "'conv.weight' is torch.int32, the engine's weight is float32"),
+]
+
+
+def broken_state(breakage: str) -> dict[str, torch.Tensor]:
+    """Another :func:`convbn_model`'s state dict, broken as :data:`REFIT_BREAKAGES` names."""
+    state = convbn_model(seed=9).state_dict()
+    if breakage == "missing":
+        del state["head.bias"]
+    elif breakage == "shape":
+        state["conv.weight"] = torch.zeros(8, 3, 1, 1)
+    else:
+        state["conv.weight"] = torch.zeros(8, 3, 3, 3, dtype=torch.int32)
+    return state
+
+
+def onnx_model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: Sequence[Any] = ()) -> bytes:
+    """A serialized ONNX model (opset 18) of one graph, for tests that write graphs by hand."""
+    from onnx import helper as oh
+
+    graph = oh.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]).SerializeToString()
+
+
+def onnx_vi(name: str, elem: int, dims: Sequence[Any]) -> Any:
+    """An ONNX value info: ``name``, element type ``elem`` (``onnx.TensorProto.FLOAT``, ...), ``dims``."""
+    from onnx import helper as oh
+
+    return oh.make_tensor_value_info(name, elem, list(dims))
 
 
 def keys(root: Path) -> set[str]:

@@ -27,14 +27,7 @@ from torch_trt_module.backends._onnxruntime import (
     shape_function,
 )
 
-
-def graph(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: Sequence[Any] = ()) -> bytes:
-    g = oh.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)]).SerializeToString()
-
-
-def vi(name: str, elem: int, dims: Sequence[Any]) -> Any:
-    return oh.make_tensor_value_info(name, elem, list(dims))
+from .._support import onnx_model as graph, onnx_vi as vi
 
 
 def spec(name: str, dims: tuple[Any, ...], dtype: str = "float32", lo: tuple[int, ...] | None = None,

@@ -29,6 +29,7 @@ from torch_trt_module._runtime.weights import weights_hash
 
 from .trt_double import (HostStreams, Knobs, doubles, onnx_weights, ort_weighted_compute, overloads,
                          property_returns, refitter_double, runtime_module)
+from .._support import REFIT_BREAKAGES, broken_state, convbn_input as _x, convbn_model as _model
 
 REAL = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} not installed"))
         for m in ("tensorrt_lean", "tensorrt_rtx")]
@@ -37,32 +38,6 @@ REAL = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec(m) is 
 @pytest.fixture(params=REAL)
 def trt(request: pytest.FixtureRequest) -> Any:
     return importlib.import_module(request.param)
-
-
-class ConvBN(nn.Module):
-    """A conv with its BatchNorm (which a builder likes to fold) and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-def _model(seed: int = 0) -> ConvBN:
-    torch.manual_seed(seed)
-    model = ConvBN()
-    with torch.no_grad():  # non-trivial statistics, so stale ones show
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _x(batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -139,22 +114,12 @@ def test_follow_mode_refits_the_tensorrt_engine_when_the_source_changes(trt: Any
 
 # --------------------------------------------------------------------------- refused, and nothing half-applied
 
-@pytest.mark.parametrize("breakage, message", [
-    ("missing", "'head.bias' is missing"),
-    ("shape", "'conv.weight' has shape (8, 3, 1, 1), the engine's weight has (8, 3, 3, 3)"),
-    ("dtype", "'conv.weight' is torch.int32, the engine's weight is float32"),
-])
+@pytest.mark.parametrize(("breakage", "message"), REFIT_BREAKAGES)
 def test_a_module_refit_with_mismatched_weights_names_the_tensor_and_changes_nothing(
         trt: Any, engine: Any, breakage: str, message: str) -> None:
     s, x = Setup(trt, engine), _x()
     before = s.module(x)
-    state = _model(seed=9).state_dict()
-    if breakage == "missing":
-        del state["head.bias"]
-    elif breakage == "shape":
-        state["conv.weight"] = torch.zeros(8, 3, 1, 1)
-    else:
-        state["conv.weight"] = torch.zeros(8, 3, 3, 3, dtype=torch.int32)
+    state = broken_state(breakage)
     with pytest.raises(ttm.InputError, match="cannot refit") as err:
         s.module.refit(state)
     assert message in str(err.value)

@@ -26,14 +26,7 @@ from torch_trt_module._formats.onnx import (
 from torch_trt_module._core.signature import Param
 from torch_trt_module.backends._onnxruntime import run_onnx_cpu
 
-
-def model(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: Sequence[Any] = ()) -> bytes:
-    graph = oh.make_graph(nodes, "g", inputs, outputs, list(inits))
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]).SerializeToString()
-
-
-def vi(name: str, elem: int, dims: Sequence[Any]) -> Any:
-    return oh.make_tensor_value_info(name, elem, list(dims))
+from .._support import onnx_model as model, onnx_vi as vi
 
 
 # x + w (w an initializer that is also listed as an input, as old exporters do), cast to int64

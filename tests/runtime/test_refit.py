@@ -16,34 +16,9 @@ from torch import nn
 import torch_trt_module as ttm
 from torch_trt_module._runtime.weights import weights_hash
 
+from .._support import ConvBN, REFIT_BREAKAGES, broken_state, convbn_input as _x, convbn_model as _model
+
 RUNTIMES = ["onnxruntime", "torch"]
-
-
-class ConvBN(nn.Module):
-    """A conv with its BatchNorm (the pair an exporter likes to fold) and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn(self.conv(x)))
-        return self.head(y.mean((2, 3)))
-
-
-def _model(seed: int = 0) -> ConvBN:
-    torch.manual_seed(seed)
-    model = ConvBN()
-    with torch.no_grad():  # non-trivial BN statistics, so a stale one shows
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _x(batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _close(fast: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
@@ -189,22 +164,12 @@ def test_refit_with_a_state_dict_or_a_module_takes_its_weights() -> None:
     assert fast.weights_hash() == _hash_of(fast, third)
 
 
-@pytest.mark.parametrize("breakage, message", [
-    ("missing", "'head.bias' is missing"),
-    ("shape", "'conv.weight' has shape (8, 3, 1, 1), the engine's weight has (8, 3, 3, 3)"),
-    ("dtype", "'conv.weight' is torch.int32, the engine's weight is float32"),
-])
+@pytest.mark.parametrize(("breakage", "message"), REFIT_BREAKAGES)
 def test_refit_refuses_mismatched_weights_naming_the_tensor_and_changes_nothing(breakage: str, message: str) -> None:
     model = _model()
     fast = ttm.compile(model, _x(), cache=False, weights="snapshot")
     before = fast(_x())
-    state = _model(seed=9).state_dict()
-    if breakage == "missing":
-        del state["head.bias"]
-    elif breakage == "shape":
-        state["conv.weight"] = torch.zeros(8, 3, 1, 1)
-    else:
-        state["conv.weight"] = torch.zeros(8, 3, 3, 3, dtype=torch.int32)
+    state = broken_state(breakage)
     with pytest.raises(ttm.InputError, match="cannot refit") as err:
         fast.refit(state)
     assert message in str(err.value)
