@@ -153,6 +153,18 @@ class T5Like(torch.nn.Module):
         return out.transpose(1, 2).contiguous().reshape(b, n, -1)
 
 
+class T5Normed(T5Like):
+    """T5Like, then a LayerNorm: in fp16/bf16 programs its output is fp32 (LayerNorm's fp32 island),
+    while attention is computed in the low dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(HQ * E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(super().forward(x))
+
+
 class Flat(torch.nn.Module):
     """What _export hands capture(): flat tensors in, a tuple out."""
 
@@ -225,7 +237,7 @@ def test_the_lowered_program_stays_where_the_fused_one_disagrees(monkeypatch: py
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     from torch_trt_module._export import exporters as _exporters
 
-    monkeypatch.setattr(_exporters, "_agrees", lambda a, b: False)
+    monkeypatch.setattr(_exporters, "_agrees", lambda *args: False)
     model = T5Like().eval()
     with caplog.at_level("INFO", logger="torch_trt_module._export.exporters"):
         compiled = ttm.compile(model, torch.randn(2, 8, HQ * E), cache=False, runtime="torch")
@@ -236,7 +248,7 @@ def test_the_lowered_program_stays_where_the_fused_one_disagrees(monkeypatch: py
         assert compare_outputs(compiled(x), model(x), rtol=1e-4, atol=1e-5).passed
 
 
-@pytest.mark.parametrize("model_cls", [T5Like, HeadsMerged])
+@pytest.mark.parametrize("model_cls", [T5Like, HeadsMerged, T5Normed])
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_low_precision_programs_keep_fused_attention_in_their_dtype_and_onnx_keeps_the_math(
         precision: str, model_cls: type) -> None:
@@ -248,8 +260,9 @@ def test_low_precision_programs_keep_fused_attention_in_their_dtype_and_onnx_kee
 
     low = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model_cls().eval()
-    args = (torch.randn(2, 8, HQ * E),) if model_cls is T5Like else (torch.randn(2, 8, HQ * E), torch.randn(2, 1, 8, 8))
-    dynamic = {"x": {0: (1, 2, 5)}} if model_cls is T5Like else {"x": {0: (1, 2, 5)}, "mask": {0: (1, 2, 5)}}
+    one = model_cls is not HeadsMerged  # one input (T5Like, T5Normed), or x and a mask
+    args = (torch.randn(2, 8, HQ * E),) if one else (torch.randn(2, 8, HQ * E), torch.randn(2, 1, 8, 8))
+    dynamic = {"x": {0: (1, 2, 5)}} if one else {"x": {0: (1, 2, 5)}, "mask": {0: (1, 2, 5)}}
     compiled = ttm.compile(model, (args, {}), dynamic=dynamic, cache=False, precision=precision, cast_inputs=True,
                            runtime="torch")
     program = _program_of(compiled)

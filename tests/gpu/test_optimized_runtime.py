@@ -7,7 +7,9 @@ inference passes, compiled by TorchInductor, against eager with PyTorch's defaul
   fresh process with an empty ``TORCHINDUCTOR_CACHE_DIR``);
 - a corrupt program in the engine cache is detected and rebuilt, and the rebuilt module is
   optimized again;
-- a warm cache hit in a fresh process loads the compact graph (``_formats.graph``) on the GPU.
+- a warm cache hit in a fresh process loads the compact graph (``_formats.graph``) on the GPU;
+- an encoder block: its q/k/v Linears merged, Inductor's C++ wrapper, and in fp16 and bf16 its
+  attention fused in the low dtype, against eager at the profile's corners.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def test_the_optimized_program_matches_eager_at_the_profile_corners(precision: s
     fast = ttm.compile(model, torch.randn(4, 3, 64, 64, device="cuda"), precision=precision, max_batch=16,
                        cast_inputs=True, cache=False, optimize=optimize)
     assert fast.backend == "torch"
-    assert fast.runner.optimized == ("20 BatchNorms folded, channels_last weights, TorchInductor"
+    assert fast.runner.optimized == ("20 BatchNorms folded, channels_last weights, TorchInductor (C++ wrapper)"
                                      if optimize == "inductor" else "20 BatchNorms folded, eager kernels")
     for batch in (1, 4, 16):
         x = torch.randn(batch, 3, 64, 64, device="cuda")
@@ -176,3 +178,47 @@ def test_a_warm_hit_in_a_fresh_process_loads_the_compact_graph_on_the_gpu(tmp_pa
         want = model(x.cuda())
     for run in ("cold", "warm"):
         assert compare_outputs(torch.load(tmp_path / f"{run}.pt").cuda(), want, tolerance=_policy("fp32")).passed
+
+
+class _Encoder(nn.Module):
+    """A BERT-like block: separate q, k, v Linears (merged by the passes), padding-masked attention
+    through ``F.scaled_dot_product_attention`` (fused in fp16/bf16 programs), LayerNorm, MLP."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        keep = mask[:, None, None, :].bool()
+        a = nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
+                                                       attn_mask=keep)
+        h = self.ln1(x + self.o(a.transpose(1, 2).reshape(b, s, d)))
+        return self.ln2(h + self.down(nn.functional.gelu(self.up(h))))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_an_encoder_block_merged_fused_and_compiled_matches_eager(precision: str) -> None:
+    torch.manual_seed(0)
+    model = _Encoder().eval().cuda()
+    x = torch.randn(2, 16, 64, device="cuda")
+    mask = torch.ones(2, 16, device="cuda")
+    mask[:, 12:] = 0  # tail padding
+    fast = ttm.compile(model, (x, mask), dynamic={"x": {0: (1, 2, 8)}, "mask": {0: (1, 2, 8)}}, precision=precision,
+                       cast_inputs=True, cache=False)
+    assert fast.backend == "torch"
+    assert fast.runner.optimized == "1 Linear groups merged, TorchInductor (C++ wrapper)"
+    from torch_trt_module._formats.program import load_program
+
+    program = load_program(fast.engine.program).graph_module
+    assert any("scaled_dot_product" in str(n.target) for n in program.graph.nodes)  # fused, in every precision
+    for batch in (1, 2, 8):
+        xb, mb = torch.randn(batch, 16, 64, device="cuda"), mask[:1].expand(batch, 16).contiguous()
+        with torch.no_grad():
+            want = model(xb, mb)
+        report = compare_outputs(fast(xb, mb).float(), want, tolerance=_policy(precision))
+        assert report.passed, f"batch {batch}: {report}"
