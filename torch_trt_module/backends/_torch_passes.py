@@ -314,7 +314,7 @@ def _merge_siblings(graph: torch.fx.Graph, x: torch.fx.Node, name_of: dict[torch
         ws = tuple(name_of[m.args[1]] for m in members)
         has_bias = len(members[0].args) > 2 and members[0].args[2] is not None
         bs = tuple(name_of[m.args[2]] for m in members) if has_bias else ()
-        stem = "__".join(n.replace(".", "_") for n in ws[:1]) + f"__merged{len(ws)}"
+        stem = f"{ws[0].replace('.', '_')}__merged{len(ws)}"
         with graph.inserting_before(first_input or members[0]):
             fw = graph.placeholder(f"{stem}_w")
             fb = graph.placeholder(f"{stem}_b") if has_bias else None
