@@ -44,8 +44,16 @@ AUTO_INDUCTOR = True
 
 #: Inductor's options, best first, on a GPU (True) and on a CPU (False). The C++ wrapper is the
 #: GPU's default for the launch cost (see above); on a CPU the kernels dominate, and its compile
-#: (seconds more per graph) would not pay back.
-_TIERS: dict[bool, tuple[dict[str, Any], ...]] = {True: ({"cpp_wrapper": True}, {}), False: ({},)}
+#: (seconds more per graph) would not pay back. ``cpp.vec_isa_ok=False``: before it builds any C++,
+#: Inductor checks each vector ISA the CPU reports by compiling a test library and loading it in a
+#: fresh Python process. torch 2.11 repeats that in every process; on the lent H100 machine (an
+#: import of torch takes ~7 s there) it was most of a warm start, 37.8 s of the first call after a
+#: cache hit against 2.5 s for torch.compile with its Python wrapper. The GPU wrapper is host code
+#: with no vector kernels, so it needs no ISA. The option is part of Inductor's cache key: it is
+#: set for the cold compile and the warm one alike. (:func:`_isa_list_restored` keeps the user's
+#: own CPU compiles in the process as they were.)
+_TIERS: dict[bool, tuple[dict[str, Any], ...]] = {
+    True: ({"cpp_wrapper": True, "cpp.vec_isa_ok": False}, {}), False: ({},)}
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -61,6 +69,28 @@ def _why(error: BaseException) -> tuple[str, str]:
     """An error's type and the first line of its message (at most 300 characters), for a WARNING."""
     text = str(error)
     return type(error).__name__, text.splitlines()[0][:300] if text else ""
+
+
+def _isa_cache() -> tuple[Callable[[], Any], Callable[[], None]] | None:
+    """Inductor's process-wide list of checked vector ISAs (its cache_info and cache_clear), or
+    None in a torch without it."""
+    try:
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+        return valid_vec_isa_list.cache_info, valid_vec_isa_list.cache_clear
+    except (ImportError, AttributeError):
+        return None
+
+
+def _tiers_for(device: torch.device) -> list[dict[str, Any]]:
+    """:data:`_TIERS` for ``device``, less the options this torch's Inductor does not have."""
+    tiers = [dict(t) for t in _TIERS[device.type == "cuda"]]
+    if any("cpp.vec_isa_ok" in t for t in tiers):
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.cpp, "vec_isa_ok") or _isa_cache() is None:
+            for t in tiers:
+                t.pop("cpp.vec_isa_ok", None)
+    return tiers
 
 
 def inductor_available(device: torch.device) -> str | None:
@@ -91,7 +121,8 @@ class Optimized:
         self.weights = plan.derive(raw, channels_last=self.channels_last)
         self.inductor = inductor
         # Inductor's options, best first: each failure moves on to the next (then to the graph).
-        self._tiers: list[dict[str, Any]] = list(_TIERS[device.type == "cuda"])
+        self._tiers: list[dict[str, Any]] = _tiers_for(device)
+        self._isa = _isa_cache() if any("cpp.vec_isa_ok" in t for t in self._tiers) else None
         self._lock = threading.RLock()  # _first holds it while a failure moves to the next tier
         self._fn: Callable[..., Any] = self._first if inductor else graph.forward
         self._compiled: Callable[..., Any] | None = None
@@ -132,6 +163,8 @@ class Optimized:
         with torch.no_grad():  # an inference graph: no autograd state, and one set of Inductor guards
             fn = self._fn
             try:
+                if self._isa is not None:  # a compile (the first, or Dynamo's for new shapes) may run
+                    return self._isa_list_restored(fn, args)
                 return fn(*args)
             except Exception as e:  # noqa: BLE001 - sorted out below: Inductor's, the passes' or the inputs'
                 if fn == self._first or fn == self._as_captured or self._captured is None:
@@ -139,6 +172,19 @@ class Optimized:
                 if fn is self.graph.forward:
                     return self._without_passes(e, args)
                 return self._without_inductor(e, args)
+
+    def _isa_list_restored(self, fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> Any:
+        """``fn(*args)``, leaving Inductor's process-wide ISA list as it was: a compile with
+        ``cpp.vec_isa_ok=False`` that fills it (empty) is undone, so the user's own CPU compiles
+        in this process still check and use their vector ISAs."""
+        assert self._isa is not None
+        info, clear = self._isa
+        filled = info().currsize
+        try:
+            return fn(*args)
+        finally:
+            if not filled and info().currsize:
+                clear()
 
     def _first(self, *args: torch.Tensor) -> Any:
         """The first calls: compile (once, under a lock), fall back to the graph if Inductor fails."""
