@@ -329,11 +329,34 @@ def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pyt
         outs = [fast(x) for _ in range(3)]
     for out in outs:
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
-    assert seen == [{"cpp_wrapper": True}, None]  # compiled twice: C++ wrapper, then Python
+    assert seen == [{"cpp_wrapper": True, "cpp.vec_isa_ok": False}, None]  # compiled twice: C++, then Python
     assert [r.getMessage() for r in caplog.records if "TorchInductor" in r.getMessage()] == [
         "TorchInductor could not compile this program with its C++ wrapper (RuntimeError: InductorError: "
         "CppCompileError: g++ not found); it compiles with the Python wrapper"]
     assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
+
+
+def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's tiers compile with ``cpp.vec_isa_ok=False`` (torch 2.11 checks each vector ISA in
+    a fresh process at every start: 37.8 s of a warm start on the H100 machine). Inductor keeps
+    one ISA list for the whole process. Where this compile filled it (empty), it is emptied
+    again, so the user's own CPU compiles still check and use their ISAs; where the user's
+    compile filled it first, it stays. Real Inductor on this CPU, with the GPU tier's ISA option
+    (without the C++ wrapper, whose CPU form is another code path)."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    monkeypatch.setitem(_torch_opt._TIERS, False, ({"cpp.vec_isa_ok": False},))
+    model, x = _stats(ConvBN()), torch.randn(2, 3, 12, 12)
+    valid_vec_isa_list.cache_clear()  # a process where nothing compiled C++ yet
+    fast = ttm.compile(model, x, cache=False, runtime="torch", optimize="inductor", verify=False)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
+    assert valid_vec_isa_list.cache_info().currsize == 0
+    users = valid_vec_isa_list()  # the user's CPU compile came first: checked, and kept
+    other = ttm.compile(model, torch.randn(3, 3, 10, 10), cache=False, runtime="torch", optimize="inductor",
+                        verify=False)
+    other(torch.randn(3, 3, 10, 10))
+    assert valid_vec_isa_list.cache_info().currsize == 1 and valid_vec_isa_list() is users
 
 
 def _forwarding_compile(fail_at_batch: int) -> Any:
