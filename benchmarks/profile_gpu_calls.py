@@ -1,0 +1,115 @@
+"""Where a call's time goes on a GPU (issue 21): wall time, host time, kernels and GPU busy time
+per call, for eager, torch.compile and compile(), fp32 and fp16, side by side in one process.
+
+Wall: ``--calls`` calls after 10 warm-up calls, then one sync (CUDA events would hide the host).
+Host: the same calls before the sync. Where host ≈ wall and GPU busy is well below it, the call
+is launch-bound: faster kernels cannot shorten it. ``torch.profiler`` gives the kernels and their
+GPU time (5 calls); ``--top N`` lists the N costliest kernels at the largest batch.
+
+    python benchmarks/profile_gpu_calls.py --model mobilenet_v3_small --batch-sizes 32,8
+
+Prints a markdown table; nothing is written. Figures are quoted in RESULTS.md ("GPU without
+TensorRT").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import time
+from typing import Any, Callable
+
+import torch
+
+from bench_latency import MODELS
+
+
+def _timed(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e3, (time.perf_counter() - t0) / calls * 1e3
+
+
+def _kernels(fn: Callable[[], Any], top: int) -> tuple[float, float, list[str]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"{e.self_device_time_total / 5e3:.3f} ms x{e.count // 5} {e.key[:100]}" for e in events[:top]]
+    return sum(e.count for e in events) / 5, sum(e.self_device_time_total for e in events) / 5e3, lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mobilenet_v3_small", choices=sorted(MODELS))
+    p.add_argument("--batch-sizes", default="32,8")
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--top", type=int, default=8)
+    args = p.parse_args()
+    import torch_trt_module as ttm
+
+    factory, inputs = MODELS[args.model]
+    torch.manual_seed(0)
+    model = factory().eval().cuda()
+    example = {k: v.cuda() for k, v in inputs(2).items()}
+    half = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+
+    def autocast() -> Any:
+        return torch.autocast("cuda", torch.float16)
+
+    def ours(**options: Any) -> Callable[[dict[str, torch.Tensor]], Any]:
+        fast = ttm.compile(model, ((), example), dynamic={k: {0: (1, 8, 32)} for k in example}, **options)
+        print(f"compile({options}): {fast.runner.optimized}")
+        return lambda kw: fast(**kw)
+
+    def under(ctx: Callable[[], Any], fn: Callable[..., Any]) -> Callable[[dict[str, torch.Tensor]], Any]:
+        def call(kw: dict[str, torch.Tensor]) -> Any:
+            with ctx():  # entered and left at every call: no state leaks into the next row
+                return fn(**kw)
+        return call
+
+    compiled, compiled_half = torch.compile(model), torch.compile(half)
+    rows: dict[str, Callable[[dict[str, torch.Tensor]], Any]] = {
+        "eager fp32": under(contextlib.nullcontext, model),
+        "eager autocast": under(autocast, model),
+        "eager .half() channels_last": lambda kw: half(**{k: v.half().contiguous(memory_format=torch.channels_last)
+                                                          for k, v in kw.items()}),
+        "torch.compile fp32": under(contextlib.nullcontext, compiled),
+        "torch.compile autocast": under(autocast, compiled),
+        "torch.compile .half() channels_last": lambda kw: compiled_half(
+            **{k: v.half().contiguous(memory_format=torch.channels_last) for k, v in kw.items()}),
+        "trtmodule fp32": ours(),
+        "trtmodule fp16": ours(precision="fp16", cast_inputs=True),
+    }
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    with torch.inference_mode():
+        for batch in batches:
+            kw = {k: v.cuda() for k, v in inputs(batch).items()}
+            print(f"\n**{args.model}, batch {batch}** (per call)\n")
+            print("| | wall ms | host ms | kernels | GPU busy ms |\n| --- | --- | --- | --- | --- |")
+            tops = []
+            for label, fn in rows.items():
+                host, wall = _timed(lambda: fn(kw), args.calls)
+                n, busy, top = _kernels(lambda: fn(kw), args.top if batch == max(batches) else 0)
+                print(f"| {label} | {wall:.3f} | {host:.3f} | {n:.0f} | {busy:.3f} |")
+                tops += [f"{label}: {line}" for line in top]
+            for line in tops:
+                print(f"- {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
