@@ -127,6 +127,54 @@ def test_another_torch_export_failure_falls_back_to_the_tracer(monkeypatch: pyte
     assert "dynamo exporter failed: torch.export does not support this module" in caplog.text
 
 
+def _conversion_fails(*args: Any, **kwargs: Any) -> Any:
+    """A double of torch.onnx failing after torch.export succeeded, as torch.onnx 2.11's type
+    promotion does on T5's fp16 attention mask (``torch.where`` over an fp16 tensor and a float)."""
+    raise RuntimeError("Failed to decompose the FX graph for ONNX compatibility: Expected same OpOverload "
+                       "packet, got prim.device != aten.where")
+
+
+def test_a_failed_onnx_conversion_keeps_the_captured_program_beside_the_tracer_s_graph(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_exporters, "_to_onnx", _conversion_fails)
+    x = torch.randn(3, 4)
+    made = run_exporters(Add(), ["x", "y"], [x, x + 1], ["out"], {"x": BATCH, "y": BATCH}, Settings.from_options())
+    assert made.exporter == "torchscript" and made.onnx.startswith(b"\x08")
+    assert made.program is not None  # the PyTorch runtime still has its program
+    y = torch.randn(5, 4)  # another batch: the program kept its dynamic dim
+    torch.testing.assert_close(made.program.module()(y, y * 3)[0], y * 4)
+
+
+def test_a_captured_program_that_differs_from_the_model_is_not_kept(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(_exporters, "_to_onnx", _conversion_fails)
+    real = _exporters.capture
+    monkeypatch.setattr(_exporters, "capture", lambda wrapper, *a, **k: real(Double(), *a, **k))  # not Add
+    with caplog.at_level(logging.INFO, logger="torch_trt_module"):
+        made = export(Add(), n=2)
+    assert made.exporter == "torchscript" and made.program is None
+    assert ("torch.export's program is not kept beside the tracer's ONNX graph: its outputs differ from the "
+            "model's on the example") in caplog.text
+
+
+def test_a_model_whose_onnx_conversion_fails_still_runs_its_program_on_the_torch_runtime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_trt_module as ttm
+
+    monkeypatch.setattr(_exporters, "_to_onnx", _conversion_fails)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    fast = ttm.compile(model, x, cache=False, runtime="torch")
+    assert fast.engine.exported.exporter == "torchscript"
+    torch.testing.assert_close(fast(x), model(x))
+    # The tracer's graph folds its weights: no map, so following the source rebuilds, never refits
+    # half of them; the rebuilt module runs its program again and matches the new weights.
+    assert fast.engine.exported.weights == {}
+    with torch.no_grad():
+        model[0].weight.mul_(-1)
+    torch.testing.assert_close(fast(x), model(x))
+
+
 # --------------------------------------------------------------------------- dims tied or fixed by the model
 
 def test_dims_the_model_ties_together_are_refined_into_one(caplog: pytest.LogCaptureFixture) -> None:

@@ -263,7 +263,10 @@ def export_with_settings(model: torch.nn.Module, args: tuple[Any, ...], kwargs: 
         params=params, exporter=made.exporter, precision=settings.precision,
         user_input_dtypes=user_in_dtypes, user_output_dtypes=user_out_dtypes,
         export_time_s=time.perf_counter() - t0, program=program,
-        weights=(weights := weight_map(model_proto, made.program, work_model, model)),
+        # The tracer's graph folds its weights: no map, whatever program stands beside it, so a
+        # module that follows its source rebuilds on a change rather than refit half of them.
+        weights=(weights := weight_map(model_proto, made.program if made.exporter == "dynamo" else None,
+                                       work_model, model)),
         unsaved=unsaved(model, {src for src, _, _ in weights.values()}),
         aliases=aliases(model, {src for src, _, _ in weights.values()}))
     check = ExportCheck(strict=strict)

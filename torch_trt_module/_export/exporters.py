@@ -69,21 +69,20 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
     """Export ``wrapper`` (flat tensors in, flat tensors out) with the exporters ``settings`` allows."""
     order = {"auto": ["dynamo", "torchscript"], "dynamo": ["dynamo"], "torchscript": ["torchscript"]}
     errors: list[tuple[str, BaseException]] = []
+    captured: tuple[Any, bool] | None = None  # torch.export's program where only its ONNX conversion failed
     for exporter in order[settings.exporter]:
         try:
             if exporter == "torchscript":
-                return Exported(_export_torchscript(wrapper, names, leaves, out_names, profiles, settings), exporter)
+                onnx_bytes = _export_torchscript(wrapper, names, leaves, out_names, profiles, settings)
+                return Exported(onnx_bytes, exporter, _beside_the_tracer(captured, wrapper, names, leaves, profiles,
+                                                                         settings))
             lowered: list[int] = []
             with low_precision_attention(fused=False) as low:  # an fp16/bf16 model's attention: counted
                 program = capture(wrapper, names, leaves, profiles, lowered=lowered)
+            captured = program, bool((lowered and lowered[0]) or low[0])
             onnx_bytes = _to_onnx(program, leaves, names, out_names, settings)
-            # The fused program serves the PyTorch runtime, which runs a module compiled on a GPU (or
-            # asked for): a CPU compile runs ONNX Runtime and would pay a second capture for nothing.
-            torch_runtime = settings.runtime == "torch" or any(t.is_cuda for t in leaves)
-            if ((lowered and lowered[0]) or low[0]) and torch_runtime:
-                program = fused_attention_program(wrapper, names, leaves, profiles, program,
-                                                  precision=settings.precision)
-            return Exported(onnx_bytes, exporter, program)
+            return Exported(onnx_bytes, exporter, _for_the_torch_runtime(*captured, wrapper, names, leaves, profiles,
+                                                                         settings))
         except ExportError as e:
             if exporter == "torchscript" and not errors:
                 e = _tracer_verdict(e, wrapper, names, leaves, profiles)
@@ -97,6 +96,41 @@ def run_exporters(wrapper: torch.nn.Module, names: list[str], leaves: list[torch
     detail = "; ".join(f"{name}: {summary(e)}" for name, e in errors)
     raise ExportError(f"could not export the model to ONNX ({detail}).{_hint(detail, names, profiles)}"
                       ) from errors[0][1]
+
+
+def _for_the_torch_runtime(program: Any, attention: bool, wrapper: torch.nn.Module, names: Sequence[str],
+                           leaves: Sequence[torch.Tensor], profiles: Profiles, settings: Settings) -> Any:
+    """The program the PyTorch runtime runs: ``program``, or where its attention was lowered (or
+    decomposed in fp16/bf16) for ONNX, the one with fused attention. That one serves the PyTorch
+    runtime, which runs a module compiled on a GPU (or asked for): a CPU compile runs ONNX Runtime
+    and would pay a second capture for nothing."""
+    torch_runtime = settings.runtime == "torch" or any(t.is_cuda for t in leaves)
+    if attention and torch_runtime:
+        return fused_attention_program(wrapper, names, leaves, profiles, program, precision=settings.precision)
+    return program
+
+
+def _beside_the_tracer(captured: tuple[Any, bool] | None, wrapper: torch.nn.Module, names: Sequence[str],
+                       leaves: Sequence[torch.Tensor], profiles: Profiles, settings: Settings) -> Any:
+    """torch.export's program for an ONNX graph the tracer made, where the capture worked and only
+    the conversion to ONNX failed (torch.onnx 2.11's type promotion fails on ``torch.where`` over an
+    fp16 tensor and a Python float, as in T5's attention mask). The PyTorch runtime still runs the
+    program; the export check covers the tracer's graph, not it, so it is kept only where it agrees
+    with the model on the example (logged at INFO where not)."""
+    if captured is None:
+        return None
+    program, attention = captured
+    try:
+        with torch.no_grad():
+            got, want = _flat(program.module()(*leaves)), _flat(wrapper(*leaves))
+        tol = _AGREE.get(settings.precision, 1e-3)
+        if len(got) != len(want) or not all(_agrees(a, b, tol) for a, b in zip(got, want)):
+            raise ValueError("its outputs differ from the model's on the example")
+    except Exception as e:  # noqa: BLE001 - the ONNX graph still serves every other runtime
+        log.info("torch.export's program is not kept beside the tracer's ONNX graph: %s",
+                 e if isinstance(e, ValueError) else summary(e))
+        return None
+    return _for_the_torch_runtime(program, attention, wrapper, names, leaves, profiles, settings)
 
 
 def _tracer_verdict(refusal: ExportError, wrapper: torch.nn.Module, names: list[str], leaves: list[torch.Tensor],
@@ -211,14 +245,15 @@ def _flat(out: Any) -> list[Any]:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-#: How closely fused and math attention agree, as a fraction of the output's largest value, by the
-#: program's precision (1e-3 for fp32): fp16 and bf16 programs compute attention at their own
-#: precision (eps 9.8e-4 and 7.8e-3), whatever the dtype of their outputs (a final LayerNorm's fp32).
+#: How closely two forms of one model agree (fused and math attention; torch.export's program and
+#: the model), as a fraction of the output's largest value, by the program's precision (1e-3 for
+#: fp32): fp16 and bf16 programs compute at their own precision (eps 9.8e-4 and 7.8e-3), whatever
+#: the dtype of their outputs (a final LayerNorm's fp32).
 _AGREE = {"fp16": 1e-2, "bf16": 4e-2}
 
 
 def _agrees(a: Any, b: Any, tol: float = 1e-3) -> bool:
-    """Fused and math attention round differently: agree to ``tol`` of the output's largest value."""
+    """Two forms of one model round differently: agree to ``tol`` of the output's largest value."""
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return bool(a == b)
     if a.shape != b.shape or a.dtype != b.dtype:
