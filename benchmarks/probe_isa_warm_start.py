@@ -12,6 +12,7 @@ run on this project's CPU:
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ print(f"RESULT {t1 - t0:.2f} {time.perf_counter() - t1:.2f}")
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     root = str(Path(__file__).resolve().parents[1])
     print(f"torch {__import__('torch').__version__}\n\n| C++ wrapper tier | cold compile() | warm first calls |\n"
           "| --- | --- | --- |")
