@@ -343,16 +343,24 @@ def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monke
     again, so the user's own CPU compiles still check and use their ISAs; where the user's
     compile filled it first, it stays. Real Inductor on this CPU, with the GPU tier's ISA option
     (without the C++ wrapper, whose CPU form is another code path)."""
-    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+    from torch._inductor.cpu_vec_isa import supported_vec_isa_list, valid_vec_isa_list
 
+    def fresh() -> None:  # Inductor's ISA answers as in a process where nothing compiled C++ yet
+        valid_vec_isa_list.cache_clear()
+        for isa in supported_vec_isa_list:
+            getattr(type(isa).__bool__, "cache_clear", lambda: None)()
+
+    fresh()
+    checked = [str(isa) for isa in valid_vec_isa_list()]  # what this CPU's checks find
     monkeypatch.setitem(_torch_opt._TIERS, False, ({"cpp.vec_isa_ok": False},))
     model, x = _stats(ConvBN()), torch.randn(2, 3, 12, 12)
-    valid_vec_isa_list.cache_clear()  # a process where nothing compiled C++ yet
+    fresh()
     fast = ttm.compile(model, x, cache=False, runtime="torch", optimize="inductor", verify=False)
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
     assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
     assert valid_vec_isa_list.cache_info().currsize == 0
-    users = valid_vec_isa_list()  # the user's CPU compile came first: checked, and kept
+    users = valid_vec_isa_list()  # the user's CPU compile after ours: checked, all of them
+    assert [str(isa) for isa in users] == checked
     other = ttm.compile(model, torch.randn(3, 3, 10, 10), cache=False, runtime="torch", optimize="inductor",
                         verify=False)
     other(torch.randn(3, 3, 10, 10))

@@ -72,13 +72,22 @@ def _why(error: BaseException) -> tuple[str, str]:
 
 
 def _isa_cache() -> tuple[Callable[[], Any], Callable[[], None]] | None:
-    """Inductor's process-wide list of checked vector ISAs (its cache_info and cache_clear), or
-    None in a torch without it."""
+    """Inductor's process-wide list of checked vector ISAs: its cache_info, and what clears it with
+    the per-ISA answers behind it (AVX512's, VNNI's and AMX's ``__bool__`` are cached whatever
+    ``cpp.vec_isa_ok`` was), or None in a torch without them."""
     try:
-        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
-        return valid_vec_isa_list.cache_info, valid_vec_isa_list.cache_clear
-    except (ImportError, AttributeError):
+        from torch._inductor.cpu_vec_isa import supported_vec_isa_list, valid_vec_isa_list
+    except ImportError:
         return None
+    if not hasattr(valid_vec_isa_list, "cache_info"):
+        return None
+    cached = {type(isa).__bool__ for isa in supported_vec_isa_list if hasattr(type(isa).__bool__, "cache_clear")}
+
+    def clear() -> None:
+        valid_vec_isa_list.cache_clear()
+        for answer in cached:
+            answer.cache_clear()  # type: ignore[attr-defined]
+    return valid_vec_isa_list.cache_info, clear
 
 
 def _tiers_for(device: torch.device) -> list[dict[str, Any]]:
@@ -175,8 +184,8 @@ class Optimized:
 
     def _isa_list_restored(self, fn: Callable[..., Any], args: tuple[torch.Tensor, ...]) -> Any:
         """``fn(*args)``, leaving Inductor's process-wide ISA list as it was: a compile with
-        ``cpp.vec_isa_ok=False`` that fills it (empty) is undone, so the user's own CPU compiles
-        in this process still check and use their vector ISAs."""
+        ``cpp.vec_isa_ok=False`` that fills it (empty, and AVX512 answered "no") is undone, so the
+        user's own CPU compiles in this process still check and use their vector ISAs."""
         assert self._isa is not None
         info, clear = self._isa
         filled = info().currsize
