@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,7 +337,8 @@ def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pyt
     assert fast.runner.optimized == "3 BatchNorms folded, TorchInductor"
 
 
-def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
     """The GPU's tiers compile with ``cpp.vec_isa_ok=False`` (torch 2.11 checks each vector ISA in
     a fresh process at every start: 37.8 s of a warm start on the H100 machine). Inductor keeps
     one ISA list for the whole process. Where this compile filled it (empty), it is emptied
@@ -350,6 +352,9 @@ def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monke
         for isa in supported_vec_isa_list:
             getattr(type(isa).__bool__, "cache_clear", lambda: None)()
 
+    # Inductor's own cache keys its code by the option, not by the ISA it picked (an earlier run's
+    # vectorized kernels would come back for a compile that has no ISA): this test's cache is its own.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     fresh()
     checked = [str(isa) for isa in valid_vec_isa_list()]  # what this CPU's checks find
     monkeypatch.setitem(_torch_opt._TIERS, False, ({"cpp.vec_isa_ok": False},))
