@@ -122,7 +122,9 @@ def _beside_the_tracer(captured: tuple[Any, bool] | None, wrapper: torch.nn.Modu
     program, attention = captured
     try:
         with torch.no_grad():
-            got, want = _flat(program.module()(*leaves)), _flat(wrapper(*leaves))
+            # copies: a forward that writes to its inputs must not change what the other one reads
+            got = _flat(program.module()(*[t.clone() for t in leaves]))
+            want = _flat(wrapper(*[t.clone() for t in leaves]))
         tol = _AGREE.get(settings.precision, 1e-3)
         if len(got) != len(want) or not all(_agrees(a, b, tol) for a, b in zip(got, want)):
             raise ValueError("its outputs differ from the model's on the example")
