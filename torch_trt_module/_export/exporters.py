@@ -30,13 +30,12 @@ from .._core.settings import Settings
 from .._errors import ExportError
 from .lowering import lowered_attention
 from .precision import low_precision_attention
+from .verdicts import is_data_dependent, is_specialization, suggested_fixes, summary
 
 __all__ = ["Exported", "run_exporters"]
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = 18
-_DATA_DEPENDENT = ("GuardOnDataDependentSymNode", "data-dependent", "DataDependent",
-                   "Could not guard on data-dependent", "Could not extract specialized integer from data-dependent")
 _TRACER_FIX = ("Fix: compute it with tensor ops (torch.where, torch.cond), make the dimension it depends on static "
                "(dynamic=None), or fix what stops the dynamo exporter (exporter='dynamo' shows its error).")
 _FIX_BRANCH = ("Fix: replace the branch with tensor ops (torch.where, torch.cond) or move it outside the compiled "
@@ -189,7 +188,7 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
         except ExportError:
             raise  # our own verdict, made while tracing (e.g. the attention lowering's)
         except Exception as e:  # noqa: BLE001 - classified here, from torch.export's own evidence
-            fixes = _suggested_fixes(e)
+            fixes = suggested_fixes(e)
             fixed = [f for f in fixes if re.fullmatch(r"\w+ = -?\d+", f)]
             if fixes and not fixed and attempt < 5:
                 # Dims the model ties together (inputs that share a batch dim): one Dim for them.
@@ -264,16 +263,6 @@ def _agrees(a: Any, b: Any, tol: float = 1e-3) -> bool:
         return torch.equal(a, b)
     scale = float(b.detach().abs().float().max()) if b.numel() else 0.0
     return bool(((a.float() - b.float()).abs() <= tol * scale + 1e-5).all())
-
-
-def _suggested_fixes(e: BaseException) -> list[str]:
-    """torch.export's "Suggested fixes" for a constraint violation, as ``name = expr`` lines."""
-    for x in _chain(e):
-        text = str(x)
-        if "Suggested fixes:" in text:
-            block = text.split("Suggested fixes:", 1)[1].split("\n\n")[0]
-            return [ln.strip() for ln in block.splitlines() if " = " in ln]
-    return []
 
 
 def _to_onnx(program: Any, leaves: Sequence[torch.Tensor], names: list[str], out_names: list[str],
@@ -369,37 +358,6 @@ def _user_frame() -> str | None:
                 and not frame.filename.startswith("<"):
             return f"{frame.filename}:{frame.lineno}"
     return None
-
-
-def _chain(e: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    while e is not None and len(out) < 10:
-        out.append(e)
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return out
-
-
-def is_data_dependent(e: BaseException) -> bool:
-    """Whether torch.export's exception chain shows a guard on a data-dependent value. Our own errors
-    in the chain are not evidence (their text may quote the words)."""
-    return any(any(m in f"{type(x).__name__}: {x}" for m in _DATA_DEPENDENT)
-               for x in _chain(e) if not isinstance(x, ExportError))
-
-
-def is_specialization(e: BaseException) -> bool:
-    text = " ".join(str(x) for x in _chain(e)[:2])
-    return "Constraints violated" in text or "specialized" in text or "specialised" in text
-
-
-def summary(e: BaseException) -> str:
-    """The first meaningful line of an exporter's error (their messages run to pages)."""
-    text = str(e)
-    if "## Exception summary" in text:
-        text = text.split("## Exception summary", 1)[1]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    first = re.sub(r"\x1b\[[0-9;]*m", "", lines[0] if lines else type(e).__name__)
-    # Ours are written to be read whole (what, where, the fix); an exporter's first line can run long.
-    return first if isinstance(e, ExportError) else first[:400]
 
 
 def _hint(detail: str, names: Sequence[str] = (), profiles: Profiles | None = None) -> str:
