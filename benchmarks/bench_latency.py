@@ -129,8 +129,11 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
     m = model.to(device)
     out = []
     for name in names:
-        # "trtmodule-fp16@passes": a compile() option beside the defaults (optimize=), for comparison
-        base, _, optimize = name.partition("@")
+        # "trtmodule-fp16@passes" (optimize=) or "trtmodule@cuda_graphs=auto": a compile() option beside
+        # the defaults, for comparison
+        base, _, option = name.partition("@")
+        key, _, value = option.rpartition("=")
+        extra: dict[str, Any] = {key or "optimize": value} if option else {}
         fp16 = base.endswith("-fp16")
         ctx = (lambda: torch.autocast(device.type, torch.float16)) if fp16 else contextlib.nullcontext
         try:
@@ -142,8 +145,7 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
                 t0 = time.perf_counter()
                 fn = ttm.compile(m, ((), {k: v.to(device) for k, v in example.items()}),
                                  dynamic={k: {0: (1, 8, hi)} for k in example}, precision="fp16" if fp16 else "fp32",
-                                 cast_inputs=fp16, cuda_graphs=base.endswith("cudagraphs"),
-                                 **({"optimize": optimize} if optimize else {}))
+                                 cast_inputs=fp16, **{"cuda_graphs": base.endswith("cudagraphs"), **extra})
                 print(f"{name}: compile() {time.perf_counter() - t0:.1f} s; {fn!r}", file=sys.stderr)
                 ctx = contextlib.nullcontext
         except Exception as e:  # noqa: BLE001 - the other rows still run

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Union
 
 from .._errors import SettingsError
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_REBUILDS", "DynamicSpec", "Settings"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_REBUILDS", "DynamicSpec", "Settings", "check_cuda_graphs"]
 
 #: Upper batch bound of the ``dynamic="batch"`` profile when nothing else is said.
 DEFAULT_MAX_BATCH = 32
@@ -100,7 +100,8 @@ class Settings:
     cache_max_size: int | None = _runtime(None)
     max_rebuilds: int = _runtime(DEFAULT_MAX_REBUILDS)
     cast_inputs: bool = _runtime(False)
-    cuda_graphs: bool = _runtime(False)
+    # False; True (a graph per input shape); "auto" (a graph where it was measured to be faster: _autographs)
+    cuda_graphs: bool | str = _runtime(False)
     allow_host_code: bool = _runtime(False)
     progress: bool | None = _runtime(None)
     # None: the default group when torch.distributed is initialized with several ranks; a
@@ -114,6 +115,7 @@ class Settings:
         _check_choice("weights", self.weights, WEIGHT_MODES)
         _check_choice("partition", self.partition, ("auto", "split", "never"))
         _check_choice("optimize", self.optimize, OPTIMIZE)
+        check_cuda_graphs(self.cuda_graphs)
         if not isinstance(self.min_block_size, int) or self.min_block_size < 1:
             raise SettingsError(f"option 'min_block_size' got {self.min_block_size!r}; expected an int >= 1 (the "
                                 "fewest ops an engine part may have)")
@@ -187,6 +189,13 @@ class Settings:
 
 # "dynamic=None" means static shapes, not "default"; every other None means default.
 _NONE_MEANINGFUL = frozenset({"dynamic"})
+
+
+def check_cuda_graphs(value: object) -> None:
+    """Raise SettingsError unless ``value`` is a ``cuda_graphs`` option: False, True or "auto"."""
+    if type(value) not in (bool, str) or value not in (False, True, "auto"):
+        raise SettingsError(f"option 'cuda_graphs' got {value!r}; expected False, True (a CUDA graph for each "
+                            "input shape) or 'auto' (a graph for the shapes where it makes the call faster)")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -84,7 +84,7 @@ class Copies:
         _max_rebuilds: int
         runtime: str
         cast_inputs: bool
-        cuda_graphs: bool
+        cuda_graphs: bool | str
 
         def _load(self, engine: Any, device: Any, *, refit_now: bool = False) -> None: ...
 

@@ -44,7 +44,7 @@ class FollowsWeights:
     engine: Any
     runtime: str
     runtime_reason: str
-    cuda_graphs: bool
+    cuda_graphs: bool | str
     allow_host_code: bool
     if TYPE_CHECKING:  # TRTModule's, which this mixin calls
         backend: str

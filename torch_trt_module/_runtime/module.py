@@ -16,6 +16,7 @@ from .._build.engine import Engine
 from .._core.inputs import match_inputs, safe_cast, widen_hint
 from .._core.modes import say_inference_only
 from .._core.numerics import eager_uses_tf32
+from .._core.settings import check_cuda_graphs
 from .._core.signature import bind_call
 from .._core.spec import ExportedModel, TensorSpec, dtype_from_name, unflatten
 from .._errors import InputError, SettingsError, TorchTRTError
@@ -62,13 +63,14 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
     """
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
-                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool = False,
+                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool | str = False,
                  runtime: str = "auto", runner: Runner | None = None, prepared: Runner | None = None,
                  source: torch.nn.Module | None = None, weights: str = "follow", refit_now: bool = False,
                  rebuild: Callable[[], Engine] | None = None) -> None:
         super().__init__()
         if weights not in WEIGHT_MODES:
             raise SettingsError(f"option 'weights' got {weights!r}; expected one of {', '.join(map(repr, WEIGHT_MODES))}")
+        check_cuda_graphs(cuda_graphs)
         self.weights = weights
         #: How many times the engine's weights were replaced (follow mode, or refit()).
         self.weights_version = 0
@@ -99,7 +101,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
 
     @classmethod
     def lazy(cls, build: LazyBuild, *, device: str | torch.device, max_rebuilds: int, cast_inputs: bool = False,
-             allow_host_code: bool = False, cuda_graphs: bool = False, runtime: str = "auto",
+             allow_host_code: bool = False, cuda_graphs: bool | str = False, runtime: str = "auto",
              source: torch.nn.Module | None = None, weights: str = "follow") -> "TRTModule":
         """A module that builds its engine at its first call, with ``build(args, kwargs, module)``, and again
         (with the profile widened to the new shape) for a call outside it, up to ``max_rebuilds`` times.

@@ -27,6 +27,7 @@ import torch
 from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, EngineLoadError, EngineNotRefittable
 from .._formats.onnx import initializer_values
+from ._autographs import AutoGraphRunner
 from ._cudagraphs import CudaGraphRunner
 from ._device import normalize_device
 from ._onnxruntime import OnnxRuntimeRunner, ort_version
@@ -226,7 +227,7 @@ def _announce(choice: RuntimeChoice, device: torch.device) -> None:
         log.warning("the module on %s runs on %s: %s", device, choice.runtime, choice.reason)
 
 
-def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool = False,
+def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool | str = False,
                 allow_host_code: bool = False, prepared: Runner | None = None,
                 weights: Mapping[str, torch.Tensor] | None = None) -> tuple[Runner, str]:
     """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses
@@ -263,7 +264,7 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
             runner = runner.refit(weights)
         return _graphs(runner, dev, cuda_graphs), choice.reason
 
-    if cuda_graphs and "cuda-graphs-ort" not in _announced:
+    if cuda_graphs is True and "cuda-graphs-ort" not in _announced:
         _announced.add("cuda-graphs-ort")
         log.warning("cuda_graphs=True applies to the TensorRT and PyTorch runtimes; this module runs on ONNX Runtime")
     if isinstance(prepared, OnnxRuntimeRunner) and prepared.device == dev and not weights:
@@ -290,10 +291,12 @@ def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -
                                      backend=engine.backend)
 
 
-def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool) -> Runner:
+def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool | str) -> Runner:
     if not cuda_graphs:
         return runner
-
+    if cuda_graphs == "auto":
+        # Graphs where they were measured to pay, on a GPU; elsewhere "auto" asks for nothing.
+        return AutoGraphRunner(runner, device=device) if device.type == "cuda" else runner
     return CudaGraphRunner(runner, device=device)
 
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -41,11 +43,16 @@ import torch
 from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, RuntimeFailure
 
-__all__ = ["CudaGraphRunner", "GraphDriver", "TorchCudaGraphs"]
+__all__ = ["CudaGraphRunner", "GraphDriver", "TorchCudaGraphs", "shape_key"]
 
 log = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def shape_key(inputs: Sequence[torch.Tensor]) -> ShapeKey:
+    """The signature a graph is captured for: each input's shape and dtype."""
+    return tuple((tuple(t.shape), t.dtype) for t in inputs)
 
 
 class Runner(Protocol):
@@ -81,6 +88,15 @@ class GraphDriver(Protocol):
 
     def capture(self, fn: Callable[[], list[torch.Tensor]]) -> tuple[Graph, list[torch.Tensor]]:
         """Capture ``fn`` (which enqueues work and returns its output tensors) into a graph."""
+
+    def capturing(self) -> bool:
+        """Whether the caller's stream is being captured (into the caller's own graph)."""
+
+    def time(self, fn: Callable[[], list[torch.Tensor]], *, repeats: int, label: str
+             ) -> tuple[list[torch.Tensor], float, float]:
+        """Run ``fn`` ``repeats`` times on the caller's stream, each after a sync: its last outputs,
+        and the medians of the host's time to enqueue it and of the wall time to its end, in
+        seconds. ``label`` ("plain" or "graph") says what ``fn`` runs."""
 
 
 class TorchCudaGraphs:
@@ -123,6 +139,26 @@ class TorchCudaGraphs:
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             outputs = fn()
         return graph, outputs
+
+    def capturing(self) -> bool:
+        return bool(torch.cuda.is_current_stream_capturing())
+
+    def time(self, fn: Callable[[], list[torch.Tensor]], *, repeats: int, label: str
+             ) -> tuple[list[torch.Tensor], float, float]:
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        hosts, walls = [], []
+        outputs: list[torch.Tensor] = []
+        for _ in range(repeats):
+            stream.synchronize()  # an idle GPU: the wall time is this call's alone
+            start.record(stream)
+            t0 = time.perf_counter()
+            outputs = fn()
+            hosts.append(time.perf_counter() - t0)
+            end.record(stream)
+            end.synchronize()
+            walls.append(start.elapsed_time(end) / 1e3)
+        return outputs, statistics.median(hosts), statistics.median(walls)
 
 
 def _dedicated(inner: Runner) -> tuple[Runner, Any]:
@@ -193,7 +229,7 @@ class CudaGraphRunner:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
-        key: ShapeKey = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        key = shape_key(inputs)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -217,6 +253,17 @@ class CudaGraphRunner:
         self.reset()
         self.inner = refit(values)
         return self
+
+    def has(self, key: ShapeKey) -> bool:
+        """Whether a graph is kept for this shape signature."""
+        return key in self._graphs
+
+    def drop(self, key: ShapeKey) -> None:
+        """Drop the graph of one shape signature (and its buffers and memory pool), if kept."""
+        with self._lock:
+            if key in self._graphs:
+                self._driver.synchronize()  # no replay may still be using what is freed
+                del self._graphs[key]
 
     def reset(self) -> None:
         """Drop every graph (and its buffers and context)."""

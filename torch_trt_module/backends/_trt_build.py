@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _INCONSISTENT = re.compile(r"not self-consistent|inconsistent (min|opt|max|profile)|kMIN values", re.IGNORECASE)
 
 
-def builder_flags(backend: str, *, cuda_graphs: bool = False, refit: bool = False) -> list[str]:
+def builder_flags(backend: str, *, cuda_graphs: bool | str = False, refit: bool = False) -> list[str]:
     """The ``BuilderFlag`` names a build sets beyond the settings' own (precision, tf32, ...).
 
     The engine cache key includes this list, so an engine built with other flags is never
