@@ -504,7 +504,9 @@ def test_sigkill_between_blobs_and_metadata(root: Path) -> None:
     assert_default(cache.get(KEY))
 
 
-@pytest.mark.parametrize("same_bytes", [True, False])
+# Only with different bytes can a reader see a mixed entry; identical bytes, the common case of a
+# fleet, is the slow variant (8 processes importing torch on a 2-core CI machine: about 10 s each).
+@pytest.mark.parametrize("same_bytes", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_eight_processes_put_the_same_key(root: Path, same_bytes: bool) -> None:
     code = """
         import os, sys, time

@@ -124,7 +124,9 @@ def _run_fleet(url: str, root: Path, workers: int, compiles: int) -> list[dict[s
     return results
 
 
-@pytest.mark.parametrize("workers,compiles", [pytest.param(8, 20, id="8x20x3")])
+# The full fleet (8 workers, 480 compiles) is slow on a 2-core CI machine; 4 workers keep every race.
+@pytest.mark.parametrize("workers,compiles", [pytest.param(4, 6, id="4x6x3"),
+                                              pytest.param(8, 20, id="8x20x3", marks=pytest.mark.slow)])
 def test_a_fleet_on_one_redis_builds_each_model_once_and_serves_no_wrong_engine(
         redis_server: RedisServer, tmp_path: Path, workers: int, compiles: int) -> None:
     url = redis_server.url + "?lease_wait=120"  # bounded: a lost builder costs at most that, not 900 s

@@ -77,22 +77,26 @@ def test_metadata_of_another_format_version_is_rebuilt_with_a_warning(tmp_path: 
     assert f"format version {faults.CACHE_FORMAT_VERSION + 1} != {faults.CACHE_FORMAT_VERSION}" in msg
 
 
-def test_eight_processes_writing_at_once(tmp_path: Path) -> None:
-    counts, d = run(faults.concurrent_writers, tmp_path)
-    assert counts == clean(8), d
+# The default suite runs the smaller forms (each ordering, each phase); the counts of
+# benchmarks/fault_injection.py are the slow ones (processes importing torch on a 2-core CI machine).
+@pytest.mark.parametrize("n", [4, pytest.param(8, marks=pytest.mark.slow)])
+def test_processes_writing_at_once(tmp_path: Path, n: int) -> None:
+    counts, d = run(lambda root, c: faults.concurrent_writers(root, c, n=n), tmp_path)
+    assert counts == clean(n), d
     assert d["overlapped"], "the processes did not run compile() at the same time; the test proves nothing"
-    assert d["builds"] == {20: 1, 21: 1}  # one build per model among 8 processes
+    assert d["builds"] == {20: 1, 21: 1}  # one build per model among n processes (half take them in reverse)
     assert d["exports"] == d["builds"]
 
 
-def test_ten_sigkills_in_the_middle_of_builds(tmp_path: Path) -> None:
-    counts, d = run(faults.kill9_mid_build, tmp_path)
-    assert counts == clean(10), d
+@pytest.mark.parametrize("n", [4, pytest.param(10, marks=pytest.mark.slow)])
+def test_sigkills_in_the_middle_of_builds(tmp_path: Path, n: int) -> None:
+    counts, d = run(lambda root, c: faults.kill9_mid_build(root, c, n=n), tmp_path)
+    assert counts == clean(n), d
     rounds = d["rounds"]
     assert {r["phase"] for r in rounds} == {"export", "build", "built", "put"}
     assert all(r["committed_by_killed"] == 0 for r in rounds), "a killed writer left something taken for an entry"
     assert all(r["rebuilt"] for r in rounds)
-    assert d["entries"] == 12  # the 2 entries from before and one per killed build, all whole
+    assert d["entries"] == 2 + n  # the 2 entries from before and one per killed build, all whole
 
 
 def test_read_only_directory_simulated(tmp_path: Path) -> None:
