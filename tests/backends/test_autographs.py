@@ -235,6 +235,22 @@ def test_shapes_that_keep_changing_stop_being_captured(caplog: pytest.LogCapture
                                    "changing)")
 
 
+def test_two_shapes_that_take_turns_in_one_graph_slot_settle_instead_of_capturing_at_every_call() -> None:
+    auto, inner, driver = _auto(LAUNCH_BOUND_CALL, max_graphs=1)
+    a, b = _x(4), _x(2)
+    for _ in range(20):
+        for x in (a, b):
+            (y,) = auto.run([x])
+            torch.testing.assert_close(y, x * 2)
+    # a and b judged (2 captures), then each captured again when its turn came, until the LRU had
+    # dropped EVICTIONS_PER_GRAPH graphs: the next shape to need a capture runs plain from then on.
+    assert auto.graphs.stats["captures"] == EVICTIONS_PER_GRAPH + 1
+    assert auto.verdicts == {(((4, 3), torch.float32),): "graph", (((2, 3), torch.float32),): "plain"}
+    replays = auto.graphs.stats["replays"]
+    auto.run([a])
+    assert auto.graphs.stats["replays"] == replays + 1  # a keeps its graph
+
+
 def test_without_a_driver_auto_needs_a_cuda_device_and_says_so() -> None:
     with pytest.raises(BackendUnavailable) as err:
         AutoGraphRunner(ScaleRunner(), device="cpu")

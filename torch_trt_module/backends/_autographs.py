@@ -30,7 +30,8 @@ Never wrong, never stuck:
 - a call made while the caller's own stream is being captured (the caller's graph) runs plain, into
   that graph;
 - at most ``max_graphs`` shapes keep a graph, the least recently used dropped first, and after
-  ``EVICTIONS_PER_GRAPH * max_graphs`` drops (shapes that keep changing) no new shape is captured.
+  ``EVICTIONS_PER_GRAPH * max_graphs`` drops (shapes that keep changing, or take turns in too few
+  slots) a shape that needs a capture runs plain instead: those that kept their graph keep it.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ class AutoGraphRunner:
             if n < 2 or self.off is not None:
                 pass  # a first call (since a refit): the runtime may still compile for this shape
             elif verdict == "graph":
-                return self._replay(key, inputs)  # dropped by a refit or the LRU: captured again
+                if not self._thrashing(key):
+                    return self._replay(key, inputs)  # dropped by a refit or the LRU: captured again
             elif verdict is None:
                 return self._judge(key, inputs)
         return self.inner.run(inputs)
@@ -161,10 +163,7 @@ class AutoGraphRunner:
             self._decide(key, "plain", f"{shapes}: plain ({_ms(wall)} a call, the host ahead of the GPU: "
                                        f"{_ms(host)} to enqueue)")
             return outputs
-        limit = EVICTIONS_PER_GRAPH * self.graphs.max_graphs
-        if self.graphs.stats["evictions"] >= limit:
-            self._decide(key, "plain", f"{shapes}: plain (launch-bound, but {limit} graphs were dropped to make room "
-                                       "for new shapes already: the shapes keep changing)")
+        if self._thrashing(key):
             return outputs
         try:
             _, _, replayed = self._driver.time(lambda: self.graphs.run(inputs), repeats=REPEATS, label="graph")
@@ -179,6 +178,16 @@ class AutoGraphRunner:
             self._decide(key, "plain", f"{shapes}: plain (a CUDA graph took {_ms(replayed)} a call, plain "
                                        f"{_ms(wall)}: not faster by {1 - KEEP:.0%})")
         return outputs
+
+    def _thrashing(self, key: ShapeKey) -> bool:
+        """Whether so many graphs were dropped for room that this shape, launch-bound, runs plain
+        from now on (a capture costs two runs; shapes that keep changing would pay it at every call)."""
+        limit = EVICTIONS_PER_GRAPH * self.graphs.max_graphs
+        if self.graphs.stats["evictions"] < limit:
+            return False
+        self._decide(key, "plain", f"{_describe(key)}: plain (launch-bound, but {limit} graphs were dropped to make "
+                                   "room for new shapes already: the shapes keep changing)")
+        return True
 
     def _decide(self, key: ShapeKey, verdict: str, why: str) -> None:
         self._verdicts[key] = verdict
