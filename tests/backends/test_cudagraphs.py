@@ -327,6 +327,24 @@ def test_a_runner_that_does_not_say_its_device_is_taken_to_be_on_the_given_one()
     assert graphs.device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("captured_in", ["inference_mode", "no_grad", "grad"])
+def test_a_graph_captured_in_one_grad_mode_replays_in_every_other(captured_in: str) -> None:
+    # A graph captured under torch.inference_mode() held inference tensors as its static inputs, and
+    # the next call made outside inference mode failed to copy into them ("Inplace update to
+    # inference tensor outside InferenceMode is not allowed").
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
+    graphs = CudaGraphRunner(TorchAffineRunner(torch.device("cpu")), device="cpu", driver=HostGraphs())
+    with modes[captured_in]():
+        graphs.run([torch.randn(4, 6)])
+    for name, mode in modes.items():
+        with mode():
+            x = torch.randn(4, 6)
+            y, s = graphs.run([x])
+        torch.testing.assert_close(y, x * 2 + 1, msg=f"captured under {captured_in}, replayed under {name}")
+        assert not y.requires_grad and y.grad_fn is None
+    assert graphs.stats["captures"] == 1
+
+
 def test_a_runner_without_a_dedicated_context_is_captured_as_it_is() -> None:
     # Runners other than TensorRTRunner keep no per-thread state: no dedicated(), no context to check.
     inner = TorchAffineRunner(torch.device("cpu"))

@@ -133,3 +133,20 @@ def test_follow_mode_under_auto_graphs_is_never_stale_through_a_training_loop() 
                 want = model(x)
             stale += not compare_outputs(fast(x), want, tolerance=_policy()).passed
     assert stale == 0
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, "auto"])
+def test_a_graph_captured_under_inference_mode_serves_calls_made_outside_it(cuda_graphs: object) -> None:
+    model = _convnet().eval()
+    fast = ttm.compile(model, torch.randn(4, 3, 32, 32, device="cuda"), max_batch=16, cache=False,
+                       cuda_graphs=cuda_graphs)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        want = model(x)
+    with torch.inference_mode():  # captured here (at the first call, or judged at the second)
+        for _ in range(3):
+            fast(x)
+    for mode in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+        with mode():
+            report = compare_outputs(fast(x), want, tolerance=_policy())
+        assert report.passed, f"{mode.__name__}: {report}"

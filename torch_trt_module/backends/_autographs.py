@@ -14,11 +14,11 @@ shape; ``"auto"`` measures first. For each input-shape signature, :class:`AutoGr
    ``LAUNCH_BOUND`` of the wall time was ahead of the GPU, which a graph cannot change: the shape
    runs plain for good, and nothing is captured;
 3. otherwise captures a graph (:class:`CudaGraphRunner`: static buffers, fresh outputs) and times
-   its replays the same way. The graph is kept where its call takes at most ``KEEP`` of the plain
+   ``REPEATS`` replays the same way. The graph is kept where its call takes at most ``KEEP`` of the plain
    call's wall time; else it is dropped and its memory freed, and the shape runs plain for good.
 
 That call returns the plain run's outputs; later calls of a shape with a kept graph replay it. The
-judgement syncs the caller's stream ``2 * REPEATS`` times, once per shape.
+judgement syncs the caller's stream about ``2 * REPEATS`` times, once per shape.
 
 Never wrong, never stuck:
 
@@ -166,6 +166,7 @@ class AutoGraphRunner:
         if self._thrashing(key):
             return outputs
         try:
+            self.graphs.run(inputs)  # the capture (a warm-up run, then the capture), outside the timing
             _, _, replayed = self._driver.time(lambda: self.graphs.run(inputs), repeats=REPEATS, label="graph")
         except Exception as e:  # noqa: BLE001 - CUDA reports capture failures many ways
             self._turn_off(key, e)

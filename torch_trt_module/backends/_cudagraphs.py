@@ -281,7 +281,10 @@ class CudaGraphRunner:
                      [s for s, _ in old], self.max_graphs)
         runner, engine = _dedicated(self.inner)
         shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(self.inputs, inputs))
-        with self._driver.capture_stream():
+        # Normal tensors, not inference tensors: a graph captured under torch.inference_mode() must
+        # still take the copy-in of a later call made outside it (an in-place write to an inference
+        # tensor raises there). no_grad: nothing the graph computes is recorded for autograd.
+        with torch.inference_mode(False), torch.no_grad(), self._driver.capture_stream():
             static = [torch.empty_like(t) for t in inputs]
             for s, t in zip(static, inputs):
                 s.copy_(t)
