@@ -12,8 +12,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -190,3 +191,27 @@ def child_argv(code: str, *args: str) -> list[str]:
 def run_py(code: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **kw.pop("env", {})}
     return subprocess.run(child_argv(code), env=env, text=True, capture_output=True, timeout=60, **kw)
+
+
+def in_threads(work: Callable[[int], None], n: int, *, timeout: float = 60) -> None:
+    """Run ``work(i)`` for i in range(n), each in its own thread, all released at once; fail with
+    the first thread's error, or where a thread is still running after ``timeout`` seconds (stuck)."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def body(i: int) -> None:
+        try:
+            start.wait()
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - reported by the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"threads {stuck} did not finish within {timeout:g} s (stuck)"
+    if errors:
+        raise errors[0]

@@ -21,6 +21,7 @@ from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module._errors import BackendUnavailable, SettingsError
 from torch_trt_module.backends._autographs import EVICTIONS_PER_GRAPH, KEEP, LAUNCH_BOUND, REPEATS, AutoGraphRunner
 
+from .._support import in_threads
 from .test_cudagraphs import HostGraphs
 
 LOGGER = "torch_trt_module.backends._autographs"
@@ -279,29 +280,15 @@ def test_auto_on_the_cpu_runs_the_runtime_unwrapped_and_quietly(caplog: pytest.L
 
 
 def test_threads_calling_at_once_get_their_own_answers_and_each_shape_is_judged_once() -> None:
-    import threading
-
     auto, inner, driver = _auto(LAUNCH_BOUND_CALL)
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def work(seed: int) -> None:
-        try:
-            gen = torch.Generator().manual_seed(seed)
-            start.wait()
-            for i in range(30):
-                x = torch.randn(4 if i % 2 else 2, 3, generator=gen)
-                (y,) = auto.run([x])
-                torch.testing.assert_close(y, x * 2)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        gen = torch.Generator().manual_seed(seed)
+        for i in range(30):
+            x = torch.randn(4 if i % 2 else 2, 3, generator=gen)
+            (y,) = auto.run([x])
+            torch.testing.assert_close(y, x * 2)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a thread is stuck"
-    assert errors == []
+    in_threads(work, 4)
     assert auto.stats == {"judged": 2, "kept": 2, "plain": 0, "failed": 0}
     assert auto.graphs.stats["captures"] == 2 and driver.timed.count("plain") == 2

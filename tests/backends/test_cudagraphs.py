@@ -25,6 +25,8 @@ from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._cudagraphs import CudaGraphRunner
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
+from .._support import in_threads
+
 
 # --------------------------------------------------------------------------- test doubles
 
@@ -523,27 +525,18 @@ def test_real_cuda_graphs_from_another_stream() -> None:
 def test_real_cuda_graphs_threads_with_their_own_streams() -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     graphs = CudaGraphRunner(TorchAffineRunner(dev), device=dev)
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
-        try:
-            stream = torch.cuda.Stream(dev)
-            gen = torch.Generator(device=dev).manual_seed(seed)
-            with torch.cuda.stream(stream):
-                for _ in range(50):  # one shape: every thread replays the same graph and buffers
-                    x = torch.randn(4, 6, device=dev, generator=gen)
-                    y, s = graphs.run([x])
-                    torch.testing.assert_close(y, x * 2 + 1)
-                    torch.testing.assert_close(s, x.sum(-1))
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
+        stream = torch.cuda.Stream(dev)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        with torch.cuda.stream(stream):
+            for _ in range(50):  # one shape: every thread replays the same graph and buffers
+                x = torch.randn(4, 6, device=dev, generator=gen)
+                y, s = graphs.run([x])
+                torch.testing.assert_close(y, x * 2 + 1)
+                torch.testing.assert_close(s, x.sum(-1))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    in_threads(work, 4)
     assert graphs.stats == {"captures": 1, "replays": 200, "evictions": 0}
 
 
