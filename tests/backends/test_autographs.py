@@ -252,6 +252,19 @@ def test_two_shapes_that_take_turns_in_one_graph_slot_settle_instead_of_capturin
     assert auto.graphs.stats["replays"] == replays + 1  # a keeps its graph
 
 
+def test_the_wrappers_say_what_the_runtime_does_and_that_graphs_replay_it() -> None:
+    from torch_trt_module.backends._cudagraphs import CudaGraphRunner
+
+    inner = ScaleRunner()
+    inner.optimized = "2 BatchNorms folded, eager kernels"  # type: ignore[attr-defined] # TorchRunner's surface
+    auto = AutoGraphRunner(inner, device="cpu", driver=TimedGraphs(LAUNCH_BOUND_CALL))
+    assert auto.optimized == "2 BatchNorms folded, eager kernels, CUDA graphs where faster"
+    graphs = CudaGraphRunner(inner, device="cpu", driver=TimedGraphs(LAUNCH_BOUND_CALL))
+    assert graphs.optimized == "2 BatchNorms folded, eager kernels, CUDA graphs"
+    assert AutoGraphRunner(ScaleRunner(), device="cpu", driver=TimedGraphs({})).optimized == \
+        "test, CUDA graphs where faster"  # a runner that says nothing of its program: its name
+
+
 def test_without_a_driver_auto_needs_a_cuda_device_and_says_so() -> None:
     with pytest.raises(BackendUnavailable) as err:
         AutoGraphRunner(ScaleRunner(), device="cpu")

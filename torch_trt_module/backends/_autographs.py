@@ -103,6 +103,11 @@ class AutoGraphRunner:
         self.stats = {"judged": 0, "kept": 0, "plain": 0, "failed": 0}
 
     @property
+    def optimized(self) -> str:
+        """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
+        return f"{getattr(self.inner, 'optimized', self.backend)}, CUDA graphs where faster"
+
+    @property
     def verdicts(self) -> dict[ShapeKey, str]:
         """What each judged shape signature runs as: "graph" or "plain"."""
         with self._lock:

@@ -222,6 +222,11 @@ class CudaGraphRunner:
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
 
     @property
+    def optimized(self) -> str:
+        """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
+        return f"{getattr(self.inner, 'optimized', self.backend)}, CUDA graphs"
+
+    @property
     def shapes(self) -> list[ShapeKey]:
         """The shape signatures that have a graph, least recently used first."""
         with self._lock:
