@@ -265,6 +265,21 @@ def test_the_wrappers_say_what_the_runtime_does_and_that_graphs_replay_it() -> N
         "test, CUDA graphs where faster"  # a runner that says nothing of its program: its name
 
 
+def test_the_wrappers_forward_the_rest_of_the_runners_surface_but_not_its_private_names() -> None:
+    from torch_trt_module.backends._cudagraphs import CudaGraphRunner
+
+    inner = ScaleRunner()
+    inner.program_format = "compact graph"  # type: ignore[attr-defined] # TorchRunner's surface
+    for wrapper in (AutoGraphRunner(inner, device="cpu", driver=TimedGraphs({})),
+                    CudaGraphRunner(inner, device="cpu", driver=TimedGraphs({}))):
+        assert wrapper.program_format == "compact graph"
+        assert wrapper.scale is inner.scale
+        with pytest.raises(AttributeError, match="object has no attribute '_secret'"):
+            wrapper._secret
+        with pytest.raises(AttributeError, match="object has no attribute 'nothing_here'"):
+            wrapper.nothing_here
+
+
 def test_without_a_driver_auto_needs_a_cuda_device_and_says_so() -> None:
     with pytest.raises(BackendUnavailable) as err:
         AutoGraphRunner(ScaleRunner(), device="cpu")

@@ -102,6 +102,14 @@ class AutoGraphRunner:
         #: Counters for tests and benchmarks.
         self.stats = {"judged": 0, "kept": 0, "plain": 0, "failed": 0}
 
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the wrapped runner's surface (TorchRunner.program_format, weight_names, ...):
+        # graphs change how a program is launched, not what it is. Private names are not forwarded.
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
     @property
     def optimized(self) -> str:
         """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
