@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # What cuda_graphs="auto" decided for each shape (INFO), for the log beside the table.
+    logging.getLogger("torch_trt_module.backends._autographs").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
