@@ -280,6 +280,29 @@ def test_the_wrappers_forward_the_rest_of_the_runners_surface_but_not_its_privat
             wrapper.nothing_here
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_a_compiled_program_is_captured_in_the_callers_mode_and_not_compiled_again(mode: str) -> None:
+    # Dynamo guards on the grad and inference modes: a capture made in another mode than the plain
+    # calls compiled the program a second time (with Inductor on a GPU: seconds to minutes).
+    compiles = []
+
+    def backend(gm: torch.fx.GraphModule, example: Any) -> Any:
+        compiles.append(gm)
+        return gm.forward
+
+    program = torch.compile(lambda x: x * 2 + 1, backend=backend, dynamic=False)
+    inner = ScaleRunner()
+    inner.run = lambda inputs: [program(inputs[0])]  # type: ignore[method-assign]
+    auto = AutoGraphRunner(inner, device="cpu", driver=TimedGraphs(LAUNCH_BOUND_CALL))
+    x = _x()
+    with {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}[mode]():
+        for _ in range(4):  # plain, judged (plain runs, the capture, replays), replayed
+            (y,) = auto.run([x])
+            torch.testing.assert_close(y, x * 2 + 1)
+    assert auto.verdicts == {(((4, 3), torch.float32),): "graph"}
+    assert len(compiles) == 1
+
+
 def test_without_a_driver_auto_needs_a_cuda_device_and_says_so() -> None:
     with pytest.raises(BackendUnavailable) as err:
         AutoGraphRunner(ScaleRunner(), device="cpu")

@@ -294,13 +294,15 @@ class CudaGraphRunner:
                      [s for s, _ in old], self.max_graphs)
         runner, engine = _dedicated(self.inner)
         shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(self.inputs, inputs))
-        # Normal tensors, not inference tensors: a graph captured under torch.inference_mode() must
-        # still take the copy-in of a later call made outside it (an in-place write to an inference
-        # tensor raises there). no_grad: nothing the graph computes is recorded for autograd.
-        with torch.inference_mode(False), torch.no_grad(), self._driver.capture_stream():
-            static = [torch.empty_like(t) for t in inputs]
-            for s, t in zip(static, inputs):
-                s.copy_(t)
+        with self._driver.capture_stream():
+            # Normal tensors, not inference tensors: a graph captured under torch.inference_mode() must
+            # still take the copy-in of a later call made outside it (an in-place write to an
+            # inference tensor raises there). The rest runs in the caller's mode, as plain calls do:
+            # a compiled program (Dynamo) guards on it, and would compile again for another.
+            with torch.inference_mode(False):
+                static = [torch.empty_like(t) for t in inputs]
+                for s, t in zip(static, inputs):
+                    s.copy_(t)
             # TensorRT defers shape-dependent work to the first enqueue after set_input_shape;
             # that work must not land in the graph, so enqueue once and wait first.
             runner.run(static)
