@@ -280,8 +280,10 @@ def test_the_wrappers_forward_the_rest_of_the_runners_surface_but_not_its_privat
             wrapper.nothing_here
 
 
+@pytest.mark.parametrize("made_inside", [False, True], ids=["input made outside", "input made inside"])
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
-def test_a_compiled_program_is_captured_in_the_callers_mode_and_not_compiled_again(mode: str) -> None:
+def test_a_compiled_program_is_captured_in_the_callers_mode_and_not_compiled_again(mode: str,
+                                                                                  made_inside: bool) -> None:
     # Dynamo guards on the grad and inference modes: a capture made in another mode than the plain
     # calls compiled the program a second time (with Inductor on a GPU: seconds to minutes).
     compiles = []
@@ -294,8 +296,9 @@ def test_a_compiled_program_is_captured_in_the_callers_mode_and_not_compiled_aga
     inner = ScaleRunner()
     inner.run = lambda inputs: [program(inputs[0])]  # type: ignore[method-assign]
     auto = AutoGraphRunner(inner, device="cpu", driver=TimedGraphs(LAUNCH_BOUND_CALL))
-    x = _x()
+    x = None if made_inside else _x()
     with {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}[mode]():
+        x = _x() if x is None else x  # under inference mode: an inference tensor
         for _ in range(4):  # plain, judged (plain runs, the capture, replays), replayed
             (y,) = auto.run([x])
             torch.testing.assert_close(y, x * 2 + 1)

@@ -250,8 +250,9 @@ class CudaGraphRunner:
             else:
                 self._graphs.move_to_end(key)
             self._driver.order()
-            for static, t in zip(entry.inputs, inputs):
-                static.copy_(t, non_blocking=True)
+            with torch.inference_mode():  # the one mode that writes to inference tensors too (see _capture)
+                for static, t in zip(entry.inputs, inputs):
+                    static.copy_(t, non_blocking=True)
             entry.graph.replay()
             # Fresh tensors: the static outputs are overwritten by the next replay.
             outs = [o.clone() for o in entry.outputs]
@@ -295,12 +296,16 @@ class CudaGraphRunner:
         runner, engine = _dedicated(self.inner)
         shapes = ", ".join(f"{s.name}={tuple(t.shape)}" for s, t in zip(self.inputs, inputs))
         with self._driver.capture_stream():
-            # Normal tensors, not inference tensors: a graph captured under torch.inference_mode() must
-            # still take the copy-in of a later call made outside it (an in-place write to an
-            # inference tensor raises there). The rest runs in the caller's mode, as plain calls do:
-            # a compiled program (Dynamo) guards on it, and would compile again for another.
-            with torch.inference_mode(False):
-                static = [torch.empty_like(t) for t in inputs]
+            # Each static input is the same kind of tensor as the caller's (an inference tensor or
+            # not), and the warm-up and the capture run in the caller's mode, as its plain calls do: a
+            # compiled program (Dynamo) guards on both and would compile again for the other kind.
+            # The copy-ins are made under inference mode, the one mode that writes to both kinds, so a
+            # graph captured under torch.inference_mode() serves calls made outside it.
+            static = []
+            for t in inputs:
+                with torch.inference_mode(t.is_inference()):
+                    static.append(torch.empty_like(t))
+            with torch.inference_mode():
                 for s, t in zip(static, inputs):
                     s.copy_(t)
             # TensorRT defers shape-dependent work to the first enqueue after set_input_shape;
