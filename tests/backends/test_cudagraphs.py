@@ -557,3 +557,17 @@ def test_real_tensorrt_engine_under_cuda_graphs() -> None:
         (got,) = graphs.run([x])
         torch.testing.assert_close(got, inner.run([x])[0], rtol=1e-3, atol=1e-3)
     assert graphs.stats["captures"] == 2
+
+
+def test_a_module_over_graphs_replays_them_at_every_call_and_never_takes_the_inner_runners_call(
+        affine: Any) -> None:
+    # TRTModule's fast path calls a runner's call_for(shape) where it has one (OnnxRuntimeRunner
+    # does); a graph runner that handed out its inner runner's would have the module skip its graphs
+    # from the second call on.
+    graphs, knobs, reference, driver = affine
+    graphs.inner.call_for = lambda shapes: graphs.inner.run  # a runner that plans its calls
+    module = ttm.TRTModule(reference.engine, runner=graphs)
+    for _ in range(4):
+        x = torch.randn(4, 6)
+        _check(list(module(x)), reference, x)
+    assert graphs.stats == {"captures": 1, "replays": 4, "evictions": 0}

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 
 from .._errors import BackendUnavailable
-from ._cudagraphs import CudaGraphRunner, GraphDriver, Runner, ShapeKey, TorchCudaGraphs, shape_key
+from ._cudagraphs import FORWARDED, CudaGraphRunner, GraphDriver, Runner, ShapeKey, TorchCudaGraphs, shape_key
 
 __all__ = ["AutoGraphRunner", "EVICTIONS_PER_GRAPH", "KEEP", "LAUNCH_BOUND", "REPEATS"]
 
@@ -55,7 +55,7 @@ LAUNCH_BOUND = 0.5
 KEEP = 0.85
 #: Timed runs per judgement (medians), plain and replayed each.
 REPEATS = 3
-#: Graphs dropped to make room, per graph kept, after which new shapes are no longer captured.
+#: Graphs dropped to make room, per graph kept, after which a shape that needs a capture runs plain.
 EVICTIONS_PER_GRAPH = 4
 #: Shapes counted at once; a shape beyond them is counted again from its next call.
 _MAX_COUNTED = 256
@@ -103,10 +103,10 @@ class AutoGraphRunner:
         self.stats = {"judged": 0, "kept": 0, "plain": 0, "failed": 0}
 
     def __getattr__(self, name: str) -> Any:
-        # The rest of the wrapped runner's surface (TorchRunner.program_format, weight_names, ...):
-        # graphs change how a program is launched, not what it is. Private names are not forwarded.
+        # What the wrapped runner says of its program (graphs change how it is launched, not what it
+        # is), and nothing else: a runner's planned calls (call_for) would bypass the graphs.
         inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("_"):
+        if inner is None or name not in FORWARDED:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(inner, name)
 

@@ -43,11 +43,13 @@ import torch
 from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, RuntimeFailure
 
-__all__ = ["CudaGraphRunner", "GraphDriver", "TorchCudaGraphs", "shape_key"]
+__all__ = ["FORWARDED", "CudaGraphRunner", "GraphDriver", "TorchCudaGraphs", "shape_key"]
 
 log = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+#: The wrapped runner's attributes a graph runner answers for it (TorchRunner's description of its program).
+FORWARDED = frozenset({"program_format", "weight_names"})
 
 
 def shape_key(inputs: Sequence[torch.Tensor]) -> ShapeKey:
@@ -222,10 +224,10 @@ class CudaGraphRunner:
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
 
     def __getattr__(self, name: str) -> Any:
-        # The rest of the wrapped runner's surface (TorchRunner.program_format, weight_names, ...):
-        # graphs change how a program is launched, not what it is. Private names are not forwarded.
+        # What the wrapped runner says of its program (graphs change how it is launched, not what it
+        # is), and nothing else: a runner's planned calls (call_for) would bypass the graphs.
         inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("_"):
+        if inner is None or name not in FORWARDED:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(inner, name)
 
