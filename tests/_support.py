@@ -1,7 +1,8 @@
 """Helpers shared by the test files that compile through the engine cache (test_keys, test_compile,
 test_entries): what is in a cache directory, what compile() did, and fresh Python processes;
 ``require_rtx``, the one rule for tests that need TensorRT-RTX (skip here, fail in CI); the refit
-tests' model and broken weights (test_refit, test_tensorrt_refit); hand-written ONNX graphs."""
+tests' model and broken weights (test_refit, test_tensorrt_refit); hand-written ONNX graphs; work in
+threads (``in_threads``)."""
 
 from __future__ import annotations
 

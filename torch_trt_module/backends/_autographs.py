@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 
 from .._errors import BackendUnavailable
-from ._cudagraphs import FORWARDED, CudaGraphRunner, GraphDriver, Runner, ShapeKey, TorchCudaGraphs, shape_key
+from ._cudagraphs import CudaGraphRunner, GraphDriver, Runner, SaysWhatRuns, ShapeKey, TorchCudaGraphs, shape_key
 
 __all__ = ["AutoGraphRunner", "EVICTIONS_PER_GRAPH", "KEEP", "LAUNCH_BOUND", "REPEATS"]
 
@@ -61,7 +61,7 @@ EVICTIONS_PER_GRAPH = 4
 _MAX_COUNTED = 256
 
 
-class AutoGraphRunner:
+class AutoGraphRunner(SaysWhatRuns):
     """Wraps a runner: replays a CUDA graph for each input shape where that was measured to be
     faster, runs the others plain (this module's docstring says how and why).
 
@@ -78,6 +78,8 @@ class AutoGraphRunner:
         >>> auto.verdicts                                      # doctest: +SKIP
         {(((32, 3, 224, 224), torch.float32),): 'graph'}
     """
+
+    GRAPHS = "CUDA graphs where faster"
 
     def __init__(self, inner: Runner, *, device: str | torch.device, max_graphs: int = 4,
                  driver: GraphDriver | None = None) -> None:
@@ -101,19 +103,6 @@ class AutoGraphRunner:
         self.off: str | None = None
         #: Counters for tests and benchmarks.
         self.stats = {"judged": 0, "kept": 0, "plain": 0, "failed": 0}
-
-    def __getattr__(self, name: str) -> Any:
-        # What the wrapped runner says of its program (graphs change how it is launched, not what it
-        # is), and nothing else: a runner's planned calls (call_for) would bypass the graphs.
-        inner = self.__dict__.get("inner")
-        if inner is None or name not in FORWARDED:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(inner, name)
-
-    @property
-    def optimized(self) -> str:
-        """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
-        return f"{getattr(self.inner, 'optimized', self.backend)}, CUDA graphs where faster"
 
     @property
     def verdicts(self) -> dict[ShapeKey, str]:

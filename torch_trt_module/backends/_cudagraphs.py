@@ -43,7 +43,7 @@ import torch
 from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, RuntimeFailure
 
-__all__ = ["FORWARDED", "CudaGraphRunner", "GraphDriver", "TorchCudaGraphs", "shape_key"]
+__all__ = ["FORWARDED", "CudaGraphRunner", "GraphDriver", "SaysWhatRuns", "TorchCudaGraphs", "shape_key"]
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,28 @@ class _Captured:
     keep: list[Any] = field(default_factory=list)  # the runner and context the graph's kernels use
 
 
-class CudaGraphRunner:
+class SaysWhatRuns:
+    """What a graph runner answers for the runner it wraps (``inner``): the description of its
+    program, with ``GRAPHS`` said after it. Graphs change how a program is launched, not what it is."""
+
+    inner: Any
+    backend: str
+    GRAPHS = "CUDA graphs"
+
+    def __getattr__(self, name: str) -> Any:
+        # Only FORWARDED: a runner's planned calls (call_for) would bypass the graphs.
+        inner = self.__dict__.get("inner")
+        if inner is None or name not in FORWARDED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
+    @property
+    def optimized(self) -> str:
+        """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
+        return f"{getattr(self.inner, 'optimized', self.backend)}, {self.GRAPHS}"
+
+
+class CudaGraphRunner(SaysWhatRuns):
     """Wraps a TensorRT runner: one CUDA graph per input-shape signature, replayed over
     static buffers (this module's docstring says how and why).
 
@@ -222,19 +243,6 @@ class CudaGraphRunner:
         self._lock = threading.Lock()
         #: Counters for tests and benchmarks: graphs captured, replays, graphs dropped.
         self.stats = {"captures": 0, "replays": 0, "evictions": 0}
-
-    def __getattr__(self, name: str) -> Any:
-        # What the wrapped runner says of its program (graphs change how it is launched, not what it
-        # is), and nothing else: a runner's planned calls (call_for) would bypass the graphs.
-        inner = self.__dict__.get("inner")
-        if inner is None or name not in FORWARDED:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(inner, name)
-
-    @property
-    def optimized(self) -> str:
-        """What the wrapped runtime does with its program (``TorchRunner.optimized``), and the graphs."""
-        return f"{getattr(self.inner, 'optimized', self.backend)}, CUDA graphs"
 
     @property
     def shapes(self) -> list[ShapeKey]:
