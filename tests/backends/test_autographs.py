@@ -324,11 +324,13 @@ def test_the_option_takes_false_true_or_auto_and_names_them(bad: Any) -> None:
         ttm.TRTModule(cuda_graphs=bad)
 
 
-def test_auto_on_the_cpu_runs_the_runtime_unwrapped_and_quietly(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("options", [{}, {"cuda_graphs": "auto"}], ids=["default", "explicit"])
+def test_auto_on_the_cpu_runs_the_runtime_unwrapped_and_quietly(caplog: pytest.LogCaptureFixture,
+                                                                 options: dict[str, Any]) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()).eval()
     with caplog.at_level(logging.WARNING):
-        fast = ttm.compile(model, torch.randn(2, 3), cache=False, runtime="torch", cuda_graphs="auto")
-    assert type(fast.runner).__name__ == "TorchRunner"
+        fast = ttm.compile(model, torch.randn(2, 3), cache=False, runtime="torch", **options)
+    assert fast.cuda_graphs == "auto" and type(fast.runner).__name__ == "TorchRunner"
     assert not [r for r in caplog.records if "cuda_graphs" in r.getMessage()]
     x = torch.randn(5, 3)
     torch.testing.assert_close(fast(x), model(x))
@@ -347,3 +349,19 @@ def test_threads_calling_at_once_get_their_own_answers_and_each_shape_is_judged_
     in_threads(work, 4)
     assert auto.stats == {"judged": 2, "kept": 2, "plain": 0, "failed": 0}
     assert auto.graphs.stats["captures"] == 2 and driver.timed.count("plain") == 2
+
+
+def test_auto_never_captures_a_tensorrt_rtx_engine_built_to_allocate_while_it_runs() -> None:
+    """An RTX context built without REQUIRE_USER_ALLOCATION allocates during enqueue, which a capture
+    cannot hold; only cuda_graphs=True builds with the flag, so "auto" leaves such engines plain."""
+    from types import SimpleNamespace
+
+    from torch_trt_module.backends import _capturable
+
+    def engine(backend: str, flags: list[str] | None) -> Any:  # only the two fields _capturable reads
+        return SimpleNamespace(backend=backend, meta={} if flags is None else {"builder_flags": flags})
+
+    assert not _capturable(engine("tensorrt_rtx", []))
+    assert not _capturable(engine("tensorrt_rtx", None))  # an engine saved before the flag was recorded
+    assert _capturable(engine("tensorrt_rtx", ["REQUIRE_USER_ALLOCATION", "REFIT"]))
+    assert _capturable(engine("tensorrt", [])) and _capturable(engine("torch", None))

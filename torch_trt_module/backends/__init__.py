@@ -227,7 +227,7 @@ def _announce(choice: RuntimeChoice, device: torch.device) -> None:
         log.warning("the module on %s runs on %s: %s", device, choice.runtime, choice.reason)
 
 
-def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool | str = False,
+def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool | str = "auto",
                 allow_host_code: bool = False, prepared: Runner | None = None,
                 weights: Mapping[str, torch.Tensor] | None = None) -> tuple[Runner, str]:
     """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses
@@ -256,6 +256,8 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
             log.warning("%s cannot take this module's new weights (%s); the next runtime runs them", engine.backend, e)
             choice = choose_runtime(engine.backend, engine.meta, dev, has_plan=False, has_program=engine.has_program)
         else:
+            if cuda_graphs == "auto" and not _capturable(engine):
+                return runner, choice.reason
             return _graphs(runner, dev, cuda_graphs), choice.reason
     _announce(choice, dev)
     if choice.runtime == "torch":
@@ -272,6 +274,13 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
     ex = engine.exported
     return OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32",
                              initializers=weights), choice.reason
+
+
+def _capturable(engine: Any) -> bool:
+    """Whether a CUDA graph can capture this engine's plan: a TensorRT-RTX context allocates while it
+    runs unless its engine was built with REQUIRE_USER_ALLOCATION (only ``cuda_graphs=True`` asks
+    for that), so "auto" leaves such an engine uncaptured instead of trying."""
+    return engine.backend != "tensorrt_rtx" or "REQUIRE_USER_ALLOCATION" in engine.meta.get("builder_flags", ())
 
 
 def _onnx_weights(engine: Any) -> dict[str, torch.Tensor]:
