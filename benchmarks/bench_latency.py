@@ -129,11 +129,13 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
     m = model.to(device)
     out = []
     for name in names:
-        # "trtmodule-fp16@passes" (optimize=) or "trtmodule@cuda_graphs=auto": a compile() option beside
+        # "trtmodule-fp16@passes" (optimize=) or "trtmodule@cuda_graphs=False": a compile() option beside
         # the defaults, for comparison
         base, _, option = name.partition("@")
         key, _, value = option.rpartition("=")
-        extra: dict[str, Any] = {key or "optimize": value} if option else {}
+        extra: dict[str, Any] = {key or "optimize": {"True": True, "False": False}.get(value, value)} if option else {}
+        if base.endswith("cudagraphs"):
+            extra.setdefault("cuda_graphs", True)  # else compile()'s default ("auto")
         fp16 = base.endswith("-fp16")
         ctx = (lambda: torch.autocast(device.type, torch.float16)) if fp16 else contextlib.nullcontext
         try:
@@ -145,7 +147,7 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
                 t0 = time.perf_counter()
                 fn = ttm.compile(m, ((), {k: v.to(device) for k, v in example.items()}),
                                  dynamic={k: {0: (1, 8, hi)} for k in example}, precision="fp16" if fp16 else "fp32",
-                                 cast_inputs=fp16, **{"cuda_graphs": base.endswith("cudagraphs"), **extra})
+                                 cast_inputs=fp16, **extra)
                 print(f"{name}: compile() {time.perf_counter() - t0:.1f} s; {fn!r}", file=sys.stderr)
                 ctx = contextlib.nullcontext
         except Exception as e:  # noqa: BLE001 - the other rows still run
