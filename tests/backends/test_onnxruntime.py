@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +26,7 @@ from torch_trt_module.backends._onnxruntime import (
     shape_function,
 )
 
-from .._support import onnx_model as graph, onnx_vi as vi
+from .._support import in_threads, onnx_model as graph, onnx_vi as vi
 
 
 def spec(name: str, dims: tuple[Any, ...], dtype: str = "float32", lo: tuple[int, ...] | None = None,
@@ -131,10 +130,9 @@ def test_bfloat16_cannot_be_bound() -> None:
 def test_each_thread_binds_its_own_inputs() -> None:
     runner = OnnxRuntimeRunner(AFFINE, AFFINE_IN, AFFINE_OUT, threads=1)
     errors: list[str] = []
-    start = threading.Barrier(4)
 
-    def work(batch: int) -> None:
-        start.wait()
+    def work(i: int) -> None:
+        batch = i + 1
         for _ in range(200):
             x = torch.full((batch, 3), float(batch))
             (y,) = runner.run([x])
@@ -142,11 +140,7 @@ def test_each_thread_binds_its_own_inputs() -> None:
                 errors.append(f"batch {batch}: {y}")
                 return
 
-    threads = [threading.Thread(target=work, args=(b,)) for b in (1, 2, 3, 4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    in_threads(work, 4)
     assert errors == []
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import threading
 from typing import Any, Iterator, Sequence
 
 import pytest
@@ -23,6 +22,7 @@ from torch_trt_module._verify.compare import compare_outputs
 from torch_trt_module._core.spec import TensorSpec
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
+from .._support import in_threads
 from .trt_double import MAX_SM_KHZ, HostStreams, Knobs, doubles, ort_compute, sleep_cycles, torch_compute
 
 REAL = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"{m} not installed"))
@@ -335,11 +335,7 @@ def test_one_execution_context_per_thread(trt: Any) -> None:
             if not compare_outputs(s.module(x), s.model(x)).passed:
                 errors.append(f"thread {seed}")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(work, 8)
     assert errors == []
     assert len(s.knobs.contexts) == 8
     assert all(len(c._c.threads) == 1 for c in s.knobs.contexts)

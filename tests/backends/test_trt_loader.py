@@ -28,6 +28,7 @@ from torch_trt_module.backends._trt_loader import (
     logger,
 )
 
+from .._support import in_threads
 from .trt_double import runtime_double
 
 HINTS = {"tensorrt": "pip install 'torch_trt_module[tensorrt]' (tensorrt-cu12 or -cu13)",
@@ -98,18 +99,8 @@ def test_the_lean_runtime_is_never_a_builder(lean: Any, monkeypatch: pytest.Monk
 
 def test_one_bridge_per_module_even_when_threads_race(lean: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_trt_loader, "_bridges", {})
-    start = threading.Barrier(8)
     got: list[Any] = []
-
-    def make() -> None:
-        start.wait()
-        got.append(logger(lean))
-
-    threads = [threading.Thread(target=make) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    in_threads(lambda _: got.append(logger(lean)), 8)
     assert len(got) == 8 and all(b is got[0] for b in got)
     assert isinstance(got[0], lean.ILogger)  # a real ILogger subclass: TensorRT calls its log()
 
@@ -164,11 +155,7 @@ def test_capture_log_is_per_thread(lean: Any) -> None:
             done.wait()  # and none leaves before all have logged
         results[i] = captured
 
-    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    in_threads(build, 4)
     for i, captured in results.items():
         assert captured.errors == [f"thread {i} error {n}" for n in range(20)]
     assert len(results) == 4

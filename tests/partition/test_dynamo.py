@@ -18,6 +18,8 @@ from torch_trt_module import SettingsError, _dynamo
 from torch_trt_module._pipeline import compile as _compile
 from torch_trt_module._errors import ExportError
 
+from .._support import in_threads
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -172,7 +174,6 @@ def test_two_instances_of_one_class_alternating_never_refit(monkeypatch: pytest.
 
 
 def test_two_instances_of_one_class_from_two_threads_never_mix_outputs() -> None:
-    import threading
 
     a, b, fast_a, fast_b, _ = _two_instances()
     x = torch.randn(4, 5)
@@ -181,20 +182,16 @@ def test_two_instances_of_one_class_from_two_threads_never_mix_outputs() -> None
         _assert_close(fast_a(x), want["a"])
         _assert_close(fast_b(x), want["b"])
     wrong: dict[str, int] = {"a": 0, "b": 0}
-    start = threading.Barrier(2)
+    pairs = [("a", fast_a), ("b", fast_b)]
 
-    def run(name: str, fast: Any) -> None:
-        start.wait()
+    def run(i: int) -> None:
+        name, fast = pairs[i]
         with torch.no_grad():
             for _ in range(300):
                 if not torch.allclose(fast(x), want[name], rtol=1e-4, atol=1e-5):
                     wrong[name] += 1
 
-    threads = [threading.Thread(target=run, args=(n, f)) for n, f in (("a", fast_a), ("b", fast_b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(run, 2)
     assert wrong == {"a": 0, "b": 0}  # before: model A returned B's outputs in 1-3 of 300 calls
 
 

@@ -16,6 +16,7 @@ from torch import nn
 import torch_trt_module as ttm
 from torch_trt_module._runtime.weights import WeightWatch
 
+from .._support import in_threads
 from .test_refit import ConvBN, _close, _hash_of, _model, _x
 
 
@@ -332,25 +333,16 @@ def test_the_planned_onnxruntime_call_returns_new_outputs_every_call_in_every_th
     xs = {b: torch.randn(b, 16) for b in (1, 3)}
     with torch.no_grad():
         want = {b: model(x) for b, x in xs.items()}
-    errors: list[BaseException] = []
 
-    def calls() -> None:
-        try:
-            for _ in range(50):
-                for b, x in xs.items():  # two plans, one binding per thread
-                    first, second = fast(x), fast(x)
-                    assert first.data_ptr() != second.data_ptr()
-                    torch.testing.assert_close(first, want[b])
-                    torch.testing.assert_close(second, want[b])
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def calls(_: int) -> None:
+        for _ in range(50):
+            for b, x in xs.items():  # two plans, one binding per thread
+                first, second = fast(x), fast(x)
+                assert first.data_ptr() != second.data_ptr()
+                torch.testing.assert_close(first, want[b])
+                torch.testing.assert_close(second, want[b])
 
-    threads = [threading.Thread(target=calls) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(calls, 3)
     kept = fast(xs[1])
     fast(xs[1] * 2)
     torch.testing.assert_close(kept, want[1])  # a later call never writes into an earlier output
