@@ -135,7 +135,7 @@ def _user_candidates(names: list[str], model: torch.nn.Module, example: dict[str
         key, _, value = option.rpartition("=")
         extra: dict[str, Any] = {key or "optimize": {"True": True, "False": False}.get(value, value)} if option else {}
         if base.endswith("cudagraphs"):
-            extra.setdefault("cuda_graphs", True)  # else compile()'s default ("auto")
+            extra.setdefault("cuda_graphs", True)  # the other rows take compile()'s default
         fp16 = base.endswith("-fp16")
         ctx = (lambda: torch.autocast(device.type, torch.float16)) if fp16 else contextlib.nullcontext
         try:
