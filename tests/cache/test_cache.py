@@ -568,9 +568,10 @@ def test_lock_excludes_across_threads(cache: EngineCache) -> None:
                     results.append("acquired")
             except CacheLockTimeout:
                 results.append("timeout")
-        th = threading.Thread(target=other)
+        th = threading.Thread(target=other, daemon=True)
         th.start()
-        th.join()
+        th.join(timeout=30)  # the other thread's lock times out after 0.2 s; 30 s means it is stuck
+    assert not th.is_alive(), "the other thread is stuck on the lock past its 0.2 s timeout"
     assert results == ["timeout"]
 
 

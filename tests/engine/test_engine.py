@@ -115,12 +115,13 @@ def test_threads_racing_for_a_deferred_blob_read_it_once(engine: Engine) -> None
 
     lazy = Engine("tensorrt_rtx", None, engine.onnx, engine.meta, deferred={"plan": Deferred(10, slow)})
     got: list[bytes | None] = []
-    threads = [threading.Thread(target=lambda: got.append(lazy.plan)) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: got.append(lazy.plan), daemon=True) for _ in range(8)]
     for t in threads:
         t.start()
     gate.set()
     for t in threads:
         t.join(10)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck reading the deferred blob"
     assert got == [b"plan bytes"] * 8 and read.calls == 1
 
 

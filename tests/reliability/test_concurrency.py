@@ -23,7 +23,7 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def run_threads(work: object, n: int = THREADS) -> None:
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(n)]  # type: ignore[arg-type]
+    threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(n)]  # type: ignore[arg-type]
     for th in threads:
         th.start()
     for th in threads:

@@ -244,7 +244,7 @@ def test_threads_calling_while_another_steps_the_optimizer_never_see_torn_weight
         except BaseException as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    threads = [threading.Thread(target=call) for _ in range(3)]
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
     try:
@@ -257,7 +257,8 @@ def test_threads_calling_while_another_steps_the_optimizer_never_see_torn_weight
     finally:
         stop.set()
         for t in threads:
-            t.join()
+            t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a calling thread is stuck after 60 s"
     assert not errors, errors
     seen = set()
     for r in results:  # every output is eager's at some whole version of the weights
