@@ -324,10 +324,12 @@ def test_the_option_takes_false_true_or_auto_and_names_them(bad: Any) -> None:
         ttm.TRTModule(cuda_graphs=bad)
 
 
-def test_auto_on_the_cpu_runs_the_runtime_unwrapped_and_quietly(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("options", [{}, {"cuda_graphs": "auto"}], ids=["default", "explicit"])
+def test_auto_on_the_cpu_runs_the_runtime_unwrapped_and_quietly(caplog: pytest.LogCaptureFixture,
+                                                                 options: dict[str, Any]) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU()).eval()
     with caplog.at_level(logging.WARNING):
-        fast = ttm.compile(model, torch.randn(2, 3), cache=False, runtime="torch", cuda_graphs="auto")
+        fast = ttm.compile(model, torch.randn(2, 3), cache=False, runtime="torch", **options)
     assert fast.cuda_graphs == "auto" and type(fast.runner).__name__ == "TorchRunner"
     assert not [r for r in caplog.records if "cuda_graphs" in r.getMessage()]
     x = torch.randn(5, 3)

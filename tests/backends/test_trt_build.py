@@ -101,7 +101,7 @@ def test_builder_flags() -> None:
     assert builder_flags("tensorrt_rtx") == []
     # RTX contexts allocate while they run unless told not to, which CUDA graph capture cannot take.
     assert builder_flags("tensorrt_rtx", cuda_graphs=True) == ["REQUIRE_USER_ALLOCATION"]
-    # "auto" never captures an RTX engine built without it, and leaves the build as it is.
+    # "auto" (the default) never captures an RTX engine built without it: no default build changes.
     assert builder_flags("tensorrt_rtx", cuda_graphs="auto") == []
     assert builder_flags("tensorrt", cuda_graphs=True) == []
     assert builder_flags("tensorrt_rtx", cuda_graphs=True, refit=True) == ["REQUIRE_USER_ALLOCATION", "REFIT"]

@@ -125,7 +125,7 @@ def test_a_lazy_state_cannot_be_loaded_where_nothing_can_build(tmp_path: Path) -
         ttm.load(tmp_path / "lazy.pt")
     assert str(e.value) == f"{tmp_path / 'lazy.pt'}: " + (
         "this TRTModule state was saved before the module's first call (a lazy module), so it holds its settings "
-        "(cast_inputs=False, cuda_graphs=False, device='cpu', max_rebuilds=4, runtime='auto', weights='follow') and "
+        "(cast_inputs=False, cuda_graphs='auto', device='cpu', max_rebuilds=4, runtime='auto', weights='follow') and "
         "no engine. Fix: load it into a lazy module of the same model (ttm.compile(model) without example_inputs, as "
         "the saving code made it: it builds at its first call from its model's weights), or call the module once "
         "before saving it")

@@ -100,8 +100,9 @@ class Settings:
     cache_max_size: int | None = _runtime(None)
     max_rebuilds: int = _runtime(DEFAULT_MAX_REBUILDS)
     cast_inputs: bool = _runtime(False)
-    # False; True (a graph per input shape); "auto" (a graph where it was measured to be faster: _autographs)
-    cuda_graphs: bool | str = _runtime(False)
+    # False; True (a graph per input shape); "auto" (a graph where it was measured to be faster:
+    # backends/_autographs; on the CPU and on ONNX Runtime it asks for nothing)
+    cuda_graphs: bool | str = _runtime("auto")
     allow_host_code: bool = _runtime(False)
     progress: bool | None = _runtime(None)
     # None: the default group when torch.distributed is initialized with several ranks; a

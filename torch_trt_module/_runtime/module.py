@@ -63,7 +63,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
     """
 
     def __init__(self, engine: Engine | None = None, *, device: str | torch.device | None = None,
-                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool | str = False,
+                 cast_inputs: bool = False, allow_host_code: bool = False, cuda_graphs: bool | str = "auto",
                  runtime: str = "auto", runner: Runner | None = None, prepared: Runner | None = None,
                  source: torch.nn.Module | None = None, weights: str = "follow", refit_now: bool = False,
                  rebuild: Callable[[], Engine] | None = None) -> None:
@@ -101,7 +101,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
 
     @classmethod
     def lazy(cls, build: LazyBuild, *, device: str | torch.device, max_rebuilds: int, cast_inputs: bool = False,
-             allow_host_code: bool = False, cuda_graphs: bool | str = False, runtime: str = "auto",
+             allow_host_code: bool = False, cuda_graphs: bool | str = "auto", runtime: str = "auto",
              source: torch.nn.Module | None = None, weights: str = "follow") -> "TRTModule":
         """A module that builds its engine at its first call, with ``build(args, kwargs, module)``, and again
         (with the profile widened to the new shape) for a call outside it, up to ``max_rebuilds`` times.

@@ -227,7 +227,7 @@ def _announce(choice: RuntimeChoice, device: torch.device) -> None:
         log.warning("the module on %s runs on %s: %s", device, choice.runtime, choice.reason)
 
 
-def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool | str = False,
+def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto", cuda_graphs: bool | str = "auto",
                 allow_host_code: bool = False, prepared: Runner | None = None,
                 weights: Mapping[str, torch.Tensor] | None = None) -> tuple[Runner, str]:
     """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses

@@ -36,9 +36,9 @@ def builder_flags(backend: str, *, cuda_graphs: bool | str = False, refit: bool 
 
     The engine cache key includes this list, so an engine built with other flags is never
     served. ``REQUIRE_USER_ALLOCATION``: TensorRT-RTX contexts otherwise allocate while they
-    run, which a CUDA graph cannot capture. Only ``cuda_graphs=True`` asks for it: "auto" leaves
-    an RTX engine built without it uncaptured (backends.make_runner), so that a default build
-    would not change if "auto" became the default. ``REFIT``: the engine's weights can be replaced.
+    run, which a CUDA graph cannot capture. Only ``cuda_graphs=True`` asks for it: "auto" (the
+    default) leaves an RTX engine built without it uncaptured (backends.make_runner), so the
+    default build is the one without graphs. ``REFIT``: the engine's weights can be replaced.
     """
     flags = []
     if backend == "tensorrt_rtx" and cuda_graphs is True:
