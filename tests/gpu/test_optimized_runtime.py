@@ -62,7 +62,11 @@ def test_the_optimized_program_matches_eager_at_the_profile_corners(precision: s
     for batch in (1, 4, 16):
         for call in range(3):  # plain, judged (graphs="auto", the default), then a replay where one was kept
             x = torch.randn(batch, 3, 64, 64, device="cuda")
-            with torch.no_grad():
+            # The reference is eager in IEEE fp32, so that only the compiled side rounds (in TF32 or in
+            # fp16), as the policies assume. Against eager in TF32 the two sides' rounding errors add:
+            # on the H100, 1 element of 16000 at batch 16 missed the TF32 bar by 1% (0.00129 against
+            # 0.00128, cosine 0.999997), in one of the nine calls.
+            with torch.no_grad(), strict_fp32():
                 want = model(x)
             report = compare_outputs(fast(x).float(), want, tolerance=_policy(precision))
             assert report.passed, f"batch {batch}, call {call + 1}: {report}"
