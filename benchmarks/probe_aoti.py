@@ -45,5 +45,7 @@ for dev in (sys.argv[1:] or ["cuda"]):
         run(["bash", "-c", f"ldd {so} | grep -i 'not found\\|torch\\|c10\\|cuda\\|stdc'; nm -D --undefined-only {so} | wc -l"])
     rc = run([sys.executable, "/tmp/aoti/l.py", pkg, dev])
     if rc not in (0, None):
-        run(["cuda-gdb", "--batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary",
+        # No "info sharedlibrary": its list filled the kept tail of the output on the H100 (2026-12-07)
+        # and pushed the backtrace out of it.
+        run(["cuda-gdb", "--batch", "-ex", "set pagination off", "-ex", "run", "-ex", "bt 40",
              "--args", sys.executable, "/tmp/aoti/l.py", pkg, dev], t=300)
