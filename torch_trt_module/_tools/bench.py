@@ -174,8 +174,8 @@ def _candidate(name: str, model: torch.nn.Module | None, exported: Any, device: 
         if ort_threads and runtime == "onnxruntime":  # a runner with the same threads as the raw ORT row
 
             runner = OnnxRuntimeRunner(engine.onnx, exported.inputs, exported.outputs, run_dev, threads=ort_threads)
-        module = TRTModule(engine, device=run_dev, runtime=runtime, cuda_graphs=True if extra == "cudagraphs" else "auto",
-                           runner=runner)
+        graphs = {"cuda_graphs": True} if extra == "cudagraphs" else {}  # else TRTModule's default
+        module = TRTModule(engine, device=run_dev, runtime=runtime, runner=runner, **graphs)
         return Candidate(name, run_dev, lambda kw: module(**kw))
     raise UsageError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
