@@ -15,6 +15,8 @@ from torch_trt_module._pipeline import compile as _compile
 
 from harness.faults import EXPORTER, TinyNet, example
 
+from .._support import in_threads
+
 THREADS, CALLS = 8, 500
 
 
@@ -22,13 +24,6 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return got.shape == want.shape and got.dtype == want.dtype and torch.allclose(got, want, 1e-4, 1e-5)
 
 
-def run_threads(work: object, n: int = THREADS) -> None:
-    threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(n)]  # type: ignore[arg-type]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "a thread hung"
 
 
 def test_shared_module_8_threads_x_500_calls_each_equals_eager() -> None:
@@ -53,7 +48,7 @@ def test_shared_module_8_threads_x_500_calls_each_equals_eager() -> None:
         except Exception as e:  # noqa: BLE001 - reported below, with the thread
             errors.append(f"thread {t}: {e!r}")
 
-    run_threads(work)
+    in_threads(work, THREADS, timeout=120)
     assert errors == []
     assert sum(len(k) for k in kept) == THREADS * CALLS
     # Checked again after every thread is done: no result was later overwritten by another call
@@ -81,6 +76,6 @@ def test_lazy_module_first_called_by_8_threads_builds_once() -> None:
         except Exception as e:  # noqa: BLE001
             errors.append(f"thread {t}: {e!r}")
 
-    run_threads(work)
+    in_threads(work, THREADS, timeout=120)
     assert errors == []
     assert _compile.STATS["builds"] == builds + 1
