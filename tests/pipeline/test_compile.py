@@ -93,8 +93,9 @@ def test_code_edits_between_processes(tmp_path: Path) -> None:
         from model import Net
         model = Net().eval()
         m = ttm.compile(model, torch.randn(3, 8), cache_dir={str(tmp_path / 'cache')!r}, exporter="torchscript")
-        x = torch.randn(6, 8) * 3
-        print(json.dumps({{**_compile.STATS, "err": float((m(x) - model(x)).abs().max())}}))
+        x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 3
+        ref = model(x)
+        print(json.dumps({{**_compile.STATS, "err": float((m(x) - ref).abs().max()), "scale": float(ref.abs().max())}}))
     """
 
     def run() -> dict[str, Any]:
@@ -114,7 +115,9 @@ def test_code_edits_between_processes(tmp_path: Path) -> None:
             edit()
         r = run()
         assert (r["exports"], r["builds"]) == (exports, builds), name
-        assert r["err"] < 1e-5, f"{name}: a stale engine was served (max error {r['err']:.3g})"
+        # A stale engine is off by a third of the output or more (2.0 against 3.0, relu against tanh);
+        # float32 rounding of outputs near 30 is about 1e-5, so the bound is relative.
+        assert r["err"] <= 1e-5 * max(1.0, r["scale"]), f"{name}: a stale engine was served (max error {r['err']:.3g})"
 
 
 def test_four_processes_compile_the_same_model_at_once(tmp_path: Path) -> None:
