@@ -291,10 +291,11 @@ def test_a_global_read_by_forward_set_from_the_environment_misses_in_a_second_pr
         from scaled_model import Scaled
         model = Scaled().eval()
         fast = ttm.compile(model, torch.randn(2, 4), backend="onnxruntime", cache_dir=sys.argv[2])
-        x = torch.randn(3, 4)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            err = (fast(x) - model(x)).abs().max().item()
-        print(json.dumps({"stats": _compile.STATS, "err": err}))
+            ref = model(x)
+            err = (fast(x) - ref).abs().max().item()
+        print(json.dumps({"stats": _compile.STATS, "err": err, "scale": ref.abs().max().item()}))
     """
     proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
                            + textwrap.dedent(code), str(tmp_path), str(root)], capture_output=True, text=True,
@@ -302,7 +303,8 @@ def test_a_global_read_by_forward_set_from_the_environment_misses_in_a_second_pr
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["stats"]["exports"] == 1 and got["stats"]["cache_hits"] == 0  # SCALE=5: a miss, not the SCALE=1 engine
-    assert got["err"] < 1e-5
+    # The SCALE=1 engine would be off by four fifths of the output; rounding is relative to it.
+    assert got["err"] <= 1e-5 * max(1.0, got["scale"])
 
 
 class _Reads(torch.nn.Module):
