@@ -41,6 +41,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # Tests never touch the user's cache; each test gets a fresh one unless it passes cache_dir.
     monkeypatch.setenv("TORCH_TRT_MODULE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # Nor the artifacts of TorchInductor's programs (kept under Inductor's cache directory, shared by
+    # every test otherwise): whether a test compiles or loads must not depend on the tests before it.
+    from torch_trt_module.backends import _inductor_store
+
+    artifacts = tmp_path_factory.mktemp("inductor-artifacts")
+    monkeypatch.setattr(_inductor_store, "store_dir", lambda: artifacts)
     torch.manual_seed(0)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module._core import settings as _settings
 from torch_trt_module._formats.program import load_program
-from torch_trt_module.backends import _torch_opt
+from torch_trt_module.backends import _inductor_store, _torch_opt
 from torch_trt_module.backends._torch_passes import optimize_graph
 
 
@@ -278,15 +278,13 @@ def test_runner_refolds_at_every_refit(optimize: str) -> None:
 
 def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    """A double of torch.compile whose compiled function raises, as Inductor does where it
-    cannot compile (no compiler, an op it lacks): the module still computes, and says so once."""
+    """A double of Inductor's compile that raises, as Inductor does where it cannot compile (no
+    compiler, an op it lacks): the module still computes, and says so once."""
 
-    def failing_compile(fn, **_: object):
-        def compiled(*args: object) -> object:
-            raise RuntimeError("InductorError: no C++ compiler")
-        return compiled
+    def failing_compile(*_: object, **__: object) -> object:
+        raise RuntimeError("InductorError: no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(_inductor_store, "_compile_artifact", failing_compile)
     _torch_opt._warned.clear()
     model = _stats(ConvBN())
     fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
@@ -304,21 +302,19 @@ def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatc
 
 def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    """On a GPU, Inductor first compiles with its C++ wrapper. A double of torch.compile that fails
-    with it (no C++ compiler on the user's machine) and works without: the call is computed by
-    the graph, the next one by Inductor with the Python wrapper, and one WARNING says why."""
+    """On a GPU, Inductor first compiles with its C++ wrapper. A double of Inductor's compile that
+    fails with it (no C++ compiler on the user's machine) and works without: the call is computed
+    by the graph, the next one by Inductor with the Python wrapper, and one WARNING says why."""
     seen: list[object] = []
 
-    def compile_(fn: Any, *, options: dict[str, object] | None = None, **_: object) -> Any:
+    def compile_(graph: torch.fx.GraphModule, args: list[torch.Tensor], options: dict[str, object]) -> Any:
         seen.append(options)
+        if options.get("cpp_wrapper"):
+            raise RuntimeError("InductorError: CppCompileError: g++ not found")
+        return graph.forward
 
-        def compiled(*args: torch.Tensor) -> Any:
-            if options and options.get("cpp_wrapper"):
-                raise RuntimeError("InductorError: CppCompileError: g++ not found")
-            return fn(*args)
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(_inductor_store, "_compile_artifact", compile_)
+    monkeypatch.setattr(_inductor_store, "store_dir", lambda: None)  # the double's callable cannot be stored
     monkeypatch.setitem(_torch_opt._TIERS, False, _torch_opt._TIERS[True])  # the GPU's tiers, on this CPU
     _torch_opt._warned.clear()
     model = _stats(ConvBN())
@@ -330,7 +326,7 @@ def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pyt
         outs = [fast(x) for _ in range(3)]
     for out in outs:
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
-    assert seen == [{"cpp_wrapper": True, "cpp.vec_isa_ok": False}, None]  # compiled twice: C++, then Python
+    assert seen == [{"cpp_wrapper": True, "cpp.vec_isa_ok": False}, {}]  # compiled twice: C++, then Python
     assert [r.getMessage() for r in caplog.records if "TorchInductor" in r.getMessage()] == [
         "TorchInductor could not compile this program with its C++ wrapper (RuntimeError: InductorError: "
         "CppCompileError: g++ not found); it compiles with the Python wrapper"]
@@ -372,25 +368,25 @@ def test_the_gpu_tier_s_isa_option_leaves_the_process_s_isa_list_as_it_was(monke
     assert valid_vec_isa_list.cache_info().currsize == 1 and valid_vec_isa_list() is users
 
 
-def _forwarding_compile(fail_at_batch: int) -> Any:
-    """A double of torch.compile whose compiled function runs the graph, but raises as Inductor does
-    when Dynamo compiles it again for an input of ``fail_at_batch`` rows (a lowering that fails only
-    for the new, symbolic shapes)."""
+def _forwarding_compile(monkeypatch: pytest.MonkeyPatch, fail_at_batch: int) -> None:
+    """A double of Inductor's compile whose program is the graph itself, but which raises as Inductor
+    does when it compiles for an input of ``fail_at_batch`` rows (a lowering that fails only for
+    the new shapes). Nothing is stored: the double's callable is no artifact."""
 
-    def compile_(fn: Any, **_: object) -> Any:
-        def compiled(*args: torch.Tensor) -> Any:
-            if args[-1].shape[0] == fail_at_batch:
-                raise RuntimeError("InductorError: LoweringException at the new shapes")
-            return fn(*args)
-        return compiled
-    return compile_
+    def compile_(graph: torch.fx.GraphModule, args: list[torch.Tensor], options: dict[str, object]) -> Any:
+        if args[-1].shape[0] == fail_at_batch:
+            raise RuntimeError("InductorError: LoweringException at the new shapes")
+        return graph.forward
+
+    monkeypatch.setattr(_inductor_store, "_compile_artifact", compile_)
+    monkeypatch.setattr(_inductor_store, "store_dir", lambda: None)
 
 
 def test_an_inductor_failure_at_a_later_shape_falls_back_instead_of_failing_the_call(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    # Before: only the first call's failure fell back; a failure when Dynamo compiled again for a new
-    # batch size failed the user's call, which the graph itself runs.
-    monkeypatch.setattr(torch, "compile", _forwarding_compile(fail_at_batch=5))
+    # Before: only the first call's failure fell back; a failure when Inductor compiled again for a
+    # new batch size failed the user's call, which the graph itself runs.
+    _forwarding_compile(monkeypatch, fail_at_batch=5)
     _torch_opt._warned.clear()
     model = _stats(ConvBN())
     fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
@@ -445,7 +441,7 @@ class _Pick(torch.nn.Module):
 
 def test_an_error_the_graph_raises_too_is_the_inputs_and_keeps_inductor(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(torch, "compile", _forwarding_compile(fail_at_batch=-1))
+    _forwarding_compile(monkeypatch, fail_at_batch=-1)
     _torch_opt._warned.clear()
     x, idx = torch.randn(4, 3), torch.tensor([0, 3])
     fast = ttm.compile(_Pick().eval(), (x, idx), cache=False, runtime="torch", optimize="inductor", verify=False)

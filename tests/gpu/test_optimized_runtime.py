@@ -7,7 +7,9 @@ inference passes, compiled by TorchInductor, against eager with PyTorch's defaul
   fresh process with an empty ``TORCHINDUCTOR_CACHE_DIR``);
 - a corrupt program in the engine cache is detected and rebuilt, and the rebuilt module is
   optimized again;
-- a warm cache hit in a fresh process loads the compact graph (``_formats.graph``) on the GPU;
+- a warm cache hit in a fresh process loads the compact graph (``_formats.graph``) on the GPU,
+  and Inductor's stored artifact for it (C++ wrapper): no compile;
+- a damaged artifact is detected, compiled again and stored again;
 - an encoder block: its q/k/v Linears merged, Inductor's C++ wrapper, and in fp16 and bf16 its
   attention fused in the low dtype, against eager at the profile's corners.
 """
@@ -184,6 +186,55 @@ def test_a_warm_hit_in_a_fresh_process_loads_the_compact_graph_on_the_gpu(tmp_pa
         want = model(x.cuda())
     for run in ("cold", "warm"):
         assert compare_outputs(torch.load(tmp_path / f"{run}.pt").cuda(), want, tolerance=_policy("fp32")).passed
+
+
+_ARTIFACT = """
+import json, sys, torch, torch_trt_module as ttm
+from torch_trt_module.backends import _inductor_store
+torch.manual_seed(0)
+import torchvision
+model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+x = torch.load(sys.argv[1]).cuda()
+fast = ttm.compile(model, x, cache=False, runtime="torch", verify=False)
+torch.save(fast(x).cpu(), sys.argv[2])
+print(json.dumps({**_inductor_store.STATS, "optimized": fast.runner.optimized}))
+"""
+
+
+def test_inductor_s_artifact_loads_in_a_fresh_process_and_a_damaged_one_is_compiled_again(tmp_path: Path) -> None:
+    # Each process has its own in-memory programs: the second one loads the artifact the first
+    # stored (under TORCHINDUCTOR_CACHE_DIR); the third finds it damaged and compiles it again.
+    import json
+
+    x = torch.randn(2, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    stats = []
+    for run in ("cold", "warm", "damaged"):
+        if run == "damaged":
+            (art,) = (tmp_path / "inductor" / "torch_trt_module").glob("*.ttmia")
+            data = bytearray(art.read_bytes())
+            data[-64] ^= 0x01
+            art.write_bytes(bytes(data))
+        r = subprocess.run([sys.executable, "-c", _ARTIFACT, str(tmp_path / "x.pt"), str(tmp_path / f"{run}.pt")],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        stats.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        if run == "damaged":
+            assert "could not be used (EngineLoadError" in r.stderr and "it is compiled again" in r.stderr
+    cold, warm, damaged = ({k: s[k] for k in ("compiled", "loaded", "refused")} for s in stats)
+    assert cold == {"compiled": 1, "loaded": 0, "refused": 0}
+    assert warm == {"compiled": 0, "loaded": 1, "refused": 0}
+    assert damaged == {"compiled": 1, "loaded": 0, "refused": 1}
+    assert all(s["optimized"].endswith("TorchInductor (C++ wrapper)") for s in stats), stats
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval().cuda()
+    with torch.no_grad():
+        want = model(x.cuda())
+    for run in ("cold", "warm", "damaged"):
+        got = torch.load(tmp_path / f"{run}.pt").cuda()
+        assert compare_outputs(got, want, tolerance=_policy("fp32")).passed, run
 
 
 class _Encoder(nn.Module):

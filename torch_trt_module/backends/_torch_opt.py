@@ -14,10 +14,10 @@ mobilenet_v3_small's graph at batch 8 on an H100, 2.11 ms a call with the Python
 1.40 ms with the C++ one, against 2.31 ms for ``torch.compile``'s default (benchmarks/RESULTS.md). Where the
 C++ wrapper cannot compile, the Python one runs (one WARNING), then the graph without Inductor.
 
-What Inductor compiles lives in its own on-disk caches (``torch.compile``'s), so a second process
-compiles from them in a fraction of the first time. Nothing of it is stored in this library's cache
-or saved files: a saved module stores the captured program, and the machine that loads it compiles
-it for its own GPU. Where Inductor cannot compile (no Triton, no C++ compiler, an op it lacks), the
+What Inductor compiles is kept as one artifact per input signature, under Inductor's own cache
+directory (:mod:`._inductor_store`): a second process loads it and runs no Dynamo and no compile.
+Nothing of it is stored in this library's cache or saved files: a saved module stores the
+captured program, and the machine that loads it compiles it for its own GPU. Where Inductor cannot compile (no Triton, no C++ compiler, an op it lacks), the
 graph runs as it is, and a WARNING says so once.
 
 Example:
@@ -34,13 +34,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ._inductor_store import Artifacts
 from ._torch_passes import WeightPlan, optimize_graph
 
-__all__ = ["AUTO_INDUCTOR", "Optimized"]
+__all__ = ["AUTO_INDUCTOR", "Optimized", "STORE_ARTIFACTS"]
 
 #: Whether ``optimize="auto"`` compiles with TorchInductor on a GPU (else: the passes only, and
 #: ``optimize="inductor"`` asks for it). See docs/backends.md, "The PyTorch runtime", for why.
 AUTO_INDUCTOR = True
+
+#: Whether Inductor's programs are compiled per input signature and stored as artifacts
+#: (:mod:`._inductor_store`: a warm start runs no Dynamo), else compiled by ``torch.compile``
+#: from its own caches. False: the comparison in benchmarks/bench_compile_gpu.py.
+STORE_ARTIFACTS = True
 
 #: Inductor's options, best first, on a GPU (True) and on a CPU (False). The C++ wrapper is the
 #: GPU's default for the launch cost (see above); on a CPU the kernels dominate, and its compile
@@ -199,14 +205,21 @@ class Optimized:
         """The first calls: compile (once, under a lock), fall back to the graph if Inductor fails."""
         with self._lock:
             if self._compiled is None:
-                self._compiled = torch.compile(self.graph.forward, fullgraph=True, dynamic=None,
-                                               options=dict(self._tiers[0]) or None)
+                self._compiled = self._compile()
             try:
                 out = self._compiled(*args)
             except Exception as e:  # noqa: BLE001 - Inductor's own failure: the graph itself still runs
                 return self._without_inductor(e, args)
             self._fn = self._compiled
             return out
+
+    def _compile(self) -> Callable[..., Any]:
+        """Inductor for the first tier's options: stored artifacts where this torch has them."""
+        options = dict(self._tiers[0])
+        if STORE_ARTIFACTS and (store := Artifacts.make(self.graph, n_weights=len(self.weights), options=options,
+                                                        device=self.device)) is not None:
+            return store
+        return torch.compile(self.graph.forward, fullgraph=True, dynamic=None, options=options or None)
 
     def _without_inductor(self, error: Exception, args: tuple[torch.Tensor, ...]) -> Any:
         """After the compiled program raised (at its first call, or when Dynamo compiled it again for
@@ -258,5 +271,7 @@ class Optimized:
             if name in raw:
                 raw[name] = v.detach().to(self.device, raw[name].dtype).contiguous()
         weights = self.plan.derive(raw, channels_last=self.channels_last)
+        if isinstance(compiled := self._compiled, Artifacts):
+            compiled.check_weights(weights)
         self._raw, self.weights = raw, weights
         return weights

@@ -1,0 +1,191 @@
+"""TorchInductor's compiled programs, stored per input signature (backends/_inductor_store.py).
+
+Real Inductor compiles on this CPU (``optimize="inductor"``: on a CPU ``"auto"`` runs the passes
+only); each test stores into its own directory (conftest). A new module stands for a new
+process, whose in-memory programs are empty; one test runs a real second process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_trt_module as ttm
+from torch_trt_module._core.sign import KEY_ENV
+from torch_trt_module.backends import _inductor_store, _torch_opt
+from torch_trt_module.backends._inductor_store import STATS, artifact_key
+
+from .._support import REPO, convbn_input, convbn_model
+
+
+def _compiled(model: torch.nn.Module) -> ttm.TRTModule:
+    return ttm.compile(model, convbn_input(2), cache=False, runtime="torch", optimize="inductor", verify=False)
+
+
+def _stored() -> list[Path]:
+    root = _inductor_store.store_dir()
+    assert root is not None
+    return sorted(root.glob("*.ttmia"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in STATS:
+        monkeypatch.setitem(STATS, k, 0)
+    _inductor_store._warned.clear()
+
+
+def test_each_shape_is_compiled_once_stored_and_loaded_by_a_new_module() -> None:
+    model = convbn_model()
+    xs = [convbn_input(b) for b in (2, 5, 2)]
+    first = _compiled(model)
+    outs = [first(x) for x in xs]
+    assert STATS == {"compiled": 2, "loaded": 0, "stored": 2, "refused": 0}
+    assert len(_stored()) == 2
+    second = _compiled(model)
+    again = [second(x) for x in xs]
+    assert STATS == {"compiled": 2, "loaded": 2, "stored": 2, "refused": 0}
+    for x, a, b in zip(xs, outs, again):
+        torch.testing.assert_close(a, model(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert second.runner.optimized == "1 BatchNorms folded, TorchInductor"
+
+
+def test_a_damaged_artifact_is_compiled_again_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = convbn_model()
+    x = convbn_input(3)
+    _compiled(model)(x)
+    (path,) = _stored()
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the artifact's bytes: the checksum finds it before anything is unpickled
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        out = _compiled(model)(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert STATS == {"compiled": 2, "loaded": 0, "stored": 2, "refused": 1}
+    (warning,) = [r.getMessage() for r in caplog.records if "stored TorchInductor program" in r.getMessage()]
+    assert warning.startswith(f"the stored TorchInductor program {path} could not be used (EngineLoadError: ")
+    assert "checksum mismatch in the 'artifact' blob" in warning and warning.endswith("it is compiled again")
+    _compiled(model)(x)  # stored again, whole: the next module loads it
+    assert STATS["loaded"] == 1
+
+
+def test_under_a_signing_key_an_artifact_signed_with_another_is_refused_unread(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    model = convbn_model()
+    x = convbn_input(2)
+    monkeypatch.setenv(KEY_ENV, "writer's key")
+    _compiled(model)(x)
+    monkeypatch.setenv(KEY_ENV, "reader's key")
+    with caplog.at_level(logging.WARNING):
+        torch.testing.assert_close(_compiled(model)(x), model(x), rtol=1e-4, atol=1e-4)
+    assert (STATS["loaded"], STATS["refused"]) == (0, 1)
+    (warning,) = [r.getMessage() for r in caplog.records if "stored TorchInductor program" in r.getMessage()]
+    assert f"(EngineLoadError: {_stored()[0]} is signed with another key than ${KEY_ENV}'s" in warning
+    monkeypatch.delenv(KEY_ENV)  # without a key nothing is checked: the artifact stored under "reader's key" loads
+    _compiled(model)(x)
+    assert (STATS["loaded"], STATS["refused"]) == (1, 1)
+
+
+def test_weights_refit_into_the_same_programs() -> None:
+    model = convbn_model()
+    x = convbn_input(2)
+    fast = _compiled(model)
+    fast(x)
+    with torch.no_grad():
+        model.conv.weight.mul_(-0.5)
+        model.bn.running_var.mul_(3.0)
+    fast.refit(model)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert STATS["compiled"] == 1  # the same artifact, new weight arguments
+
+
+def test_after_max_static_shapes_torch_compile_takes_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_inductor_store, "MAX_STATIC", 1)
+    calls: list[object] = []
+    real = torch.compile
+
+    def spy(fn: object, **kw: object) -> object:
+        calls.append(kw)
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    model = convbn_model()
+    fast = _compiled(model)
+    for b in (2, 4, 6):
+        x = convbn_input(b)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert STATS["compiled"] == 1 and len(calls) == 1
+    assert calls[0] == {"fullgraph": True, "dynamic": None, "options": None}
+
+
+def test_the_key_holds_the_graph_its_constants_layouts_options_and_numerics() -> None:
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
+    w = [torch.randn(4, 4)]
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    base = artifact_key(gm, w, [x], {}, cpu)
+    assert artifact_key(gm, w, [x.clone()], {}, cpu) == base  # values are not keyed: layouts are
+    assert artifact_key(gm, w, [torch.randn(3, 4)], {}, cpu) != base
+    assert artifact_key(gm, w, [torch.randn(4, 2).t()], {}, cpu) != artifact_key(gm, w, [torch.randn(2, 4)], {}, cpu)
+    assert artifact_key(gm, w, [x.double()], {}, cpu) != base
+    assert artifact_key(gm, [torch.randn(4, 4).t()], [x], {}, cpu) != base
+    assert artifact_key(gm, w, [x], {"cpp_wrapper": True}, cpu) != base
+    with torch.no_grad():
+        gm.get_submodule("0").weight.add_(1.0)  # a constant of the graph
+    changed = artifact_key(gm, w, [x], {}, cpu)
+    assert changed != base
+    gm2 = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()))
+    gm2.load_state_dict(gm.state_dict())
+    assert artifact_key(gm2, w, [x], {}, cpu) != changed  # the code
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if before != "medium" else "high")
+        assert artifact_key(gm, w, [x], {}, cpu) != changed
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert artifact_key(gm, w, [x], {}, cpu) == changed
+
+
+_CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+import torch_trt_module as ttm
+from torch_trt_module.backends import _inductor_store
+_inductor_store.store_dir = lambda: Path(sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+from tests._support import convbn_input, convbn_model
+model = convbn_model()
+fast = ttm.compile(model, convbn_input(2), cache=False, runtime="torch", optimize="inductor", verify=False)
+x = convbn_input(4)
+err = float((fast(x) - model(x)).abs().max())
+print(json.dumps({**_inductor_store.STATS, "err": err}))
+"""
+
+
+def test_a_new_process_loads_the_program_and_runs_no_dynamo(tmp_path: Path) -> None:
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "artifacts"), str(REPO)],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert (cold["compiled"], cold["loaded"], cold["stored"]) == (1, 0, 1)
+    assert (warm["compiled"], warm["loaded"], warm["stored"]) == (0, 1, 0)
+    assert cold["err"] < 1e-4 and warm["err"] < 1e-4
+
+
+def test_store_artifacts_false_compiles_with_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_torch_opt, "STORE_ARTIFACTS", False)
+    model = convbn_model()
+    x = convbn_input(2)
+    torch.testing.assert_close(_compiled(model)(x), model(x), rtol=1e-4, atol=1e-4)
+    assert STATS["compiled"] == 0 and _stored() == []
