@@ -1,12 +1,18 @@
 """Compile time on a GPU: compile() of resnet50 against torch.compile's first call, each in a fresh
 process, cold (empty caches) and warm (the caches the cold run filled), issue 21.
 
-Each run is a new process: import, build resnet50 on the GPU, then time ``compile(model, x,
+Each run is a new process: import, build resnet50 on the device, then time ``compile(model, x,
 max_batch=128)`` (or ``torch.compile(model)``) and the first call at batch 2. Cold runs get an
 empty engine cache and an empty ``TORCHINDUCTOR_CACHE_DIR``; warm runs reuse them. Goal: a warm
 compile() plus first call <= 2 s.
 
-    python benchmarks/bench_compile_gpu.py            # prints a markdown table and one JSON line
+Rows: ``ttm`` (the defaults: Inductor's stored artifacts, backends/_inductor_store.py),
+``ttm-dynamo`` (``STORE_ARTIFACTS = False``: Inductor through torch.compile and its own caches,
+as before the artifacts) and ``torch.compile``. ``--device cpu`` times the same on a CPU, with
+``runtime="torch", optimize="inductor"`` (on a CPU ``"auto"`` does not use Inductor).
+
+    python benchmarks/bench_compile_gpu.py                 # prints a markdown table and one JSON line
+    python benchmarks/bench_compile_gpu.py --device cpu --warm-runs 2
 """
 
 from __future__ import annotations
@@ -24,31 +30,38 @@ t_start = time.perf_counter()
 import torch, torchvision
 import torch_trt_module as ttm
 t_import = time.perf_counter()
-which, cache_dir = sys.argv[1], sys.argv[2]
+which, cache_dir, device = sys.argv[1], sys.argv[2], sys.argv[3]
+from torch_trt_module.backends import _inductor_store, _torch_opt
+_torch_opt.STORE_ARTIFACTS = which != "ttm-dynamo"
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 torch.manual_seed(0)
-model = torchvision.models.resnet50(weights=None).eval().cuda()
-x = torch.randn(2, 3, 224, 224, device="cuda")
-torch.cuda.synchronize()
+model = torchvision.models.resnet50(weights=None).eval().to(device)
+x = torch.randn(2, 3, 224, 224, device=device)
+sync()
+cpu = {} if device == "cuda" else {"runtime": "torch", "optimize": "inductor"}
 t0 = time.perf_counter()
-fast = ttm.compile(model, x, max_batch=128, cache_dir=cache_dir) if which == "ttm" else torch.compile(model)
+if which.startswith("ttm"):
+    fast = ttm.compile(model, x, max_batch=128, cache_dir=cache_dir, **cpu)
+else:
+    fast = torch.compile(model)
 t1 = time.perf_counter()
 with torch.inference_mode():
     fast(x)
-    torch.cuda.synchronize()
+    sync()
 t2 = time.perf_counter()
 r = {"which": which, "import_s": round(t_import - t_start, 2), "compile_s": round(t1 - t0, 2),
      "first_call_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2)}
-if which == "ttm":
+if which.startswith("ttm"):
     from torch_trt_module._pipeline import compile as _compile
-    r.update(stats=dict(_compile.STATS), runner=fast.runner.optimized)
+    r.update(stats=dict(_compile.STATS), artifacts=dict(_inductor_store.STATS), runner=fast.runner.optimized)
 print("RESULT " + json.dumps(r))
 """
 
 
-def run(which: str, cache_dir: str, inductor_dir: str) -> dict:
+def run(which: str, cache_dir: str, inductor_dir: str, device: str) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir,
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _RUN, which, cache_dir], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _RUN, which, cache_dir, device], env=env, capture_output=True, text=True,
                          timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -56,16 +69,23 @@ def run(which: str, cache_dir: str, inductor_dir: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--warm-runs", type=int, default=1, help="warm processes after each cold one (default 1)")
+    p.add_argument("--which", default="ttm,ttm-dynamo,tc", help="rows, comma-separated (default: all three)")
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for which in ("ttm", "tc"):
+        for which in args.which.split(","):
             cache, inductor = f"{tmp}/{which}-cache", f"{tmp}/{which}-inductor"
-            for phase in ("cold", "warm"):
-                rows.append({"phase": phase, **run(which, cache, inductor)})
+            for phase in ["cold"] + ["warm"] * args.warm_runs:
+                rows.append({"phase": phase, **run(which, cache, inductor, args.device)})
     print("| | compile() | first call | total |\n| --- | --- | --- | --- |")
     for r in rows:
-        name = f"{'ttm' if r['which'] == 'ttm' else 'torch.compile'}, {r['phase']}"
+        name = f"{'torch.compile' if r['which'] == 'tc' else r['which']}, {r['phase']}"
         print(f"| {name} | {r.get('compile_s', '-')} s | {r.get('first_call_s', '-')} s | {r.get('total_s', r.get('error'))} |")
     print(json.dumps(rows))
     return 0

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import torch_trt_module as ttm
+from torch_trt_module._core.numerics import strict_fp32, tf32_state
 from torch_trt_module._core.sign import KEY_ENV
 from torch_trt_module.backends import _inductor_store, _torch_opt
 from torch_trt_module.backends._inductor_store import STATS, artifact_key
@@ -144,12 +145,14 @@ def test_the_key_holds_the_graph_its_constants_layouts_options_and_numerics() ->
     gm2 = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()))
     gm2.load_state_dict(gm.state_dict())
     assert artifact_key(gm2, w, [x], {}, cpu) != changed  # the code
-    before = torch.get_float32_matmul_precision()
+    assert tf32_state()["cudnn_conv"], "torch's default: fp32 convolutions may use TF32"
+    with strict_fp32():  # TF32 off for cuDNN and cuBLAS (every flag restored after)
+        assert artifact_key(gm, w, [x], {}, cpu) != changed
+    torch.use_deterministic_algorithms(True)
     try:
-        torch.set_float32_matmul_precision("medium" if before != "medium" else "high")
         assert artifact_key(gm, w, [x], {}, cpu) != changed
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.use_deterministic_algorithms(False)
     assert artifact_key(gm, w, [x], {}, cpu) == changed
 
 

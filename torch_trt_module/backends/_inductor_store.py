@@ -8,8 +8,9 @@ module meets (shapes, strides, dtypes) is compiled once by ``torch._inductor.sta
 statically, and its artifact is stored; a later process loads it and calls it, with no tracing.
 
 An artifact has no guards, so this class checks what they would: the call's exact input
-signature picks the artifact (and the process-wide numerics flags that Inductor's own cache key
-holds: TF32, matmul precision, deterministic algorithms). The weights are arguments, never
+signature picks the artifact. The process-wide numerics flags that Inductor's own cache key holds
+(TF32, reduced-precision reductions, deterministic algorithms) are in the key of the artifact
+that a signature loads or compiles; the cuBLAS and cuDNN calls in its code read them at each call. The weights are arguments, never
 constants, so a refit swaps tensors of the shapes and strides the artifact was compiled for
 (:meth:`Artifacts.check_weights` clears everything if they ever differ). After
 :data:`MAX_STATIC` signatures, ``torch.compile`` serves the others (its automatic dynamic
@@ -48,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .._core.io import atomic_write, pack, unpack
+from .._core.numerics import tf32_state
 from .._core.sign import canonical_json
 
 __all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "STATS", "artifact_key", "store_dir"]
@@ -92,11 +94,17 @@ def store_dir() -> Path | None:
 
 
 def _numerics() -> list[Any]:
-    """The process-wide flags that change what a compiled program computes (Inductor keys them too)."""
+    """The process-wide flags that decide what a compiled program computes (Inductor keys them too).
+
+    TF32 is read through :func:`tf32_state`: the legacy ``allow_tf32`` getters raise once a process
+    has used both TF32 APIs, and a user's flags must never fail a call."""
+    state = tf32_state()
     m = torch.backends.cuda.matmul
-    return [m.allow_tf32, m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction,
-            torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
-            torch.are_deterministic_algorithms_enabled()]
+    try:
+        reduced = [m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction]
+    except RuntimeError:  # a torch that refuses to read them: they are not keyed
+        reduced = []
+    return [state["cudnn_conv"], state["cuda_matmul"], *reduced, torch.are_deterministic_algorithms_enabled()]
 
 
 def _layout(t: torch.Tensor) -> list[Any]:
@@ -207,11 +215,10 @@ class Artifacts:
         return self._first(args)
 
     def _signature(self, args: Sequence[torch.Tensor]) -> tuple[Any, ...]:
-        m = torch.backends.cuda.matmul
-        return (*((t.shape, t.stride(), t.dtype) for t in args[self._n:]), m.allow_tf32,
-                m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction,
-                torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
-                torch.are_deterministic_algorithms_enabled())
+        # The numerics flags are in the key (read when an artifact is loaded or compiled), not here:
+        # reading TF32's takes microseconds a call, and the cuBLAS and cuDNN calls in Inductor's
+        # code read them at run time anyway.
+        return (*((t.shape, t.stride(), t.dtype) for t in args[self._n:]),)
 
     def check_weights(self, weights: Sequence[torch.Tensor]) -> None:
         """After a refit: artifacts are compiled for the weights' layouts; if these differ (they do not
