@@ -13,8 +13,8 @@ signature picks the artifact. The process-wide numerics flags that Inductor's ow
 that a signature loads or compiles; the cuBLAS and cuDNN calls in its code read them at each call. The weights are arguments, never
 constants, so a refit swaps tensors of the shapes and strides the artifact was compiled for
 (:meth:`Artifacts.check_weights` clears everything if they ever differ). After
-:data:`MAX_STATIC` signatures, ``torch.compile`` serves the others (its automatic dynamic
-shapes: one more compile, then every batch size), as it did before artifacts.
+:data:`MAX_STATIC` signatures, ``torch.compile`` serves the others, compiled once with the dims
+that changed marked dynamic (then every batch size), through Inductor's own caches.
 
 Where: under Inductor's own cache directory (``$TORCHINDUCTOR_CACHE_DIR``, else
 ``/tmp/torchinductor_<user>``), in ``torch_trt_module/``; never in this library's engine cache
@@ -58,9 +58,10 @@ log = logging.getLogger(__name__)
 
 #: In every key: bump when what is stored, or how it is compiled, changes.
 ARTIFACT_FORMAT = 1
-#: Input signatures compiled statically (and stored) per module; ``torch.compile`` takes the rest.
-#: Three: the example ``compile()`` checks, the batch the user runs, and a last, smaller batch.
-MAX_STATIC = 3
+#: Input signatures compiled statically (and stored) per module; ``torch.compile`` takes the rest,
+#: dynamic in the dims that changed. Two: the batch a user runs and a last, smaller batch. A
+#: workload of ever-changing shapes pays one compile more than ``torch.compile``'s two.
+MAX_STATIC = 2
 #: What happened in this process (the tests' and the benchmarks' view): artifacts compiled,
 #: loaded, stored, and refused (damaged, or failing to load).
 STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
@@ -121,6 +122,13 @@ def _machine(device: torch.device) -> list[Any]:
     return [device.type, platform.machine(), hashlib.sha256(flags.encode()).hexdigest()[:16]]
 
 
+def _device_name(device: torch.device) -> str:
+    """``cuda:<index>`` for a GPU ("cuda" alone is the current one: Inductor's code names the index)."""
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def _graph_digest(graph: torch.fx.GraphModule) -> str:
     """The code of the graph and of every graph nested in it, and the values of the tensors it
     holds as attributes (constants that Inductor may bake into its code)."""
@@ -173,7 +181,7 @@ def _base(graph: torch.fx.GraphModule, weights: Sequence[torch.Tensor], options:
     except ImportError:
         triton_version = None
     return {"format": ARTIFACT_FORMAT, "torch": torch.__version__, "triton": triton_version,
-            "python": list(sys.version_info[:2]), "machine": _machine(device), "device": str(device),
+            "python": list(sys.version_info[:2]), "machine": _machine(device), "device": _device_name(device),
             "options": {k: repr(v) for k, v in sorted(options.items())}, "config": _inductor_config(),
             "graph": _graph_digest(graph), "weights": [_layout(w) for w in weights]}
 
@@ -197,6 +205,7 @@ class Artifacts:
         self._base: dict[str, Any] | None = None  # derived at the first compile (it hashes the graph)
         self._fns: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._static = 0
+        self._seen: list[list[torch.Size]] = []  # the input shapes of the static artifacts
         self._dynamic: Callable[..., Any] | None = None
         self._lock = threading.Lock()
 
@@ -226,7 +235,7 @@ class Artifacts:
         with self._lock:
             if self._base is not None and self._base["weights"] != [_layout(w) for w in weights]:
                 log.info("the weights' layouts changed; TorchInductor's programs are compiled again")
-                self._base, self._fns, self._static, self._dynamic = None, {}, 0, None
+                self._base, self._fns, self._static, self._seen, self._dynamic = None, {}, 0, [], None
 
     def _first(self, args: tuple[torch.Tensor, ...]) -> Any:
         """A signature's first call: its artifact, loaded or compiled, called; else torch.compile's."""
@@ -236,13 +245,14 @@ class Artifacts:
             if fn is not None:
                 return fn(*args)
             if self._static >= MAX_STATIC:
-                if self._dynamic is None:
-                    log.info("more than %d input shapes: torch.compile (with its dynamic shapes) takes the others",
-                             MAX_STATIC)
+                first = self._dynamic is None
+                if first:
+                    log.info("more than %d input shapes: torch.compile, dynamic in the dims that changed, takes "
+                             "the others", MAX_STATIC)
                     self._dynamic = torch.compile(self._graph.forward, fullgraph=True, dynamic=None,
                                                   options=self._options or None)
                 self._fns[sig] = self._dynamic
-                return self._dynamic(*args)
+                return self._dynamic(*(self._marked(args) if first else args))
             if self._base is None:
                 self._base = _base(self._graph, args[:self._n], self._options, self._device)
             key = _key(self._base, args[self._n:])
@@ -254,7 +264,25 @@ class Artifacts:
                 fn, out = self._compile(path, key, args)
             self._fns[sig] = fn
             self._static += 1
+            self._seen.append([t.shape for t in args[self._n:]])
             return out
+
+    def _marked(self, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """``args`` for torch.compile's first call, with each input dim whose size differed between
+        the shapes seen marked dynamic: one compile serves every later size (where the graph
+        allows; ``maybe_mark_dynamic`` specializes quietly where it does not). The marks go on
+        detached aliases, never on the caller's tensors."""
+        import torch._dynamo
+
+        out = list(args)
+        for i, t in enumerate(args[self._n:], start=self._n):
+            dims = [d for d in range(t.dim()) if any(len(seen[i - self._n]) == t.dim() and seen[i - self._n][d] != t.shape[d]
+                                                     for seen in self._seen)]
+            if dims:
+                out[i] = t.detach()
+                for d in dims:
+                    torch._dynamo.maybe_mark_dynamic(out[i], d)
+        return out
 
     def _shapes(self, args: Sequence[torch.Tensor]) -> str:
         return ", ".join(str(tuple(t.shape)) for t in args[self._n:])
