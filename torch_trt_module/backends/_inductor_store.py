@@ -2,8 +2,8 @@
 
 ``torch.compile`` reaches Inductor's on-disk caches only after Dynamo has traced the graph again
 and AOTAutograd has hashed it, in every new process. That is most of a warm start's first call:
-resnet50 on this project's 2-core CPU, 2.27 s through ``torch.compile`` with every cache warm,
-0.82 s from a stored artifact (benchmarks/RESULTS.md, issue 21). Here each input signature the
+resnet50's first call on this project's 2-core CPU, 1.89–2.01 s through ``torch.compile`` with
+every cache warm, 1.18–1.20 s from a stored artifact (benchmarks/RESULTS.md, issue 21). Here each input signature the
 module meets (shapes, strides, dtypes) is compiled once by ``torch._inductor.standalone_compile``,
 statically, and its artifact is stored; a later process loads it and calls it, with no tracing.
 
