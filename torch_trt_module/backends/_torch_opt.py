@@ -17,8 +17,9 @@ C++ wrapper cannot compile, the Python one runs (one WARNING), then the graph wi
 What Inductor compiles is kept as one artifact per input signature, under Inductor's own cache
 directory (:mod:`._inductor_store`): a second process loads it and runs no Dynamo and no compile.
 Nothing of it is stored in this library's cache or saved files: a saved module stores the
-captured program, and the machine that loads it compiles it for its own GPU. Where Inductor cannot compile (no Triton, no C++ compiler, an op it lacks), the
-graph runs as it is, and a WARNING says so once.
+captured program, and the machine that loads it compiles it for its own GPU. Where Inductor
+cannot compile (no Triton, no C++ compiler, an op it lacks), the graph runs as it is, and a
+WARNING says so once.
 
 Example:
     >>> opt = Optimized.make(graph_module, names, weights, "auto", torch.device("cuda"))   # doctest: +SKIP
