@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(OUT_DIR), help="where the JSON, markdown and PNG go")
     p.add_argument("--results", action="store_true", help="write the table into RESULTS.md's Latency section")
     p.add_argument("--note", action="append", default=[], help="a note for the section (repeatable)")
+    p.add_argument("--inductor-options", metavar="JSON",
+                   help="extra TorchInductor options for the PyTorch runtime's GPU compile (an experiment: merged "
+                        "into backends._torch_opt._TIERS in this process, and keyed with the artifacts), e.g. "
+                        "'{\"conv_1x1_as_mm\": true}'")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -285,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     # What cuda_graphs="auto" decided for each shape (INFO), for the log beside the table.
     logging.getLogger("torch_trt_module.backends._autographs").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
+    if args.inductor_options:
+        from torch_trt_module.backends import _torch_opt
+
+        extra = json.loads(args.inductor_options)
+        _torch_opt._TIERS[True] = tuple({**tier, **extra} for tier in _torch_opt._TIERS[True])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render:
