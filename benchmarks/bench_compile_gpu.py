@@ -13,6 +13,7 @@ as before the artifacts) and ``torch.compile``. ``--device cpu`` times the same 
 
     python benchmarks/bench_compile_gpu.py                 # prints a markdown table and one JSON line
     python benchmarks/bench_compile_gpu.py --device cpu --warm-runs 2
+    python benchmarks/bench_compile_gpu.py --device cpu --gpu-tier --which ttm,ttm-dynamo
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ t_start = time.perf_counter()
 import torch, torchvision
 import torch_trt_module as ttm
 t_import = time.perf_counter()
-which, cache_dir, device = sys.argv[1], sys.argv[2], sys.argv[3]
+which, cache_dir, device, gpu_tier = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 from torch_trt_module.backends import _inductor_store, _torch_opt
 _torch_opt.STORE_ARTIFACTS = which != "ttm-dynamo"
+if gpu_tier:  # the GPU's Inductor options (C++ wrapper, no vector-ISA checks) on a CPU: its start-up costs
+    _torch_opt._TIERS[False] = _torch_opt._TIERS[True]
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 torch.manual_seed(0)
 model = torchvision.models.resnet50(weights=None).eval().to(device)
@@ -58,10 +61,10 @@ print("RESULT " + json.dumps(r))
 """
 
 
-def run(which: str, cache_dir: str, inductor_dir: str, device: str) -> dict:
+def run(which: str, cache_dir: str, inductor_dir: str, device: str, gpu_tier: bool = False) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir,
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _RUN, which, cache_dir, device], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _RUN, which, cache_dir, device, "1" if gpu_tier else "0"], env=env, capture_output=True, text=True,
                          timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -76,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--warm-runs", type=int, default=1, help="warm processes after each cold one (default 1)")
     p.add_argument("--which", default="ttm,ttm-dynamo,tc", help="rows, comma-separated (default: all three)")
+    p.add_argument("--gpu-tier", action="store_true",
+                   help="on a CPU, compile the ttm rows with the GPU's Inductor options (C++ wrapper, no vector-ISA "
+                        "checks): the GPU's start-up path, with CPU kernels")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for which in args.which.split(","):
             cache, inductor = f"{tmp}/{which}-cache", f"{tmp}/{which}-inductor"
             for phase in ["cold"] + ["warm"] * args.warm_runs:
-                rows.append({"phase": phase, **run(which, cache, inductor, args.device)})
+                rows.append({"phase": phase, **run(which, cache, inductor, args.device, args.gpu_tier)})
     print("| | compile() | first call | total |\n| --- | --- | --- | --- |")
     for r in rows:
         name = f"{'torch.compile' if r['which'] == 'tc' else r['which']}, {r['phase']}"

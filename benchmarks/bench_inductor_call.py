@@ -19,6 +19,7 @@ import statistics
 import time
 from typing import Any, Callable
 
+import _common  # noqa: F401 - the repository on sys.path
 import torch
 
 

@@ -2,8 +2,10 @@
 
 ``torch.compile`` reaches Inductor's on-disk caches only after Dynamo has traced the graph again
 and AOTAutograd has hashed it, in every new process. That is most of a warm start's first call:
-resnet50's first call on this project's 2-core CPU, 1.89–2.01 s through ``torch.compile`` with
-every cache warm, 1.18–1.20 s from a stored artifact (benchmarks/RESULTS.md, issue 21). Here each input signature the
+resnet50's first call on this project's 2-core CPU with torch 2.14, 1.89–2.01 s through
+``torch.compile`` with every cache warm, 1.18–1.20 s from a stored artifact (torch 2.11's Dynamo
+path is cheaper: 1.36–1.44 s against 1.27–1.41 s; benchmarks/RESULTS.md, issue 21). A call costs
+the host less too: no Dynamo guards check the weight arguments. Here each input signature the
 module meets (shapes, strides, dtypes) is compiled once by ``torch._inductor.standalone_compile``,
 statically, and its artifact is stored; a later process loads it and calls it, with no tracing.
 
