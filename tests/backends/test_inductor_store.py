@@ -39,7 +39,7 @@ def _stored() -> list[Path]:
 def _fresh_stats(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in STATS:
         monkeypatch.setitem(STATS, k, 0)
-    _inductor_store._warned.clear()
+    _inductor_store.warned.clear()
 
 
 def test_each_shape_is_compiled_once_stored_and_loaded_by_a_new_module() -> None:

@@ -285,7 +285,7 @@ def test_inductor_failure_falls_back_to_the_graph(monkeypatch: pytest.MonkeyPatc
         raise RuntimeError("InductorError: no C++ compiler")
 
     monkeypatch.setattr(_inductor_store, "_compile_artifact", failing_compile)
-    _torch_opt._warned.clear()
+    _inductor_store.warned.clear()
     model = _stats(ConvBN())
     fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
                        verify=False)
@@ -316,7 +316,7 @@ def test_a_failing_cpp_wrapper_falls_back_to_the_python_wrapper(monkeypatch: pyt
     monkeypatch.setattr(_inductor_store, "_compile_artifact", compile_)
     monkeypatch.setattr(_inductor_store, "store_dir", lambda: None)  # the double's callable cannot be stored
     monkeypatch.setitem(_torch_opt._TIERS, False, _torch_opt._TIERS[True])  # the GPU's tiers, on this CPU
-    _torch_opt._warned.clear()
+    _inductor_store.warned.clear()
     model = _stats(ConvBN())
     fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
                        verify=False)
@@ -387,7 +387,7 @@ def test_an_inductor_failure_at_a_later_shape_falls_back_instead_of_failing_the_
     # Before: only the first call's failure fell back; a failure when Inductor compiled again for a
     # new batch size failed the user's call, which the graph itself runs.
     _forwarding_compile(monkeypatch, fail_at_batch=5)
-    _torch_opt._warned.clear()
+    _inductor_store.warned.clear()
     model = _stats(ConvBN())
     fast = ttm.compile(model, torch.randn(2, 3, 12, 12), cache=False, runtime="torch", optimize="inductor",
                        verify=False)
@@ -418,7 +418,7 @@ def test_a_pass_that_fails_at_a_later_shape_falls_back_to_the_program_as_capture
         return real(y, *rest)
 
     monkeypatch.setattr(_torch_passes, "_permuted_linear", flaky)
-    _torch_opt._warned.clear()
+    _inductor_store.warned.clear()
     torch.manual_seed(0)
     model = NormedAttention().eval()
     fast = ttm.compile(model, torch.randn(2, 6, 16), cache=False, runtime="torch", optimize=optimize)
@@ -442,7 +442,7 @@ class _Pick(torch.nn.Module):
 def test_an_error_the_graph_raises_too_is_the_inputs_and_keeps_inductor(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     _forwarding_compile(monkeypatch, fail_at_batch=-1)
-    _torch_opt._warned.clear()
+    _inductor_store.warned.clear()
     x, idx = torch.randn(4, 3), torch.tensor([0, 3])
     fast = ttm.compile(_Pick().eval(), (x, idx), cache=False, runtime="torch", optimize="inductor", verify=False)
     fast(x, idx)

@@ -12,8 +12,9 @@ statically, and its artifact is stored; a later process loads it and calls it, w
 An artifact has no guards, so this class checks what they would: the call's exact input
 signature picks the artifact. The process-wide numerics flags that Inductor's own cache key holds
 (TF32, reduced-precision reductions, deterministic algorithms) are in the key of the artifact
-that a signature loads or compiles; the cuBLAS and cuDNN calls in its code read them at each call. The weights are arguments, never
-constants, so a refit swaps tensors of the shapes and strides the artifact was compiled for
+that a signature loads or compiles; the cuBLAS and cuDNN calls in its code read them at each
+call. The weights are arguments, never constants, so a refit swaps tensors of the shapes and
+strides the artifact was compiled for
 (:meth:`Artifacts.check_weights` clears everything if they ever differ). After
 :data:`MAX_STATIC` signatures, ``torch.compile`` serves the others, compiled once with the dims
 that changed marked dynamic (then every batch size), through Inductor's own caches.
@@ -31,8 +32,8 @@ capability) or the CPU, so another machine or another torch compiles its own. A 
 unloadable artifact is compiled again (one WARNING), never a failed call.
 
 Example:
-    >>> fn = Artifacts.make(graph_module, n_weights=len(weights), options={}, device=torch.device("cuda"))  # doctest: +SKIP
-    >>> outs = fn(*weights, x)      # compiled, or loaded from a stored artifact, at the first call   # doctest: +SKIP
+    >>> fn = Artifacts.make(gm, n_weights=len(weights), options={}, device=torch.device("cuda"))  # doctest: +SKIP
+    >>> outs = fn(*weights, x)  # compiled, or loaded from a stored artifact, at the first call  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from .._core.io import atomic_write, pack, unpack
 from .._core.numerics import tf32_state
 from .._core.sign import canonical_json
 
-__all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "STATS", "artifact_key", "store_dir"]
+__all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "STATS", "artifact_key", "store_dir", "warn_once", "warned",
+           "why"]
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,21 @@ MAX_STATIC = 2
 #: loaded, stored, and refused (damaged, or failing to load).
 STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
 _KIND = "inductor-artifact"
-_warned: set[str] = set()
+#: The keys of the WARNINGs already given in this process (by this module and ``_torch_opt``).
+warned: set[str] = set()
 
 
-def _warn_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
+def warn_once(logger: logging.Logger, key: str, msg: str, *args: Any) -> None:
+    """``logger.warning(msg, *args)``, the first time ``key`` is seen in this process."""
+    if key not in warned:
+        warned.add(key)
+        logger.warning(msg, *args)
+
+
+def why(error: BaseException) -> tuple[str, str]:
+    """An error's type and the first line of its message (at most 300 characters), for a WARNING."""
+    text = str(error)
+    return type(error).__name__, text.splitlines()[0][:300] if text else ""
 
 
 def available() -> bool:
@@ -138,7 +148,8 @@ def _graph_digest(graph: torch.fx.GraphModule) -> str:
     for name, gm in graph.named_modules():
         # A call_module target that is no graph (torch.export's graphs have none) is keyed by its
         # type and repr: the code that calls it does not say what it computes.
-        text = gm.code if isinstance(gm, torch.fx.GraphModule) else f"{type(gm).__module__}.{type(gm).__qualname__}: {gm!r}"
+        kind = type(gm)
+        text = gm.code if isinstance(gm, torch.fx.GraphModule) else f"{kind.__module__}.{kind.__qualname__}: {gm!r}"
         h.update(f"{name}\n{text}\n".encode())
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     for gm in graph.modules():
@@ -277,13 +288,13 @@ class Artifacts:
         import torch._dynamo
 
         out = list(args)
-        for i, t in enumerate(args[self._n:], start=self._n):
-            dims = [d for d in range(t.dim()) if any(len(seen[i - self._n]) == t.dim() and seen[i - self._n][d] != t.shape[d]
-                                                     for seen in self._seen)]
+        for j, t in enumerate(args[self._n:]):
+            shapes = [seen[j] for seen in self._seen if len(seen[j]) == t.dim()]
+            dims = [d for d in range(t.dim()) if any(shape[d] != t.shape[d] for shape in shapes)]
             if dims:
-                out[i] = t.detach()
+                out[self._n + j] = alias = t.detach()
                 for d in dims:
-                    torch._dynamo.maybe_mark_dynamic(out[i], d)
+                    torch._dynamo.maybe_mark_dynamic(alias, d)
         return out
 
     def _shapes(self, args: Sequence[torch.Tensor]) -> str:
@@ -303,8 +314,8 @@ class Artifacts:
             out = art(*args)
         except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it is compiled again
             STATS["refused"] += 1
-            _warn_once(f"load:{type(e).__name__}", "the stored TorchInductor program %s could not be used (%s: %s); "
-                       "it is compiled again", path, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            warn_once(log, f"load:{type(e).__name__}", "the stored TorchInductor program %s could not be used "
+                      "(%s: %s); it is compiled again", path, *why(e))
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
@@ -331,8 +342,8 @@ class Artifacts:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, pack(_KIND, {"key": key, "torch": torch.__version__}, {"artifact": data}))
         except Exception as e:  # noqa: BLE001 - the program runs; only the next process compiles it again
-            _warn_once(f"save:{type(e).__name__}", "TorchInductor's compiled program could not be stored (%s: %s); a "
-                       "new process compiles it again", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            warn_once(log, f"save:{type(e).__name__}", "TorchInductor's compiled program could not be stored "
+                      "(%s: %s); a new process compiles it again", *why(e))
             return art, out
         STATS["stored"] += 1
         log.info("TorchInductor compiled the program for input shapes %s in %.1f s; stored at %s (%.1f MB)",

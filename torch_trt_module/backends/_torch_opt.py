@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ._inductor_store import Artifacts
+from ._inductor_store import Artifacts, warn_once, why
 from ._torch_passes import WeightPlan, optimize_graph
 
 __all__ = ["AUTO_INDUCTOR", "Optimized", "STORE_ARTIFACTS"]
@@ -63,19 +63,6 @@ _TIERS: dict[bool, tuple[dict[str, Any], ...]] = {
     True: ({"cpp_wrapper": True, "cpp.vec_isa_ok": False}, {}), False: ({},)}
 
 log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        log.warning(msg, *args)
-
-
-def _why(error: BaseException) -> tuple[str, str]:
-    """An error's type and the first line of its message (at most 300 characters), for a WARNING."""
-    text = str(error)
-    return type(error).__name__, text.splitlines()[0][:300] if text else ""
 
 
 def _isa_cache() -> tuple[Callable[[], Any], Callable[[], None]] | None:
@@ -151,13 +138,13 @@ class Optimized:
         try:
             gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)))
         except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
-            _warn_once(f"passes:{type(e).__name__}", "the inference passes could not rewrite this program (%s: %s); "
-                       "it runs as captured", type(e).__name__, e)
+            warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
+                      "(%s: %s); it runs as captured", type(e).__name__, e)
             return None
         inductor = mode == "inductor" or (mode == "auto" and device.type == "cuda" and AUTO_INDUCTOR)
-        if inductor and (why := inductor_available(device)):
-            _warn_once(f"inductor:{why}", "TorchInductor cannot compile here (%s); the optimized program runs "
-                       "without it", why)
+        if inductor and (missing := inductor_available(device)):
+            warn_once(log, f"inductor:{missing}", "TorchInductor cannot compile here (%s); the optimized program "
+                      "runs without it", missing)
             inductor = False
         return cls(gm, plan, dict(zip(names, weights)), device, inductor, captured=graph)
 
@@ -233,18 +220,18 @@ class Optimized:
             if self._captured is None:
                 raise
             return self._without_passes(e, args)
-        why = _why(error)
+        reason = why(error)
         with self._lock:
             if self._compiled is None:  # another thread's failure already moved on
                 return out
             if len(self._tiers) > 1:  # the C++ wrapper failed: the next call compiles with the Python one
-                _warn_once(f"cpp:{why[0]}", "TorchInductor could not compile this program with its C++ wrapper "
-                           "(%s: %s); it compiles with the Python wrapper", *why)
+                warn_once(log, f"cpp:{reason[0]}", "TorchInductor could not compile this program with its C++ "
+                          "wrapper (%s: %s); it compiles with the Python wrapper", *reason)
                 self._tiers.pop(0)
                 self._compiled, self._fn = None, self._first
                 return out
-        _warn_once(f"compile:{why[0]}", "TorchInductor could not compile this program (%s: %s); "
-                   "it runs without Inductor", *why)
+        warn_once(log, f"compile:{reason[0]}", "TorchInductor could not compile this program (%s: %s); "
+                  "it runs without Inductor", *reason)
         self._fn, self.inductor = self.graph.forward, False
         return out
 
@@ -253,8 +240,8 @@ class Optimized:
         was at fault, so the module runs the captured program from now on (one WARNING); where it
         fails too, its error (the inputs') is raised and the optimized program stays."""
         out = self._as_captured(*args)
-        _warn_once(f"passes-run:{type(error).__name__}", "the inference passes' program failed on these inputs "
-                   "(%s: %s); the module runs the program as captured", *_why(error))
+        warn_once(log, f"passes-run:{type(error).__name__}", "the inference passes' program failed on these "
+                  "inputs (%s: %s); the module runs the program as captured", *why(error))
         self._fn, self.inductor, self.passes_failed = self._as_captured, False, True
         return out
 
