@@ -14,6 +14,10 @@ as before the artifacts) and ``torch.compile``. ``--device cpu`` times the same 
     python benchmarks/bench_compile_gpu.py                 # prints a markdown table and one JSON line
     python benchmarks/bench_compile_gpu.py --device cpu --warm-runs 2
     python benchmarks/bench_compile_gpu.py --device cpu --gpu-tier --which ttm,ttm-dynamo
+    python benchmarks/bench_compile_gpu.py --which ttm,tc --warm-runs 2 --profile   # where the warm run goes
+
+``--profile`` runs each row's last warm process under cProfile and prints its costliest calls
+(cumulative, then own time) after the table: the profile's overhead is in that row's figures.
 """
 
 from __future__ import annotations
@@ -61,15 +65,34 @@ print("RESULT " + json.dumps(r))
 """
 
 
-def run(which: str, cache_dir: str, inductor_dir: str, device: str, gpu_tier: bool = False) -> dict:
+def run(which: str, cache_dir: str, inductor_dir: str, device: str, gpu_tier: bool = False,
+        profile: str | None = None) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_dir,
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _RUN, which, cache_dir, device, "1" if gpu_tier else "0"], env=env, capture_output=True, text=True,
-                         timeout=900)
+    args = [which, cache_dir, device, "1" if gpu_tier else "0"]
+    if profile:  # the same script from a file, so that cProfile can run it
+        script = Path(profile).with_suffix(".py")
+        script.write_text(_RUN)
+        cmd = [sys.executable, "-m", "cProfile", "-o", profile, str(script), *args]
+    else:
+        cmd = [sys.executable, "-c", _RUN, *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     if out.returncode or not lines:
         return {"which": which, "error": out.stderr[-1500:]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _top_calls(path: str, n: int = 45) -> str:
+    import io
+    import pstats
+
+    parts = []
+    for key in ("cumulative", "tottime"):
+        buf = io.StringIO()
+        pstats.Stats(path, stream=buf).sort_stats(key).print_stats(n)
+        parts.append("\n".join(line[:200] for line in buf.getvalue().splitlines() if line.strip()))
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,18 +105,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-tier", action="store_true",
                    help="on a CPU, compile the ttm rows with the GPU's Inductor options (C++ wrapper, no vector-ISA "
                         "checks): the GPU's start-up path, with CPU kernels")
+    p.add_argument("--profile", action="store_true", help="cProfile each row's last warm process; print its top calls")
     args = p.parse_args(argv)
+    profiles: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for which in args.which.split(","):
             cache, inductor = f"{tmp}/{which}-cache", f"{tmp}/{which}-inductor"
-            for phase in ["cold"] + ["warm"] * args.warm_runs:
-                rows.append({"phase": phase, **run(which, cache, inductor, args.device, args.gpu_tier)})
+            phases = ["cold"] + ["warm"] * args.warm_runs
+            for i, phase in enumerate(phases):
+                prof = f"{tmp}/{which}.prof" if args.profile and phase == "warm" and i == len(phases) - 1 else None
+                rows.append({"phase": phase, **run(which, cache, inductor, args.device, args.gpu_tier, prof)})
+                if prof and Path(prof).exists():
+                    profiles[which] = _top_calls(prof)
     print("| | compile() | first call | total |\n| --- | --- | --- | --- |")
     for r in rows:
         name = f"{'torch.compile' if r['which'] == 'tc' else r['which']}, {r['phase']}"
         print(f"| {name} | {r.get('compile_s', '-')} s | {r.get('first_call_s', '-')} s | {r.get('total_s', r.get('error'))} |")
     print(json.dumps(rows))
+    for which, text in profiles.items():
+        print(f"\n## cProfile, {which}, last warm run\n{text}")
     return 0
 
 
