@@ -8,7 +8,8 @@ compile() plus first call <= 2 s.
 
 Rows: ``ttm`` (the defaults: Inductor's stored artifacts, backends/_inductor_store.py),
 ``ttm-dynamo`` (``STORE_ARTIFACTS = False``: Inductor through torch.compile and its own caches,
-as before the artifacts) and ``torch.compile``. ``--device cpu`` times the same on a CPU, with
+as before the artifacts), ``ttm-nopch`` (``PRECOMPILED_HEADERS_ON_LOAD = False``: a stored
+artifact is loaded without Inductor's precompiled-header step, an experiment) and ``torch.compile``. ``--device cpu`` times the same on a CPU, with
 ``runtime="torch", optimize="inductor"`` (on a CPU ``"auto"`` does not use Inductor).
 
     python benchmarks/bench_compile_gpu.py                 # prints a markdown table and one JSON line
@@ -38,6 +39,7 @@ t_import = time.perf_counter()
 which, cache_dir, device, gpu_tier = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 from torch_trt_module.backends import _inductor_store, _torch_opt
 _torch_opt.STORE_ARTIFACTS = which != "ttm-dynamo"
+_inductor_store.PRECOMPILED_HEADERS_ON_LOAD = which != "ttm-nopch"
 if gpu_tier:  # the GPU's Inductor options (C++ wrapper, no vector-ISA checks) on a CPU: its start-up costs
     _torch_opt._TIERS[False] = _torch_opt._TIERS[True]
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -166,30 +166,46 @@ def test_the_key_holds_the_graph_its_constants_layouts_options_and_numerics() ->
 _CHILD = """
 import json, sys
 from pathlib import Path
-import torch
+import torch._inductor.codecache as codecache
+headers = []
+_real = codecache._precompile_header
+def _counting(header, *args, **kwargs):
+    headers.append(header)
+    return _real(header, *args, **kwargs)
+codecache._precompile_header = _counting
 import torch_trt_module as ttm
 from torch_trt_module.backends import _inductor_store
 _inductor_store.store_dir = lambda: Path(sys.argv[1])
+_inductor_store.PRECOMPILED_HEADERS_ON_LOAD = sys.argv[3] == "1"
 sys.path.insert(0, sys.argv[2])
 from tests._support import convbn_input, convbn_model
 model = convbn_model()
 fast = ttm.compile(model, convbn_input(2), cache=False, runtime="torch", optimize="inductor", verify=False)
 x = convbn_input(4)
 err = float((fast(x) - model(x)).abs().max())
-print(json.dumps({**_inductor_store.STATS, "err": err}))
+print(json.dumps({**_inductor_store.STATS, "err": err, "headers": headers}))
 """
 
 
-def test_a_new_process_loads_the_program_and_runs_no_dynamo() -> None:
+def test_a_new_process_loads_the_program_with_or_without_the_precompiled_header_step() -> None:
+    # Two real new processes load what this one stored: no Dynamo, no compile. Inductor runs its
+    # precompiled-header step (a preprocessor run) in every process that loads a C++ library,
+    # built or not; PRECOMPILED_HEADERS_ON_LOAD=False skips it at load. The step runs only with
+    # the flag on, and both processes load the artifact (nothing compiled) and match eager.
     model = convbn_model()
-    _compiled(model)(convbn_input(4))  # compiled and stored here
+    _compiled(model)(convbn_input(4))
     assert STATS["stored"] == 1
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(_inductor_store.store_dir()), str(REPO)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (child["compiled"], child["loaded"], child["stored"], child["refused"]) == (0, 1, 0, 0)
-    assert child["err"] < 1e-4
+    runs = {}
+    for flag in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(_inductor_store.store_dir()), str(REPO), flag],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for child in runs.values():
+        assert (child["compiled"], child["loaded"], child["stored"], child["refused"]) == (0, 1, 0, 0)
+        assert child["err"] < 1e-4
+    assert runs["1"]["headers"], "with the flag on, Inductor's header step runs at load (what the flag skips)"
+    assert runs["0"]["headers"] == []
 
 
 def test_store_artifacts_false_compiles_with_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -227,7 +227,7 @@ def test_inductor_s_artifact_loads_in_a_fresh_process_and_a_damaged_one_is_compi
     assert cold == {"compiled": 1, "loaded": 0, "refused": 0}
     assert warm == {"compiled": 0, "loaded": 1, "refused": 0}
     assert damaged == {"compiled": 1, "loaded": 0, "refused": 1}
-    assert all(s["optimized"].endswith("TorchInductor (C++ wrapper)") for s in stats), stats
+    assert all("TorchInductor (C++ wrapper)" in s["optimized"] for s in stats), stats
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval().cuda()
     with torch.no_grad():

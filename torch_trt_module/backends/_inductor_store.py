@@ -55,8 +55,8 @@ from .._core.io import atomic_write, pack, unpack
 from .._core.numerics import tf32_state
 from .._core.sign import canonical_json
 
-__all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "STATS", "artifact_key", "store_dir", "warn_once", "warned",
-           "why"]
+__all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "PRECOMPILED_HEADERS_ON_LOAD", "STATS", "artifact_key",
+           "store_dir", "warn_once", "warned", "why"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,13 @@ MAX_STATIC = 2
 #: What happened in this process (the tests' and the benchmarks' view): artifacts compiled,
 #: loaded, stored, and refused (damaged, or failing to load).
 STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
+#: Whether loading an artifact lets Inductor precompile its C++ headers. Inductor runs the
+#: compiler's preprocessor over the C++ wrapper's header in every new process to hash it (0.8 s
+#: on the H100), even where the wrapper's library is already built; the library's path does not
+#: depend on it. False skips that step at load (a library that must be built again is built
+#: without the precompiled header: slower, the same code). An experiment until timed on a GPU
+#: (``bench_compile_gpu.py``'s ``ttm-nopch`` row).
+PRECOMPILED_HEADERS_ON_LOAD = True
 _KIND = "inductor-artifact"
 #: The keys of the WARNINGs already given in this process (by this module and ``_torch_opt``).
 warned: set[str] = set()
@@ -363,5 +370,8 @@ def _load_artifact(path: str, options: dict[str, Any]) -> Any:
     import torch._inductor.config as config
     from torch._inductor import CompiledArtifact
 
-    with config.patch(dict(options)) if options else contextlib.nullcontext():
+    patches = dict(options)
+    if not PRECOMPILED_HEADERS_ON_LOAD:
+        patches["cpp_cache_precompile_headers"] = False
+    with config.patch(patches) if patches else contextlib.nullcontext():
         return CompiledArtifact.load(path=path, format="binary")
