@@ -163,6 +163,37 @@ def test_the_key_holds_the_graph_its_constants_layouts_options_and_numerics() ->
     assert artifact_key(gm, w, [x], {}, cpu) == changed
 
 
+def _helper_graph(tmp_path: Path, body: str) -> torch.fx.GraphModule:
+    # A graph calling a Python function, as the passes' graphs call ``_permuted_linear``: the same
+    # module and function name each time, from a file holding ``body``.
+    import importlib.util
+
+    path = tmp_path / body.replace(" ", "").replace("+", "plus").replace("*", "times") / "ttm_helper.py"
+    path.parent.mkdir()
+    path.write_text(f"def helper(x):\n    return {body}\n")
+    spec = importlib.util.spec_from_file_location("ttm_helper", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(module.helper, (graph.placeholder("x"),)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_the_key_holds_the_source_of_the_functions_the_graph_calls_and_the_passes_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A library upgrade that edits a pass's helper keeps the graph's code (it names the helper)
+    # the same: the stored program compiled from the old helper must not be loaded.
+    x, cpu = torch.ones(2), torch.device("cpu")
+    plus, times = _helper_graph(tmp_path, "x + 1"), _helper_graph(tmp_path, "x * 2")
+    assert plus.code == times.code
+    base = artifact_key(plus, [], [x], {}, cpu)
+    assert artifact_key(times, [], [x], {}, cpu) != base
+    assert artifact_key(plus, [], [x], {}, cpu) == base
+    monkeypatch.setattr(_inductor_store, "OPTIMIZE_VERSION", "a-later-pass-1")
+    assert artifact_key(plus, [], [x], {}, cpu) != base
+
+
 _CHILD = """
 import json, sys
 from pathlib import Path

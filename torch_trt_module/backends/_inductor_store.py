@@ -26,7 +26,8 @@ library's own files never do: so it is wrapped in the checksummed container (dam
 before anything is read) and, with ``$TORCH_TRT_MODULE_CACHE_KEY`` set, signed, so that an
 artifact someone else wrote is refused unread. Without a key it is trusted as Inductor's own
 cache files in that directory are. The key (:func:`artifact_key`) holds everything the compile
-depends on: the graph's code and constants, the weights' and inputs' layouts, Inductor's options
+depends on: the graph's code and constants, the source of the Python functions it calls and the
+passes' version, the weights' and inputs' layouts, Inductor's options
 and configuration, the numerics flags, torch, Triton, Python, and the GPU (its name and compute
 capability) or the CPU, so another machine or another torch compiles its own. A damaged or
 unloadable artifact is compiled again (one WARNING), never a failed call.
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import platform
 import sys
@@ -53,6 +55,7 @@ import torch
 
 from .._core.io import atomic_write, pack, unpack
 from .._core.numerics import tf32_state
+from .._core.settings import OPTIMIZE_VERSION
 from .._core.sign import canonical_json
 
 __all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "PRECOMPILED_HEADERS_ON_LOAD", "STATS", "artifact_key",
@@ -149,8 +152,9 @@ def _device_name(device: torch.device) -> str:
 
 
 def _graph_digest(graph: torch.fx.GraphModule) -> str:
-    """The code of the graph and of every graph nested in it, and the values of the tensors it
-    holds as attributes (constants that Inductor may bake into its code)."""
+    """The code of the graph and of every graph nested in it, the source of the Python functions
+    they call, and the values of the tensors it holds as attributes (constants that Inductor may
+    bake into its code)."""
     h = hashlib.sha256()
     for name, gm in graph.named_modules():
         # A call_module target that is no graph (torch.export's graphs have none) is keyed by its
@@ -158,6 +162,8 @@ def _graph_digest(graph: torch.fx.GraphModule) -> str:
         kind = type(gm)
         text = gm.code if isinstance(gm, torch.fx.GraphModule) else f"{kind.__module__}.{kind.__qualname__}: {gm!r}"
         h.update(f"{name}\n{text}\n".encode())
+    for name, source in _called_sources(graph):
+        h.update(f"{name}\n{source}\n".encode())
     tensors = {**dict(graph.named_parameters()), **dict(graph.named_buffers())}
     for gm in graph.modules():
         for key, value in vars(gm).items():
@@ -168,6 +174,28 @@ def _graph_digest(graph: torch.fx.GraphModule) -> str:
         h.update(f"{name}:{_layout(t)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _called_sources(graph: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """``(qualified name, source)`` of each Python function the graph calls (the passes' helpers,
+    such as ``_permuted_linear``): the graph's code names them, but an edited body under the same
+    name must not load the program compiled from the old one. A function whose source cannot be
+    read is keyed by its name and code object's bytes."""
+    found: dict[str, str] = {}
+    for gm in graph.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            fn = node.target
+            if node.op != "call_function" or not inspect.isfunction(fn):
+                continue
+            name = f"{fn.__module__}.{fn.__qualname__}"
+            if name not in found:
+                try:
+                    found[name] = inspect.getsource(fn)
+                except (OSError, TypeError):
+                    found[name] = fn.__code__.co_code.hex() + repr(fn.__code__.co_consts)
+    return sorted(found.items())
 
 
 def _inductor_config() -> str:
@@ -200,7 +228,7 @@ def _base(graph: torch.fx.GraphModule, weights: Sequence[torch.Tensor], options:
         triton_version: str | None = triton.__version__
     except ImportError:
         triton_version = None
-    return {"format": ARTIFACT_FORMAT, "torch": torch.__version__, "triton": triton_version,
+    return {"format": ARTIFACT_FORMAT, "passes": OPTIMIZE_VERSION, "torch": torch.__version__, "triton": triton_version,
             "python": list(sys.version_info[:2]), "machine": _machine(device), "device": _device_name(device),
             "options": {k: repr(v) for k, v in sorted(options.items())}, "config": _inductor_config(),
             "graph": _graph_digest(graph), "weights": [_layout(w) for w in weights]}
