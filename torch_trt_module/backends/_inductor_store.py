@@ -57,6 +57,8 @@ from .._core.io import atomic_write, pack, unpack
 from .._core.numerics import tf32_state
 from .._core.settings import OPTIMIZE_VERSION
 from .._core.sign import canonical_json
+from ._fx_inline import calls_python, inline_python_calls
+from ._warn import warn_once, warned, why
 
 __all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "PRECOMPILED_HEADERS_ON_LOAD", "STATS", "artifact_key",
            "store_dir", "warn_once", "warned", "why"]
@@ -72,30 +74,11 @@ MAX_STATIC = 2
 #: What happened in this process (the tests' and the benchmarks' view): artifacts compiled,
 #: loaded, stored, and refused (damaged, or failing to load).
 STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
-#: Whether loading an artifact lets Inductor precompile its C++ headers. Inductor runs the
-#: compiler's preprocessor over the C++ wrapper's header in every new process to hash it (0.8 s
-#: on the H100), even where the wrapper's library is already built; the library's path does not
-#: depend on it. False skips that step at load (a library that must be built again is built
-#: without the precompiled header: slower, the same code). An experiment until timed on a GPU
-#: (``bench_compile_gpu.py``'s ``ttm-nopch`` row).
+#: Whether a load runs Inductor's precompiled-header step (a preprocessor run in every process, 0.8 s
+#: on the H100, even where the library is built). False skips it, but finds no library built with
+#: it (benchmarks/RESULTS.md): an experiment (``bench_compile_gpu.py``'s ``ttm-nopch`` row).
 PRECOMPILED_HEADERS_ON_LOAD = True
 _KIND = "inductor-artifact"
-#: The keys of the WARNINGs already given in this process (by this module and ``_torch_opt``).
-warned: set[str] = set()
-
-
-def warn_once(logger: logging.Logger, key: str, msg: str, *args: Any) -> None:
-    """``logger.warning(msg, *args)``, the first time ``key`` is seen in this process."""
-    if key not in warned:
-        warned.add(key)
-        logger.warning(msg, *args)
-
-
-def why(error: BaseException) -> tuple[str, str]:
-    """An error's type and the first line of its message (at most 300 characters), for a WARNING."""
-    text = str(error)
-    return type(error).__name__, text.splitlines()[0][:300] if text else ""
-
 
 def available() -> bool:
     """Whether this torch has ``standalone_compile`` and ``CompiledArtifact`` (torch >= 2.8)."""
@@ -177,10 +160,8 @@ def _graph_digest(graph: torch.fx.GraphModule) -> str:
 
 
 def _called_sources(graph: torch.fx.GraphModule) -> list[tuple[str, str]]:
-    """``(qualified name, source)`` of each Python function the graph calls (the passes' helpers,
-    such as ``_permuted_linear``): the graph's code names them, but an edited body under the same
-    name must not load the program compiled from the old one. A function whose source cannot be
-    read is keyed by its name and code object's bytes."""
+    """``(name, source)`` of the Python functions the graph calls (the passes' helpers): the code
+    names them, but an edited body must not load the old program. No source: the bytecode."""
     found: dict[str, str] = {}
     for gm in graph.modules():
         if not isinstance(gm, torch.fx.GraphModule):
@@ -390,6 +371,8 @@ def _compile_artifact(graph: torch.fx.GraphModule, args: list[torch.Tensor], opt
     """Inductor's static compile of ``graph`` for ``args`` (the seam the tests replace)."""
     from torch._inductor import standalone_compile
 
+    if calls_python(graph):  # else Inductor cannot store it (see ._fx_inline)
+        graph = inline_python_calls(graph, args)
     return standalone_compile(graph, args, dynamic_shapes="from_example_inputs",
                               options={"config_patches": dict(options)} if options else None)
 

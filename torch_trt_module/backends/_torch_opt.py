@@ -35,8 +35,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from ._inductor_store import Artifacts, warn_once, why
+from . import _depthwise
+from ._inductor_store import Artifacts
 from ._torch_passes import WeightPlan, optimize_graph
+from ._warn import warn_once, why
 
 __all__ = ["AUTO_INDUCTOR", "Optimized", "STORE_ARTIFACTS"]
 
@@ -135,17 +137,18 @@ class Optimized:
              device: torch.device) -> "Optimized | None":
         """The optimized program for ``mode`` ("auto", "inductor" or "passes"), or None (the plain
         program runs) where the passes cannot apply, with a WARNING."""
-        try:
-            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)))
-        except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
-            warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
-                      "(%s: %s); it runs as captured", type(e).__name__, e)
-            return None
         inductor = mode == "inductor" or (mode == "auto" and device.type == "cuda" and AUTO_INDUCTOR)
         if inductor and (missing := inductor_available(device)):
             warn_once(log, f"inductor:{missing}", "TorchInductor cannot compile here (%s); the optimized program "
                       "runs without it", missing)
             inductor = False
+        try:
+            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)),
+                                      depthwise=inductor and _depthwise.DEPTHWISE_TAPS)
+        except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
+            warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
+                      "(%s: %s); it runs as captured", type(e).__name__, e)
+            return None
         return cls(gm, plan, dict(zip(names, weights)), device, inductor, captured=graph)
 
     def describe(self) -> str:
@@ -154,6 +157,8 @@ class Optimized:
         parts = [f"{self.plan.folds} BatchNorms folded"] if self.plan.folds else []
         if self.plan.merges:
             parts.append(f"{self.plan.merges} Linear groups merged")
+        if self.plan.taps:
+            parts.append(f"{self.plan.taps} grouped convolutions as taps")
         if self.channels_last:
             parts.append("channels_last weights")
         if not self.inductor:
