@@ -273,6 +273,21 @@ def test_a_graph_calling_the_passes_python_helpers_is_stored_and_loaded(monkeypa
     assert "1 grouped convolutions as taps" in second.runner.optimized
 
 
+def test_a_graph_that_cannot_be_traced_into_aten_ops_still_compiles_with_one_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def fail(graph: torch.fx.GraphModule, args: object) -> None:  # a double for a tracing failure
+        raise RuntimeError("data-dependent shape")
+
+    monkeypatch.setattr(_inductor_store, "inline_python_calls", fail)
+    model, x = _Attention().eval(), torch.randn(2, 5, 16)
+    with caplog.at_level(logging.WARNING):
+        fast = ttm.compile(model, x, cache=False, runtime="torch", optimize="inductor", verify=False)
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    assert STATS["compiled"] == 1 and STATS["stored"] == 0 and fast.runner.optimized.endswith("TorchInductor")
+    assert any(r.getMessage() == "the optimized program could not be traced into ATen ops (RuntimeError: "
+               "data-dependent shape); TorchInductor compiles it as it is, and cannot store it" for r in caplog.records)
+
+
 def test_store_artifacts_false_compiles_with_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_torch_opt, "STORE_ARTIFACTS", False)
     model = convbn_model()

@@ -372,7 +372,11 @@ def _compile_artifact(graph: torch.fx.GraphModule, args: list[torch.Tensor], opt
     from torch._inductor import standalone_compile
 
     if calls_python(graph):  # else Inductor cannot store it (see ._fx_inline)
-        graph = inline_python_calls(graph, args)
+        try:
+            graph = inline_python_calls(graph, args)
+        except Exception as e:  # noqa: BLE001 - compiled as it is: it runs, only the next process compiles again
+            warn_once(log, f"inline:{type(e).__name__}", "the optimized program could not be traced into ATen ops "
+                      "(%s: %s); TorchInductor compiles it as it is, and cannot store it", *why(e))
     return standalone_compile(graph, args, dynamic_shapes="from_example_inputs",
                               options={"config_patches": dict(options)} if options else None)
 
