@@ -16,23 +16,26 @@ Example:
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["calls_python", "inline_python_calls"]
+__all__ = ["calls_python", "inline_python_calls", "python_calls"]
+
+
+def python_calls(graph: torch.fx.GraphModule) -> Iterator[Callable[..., Any]]:
+    """The Python functions (not ATen ops or builtins) that ``graph`` and the graphs nested in it
+    call, once per call site."""
+    for gm in graph.modules():
+        if isinstance(gm, torch.fx.GraphModule):
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and inspect.isfunction(node.target):
+                    yield node.target
 
 
 def calls_python(graph: torch.fx.GraphModule) -> bool:
     """Whether ``graph`` (or a graph nested in it) calls a Python function defined outside torch."""
-    for gm in graph.modules():
-        if isinstance(gm, torch.fx.GraphModule):
-            for node in gm.graph.nodes:
-                fn = node.target
-                if node.op == "call_function" and inspect.isfunction(fn) \
-                        and not (fn.__module__ or "").startswith(("torch.", "_operator", "operator")):
-                    return True
-    return False
+    return any(not (fn.__module__ or "").startswith(("torch.", "_operator", "operator")) for fn in python_calls(graph))
 
 
 def inline_python_calls(graph: torch.fx.GraphModule, args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:

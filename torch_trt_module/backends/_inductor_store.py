@@ -57,7 +57,7 @@ from .._core.io import atomic_write, pack, unpack
 from .._core.numerics import tf32_state
 from .._core.settings import OPTIMIZE_VERSION
 from .._core.sign import canonical_json
-from ._fx_inline import calls_python, inline_python_calls
+from ._fx_inline import calls_python, inline_python_calls, python_calls
 from ._warn import warn_once, warned, why
 
 __all__ = ["ARTIFACT_FORMAT", "Artifacts", "MAX_STATIC", "PRECOMPILED_HEADERS_ON_LOAD", "STATS", "artifact_key",
@@ -79,6 +79,7 @@ STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
 #: it (benchmarks/RESULTS.md): an experiment (``bench_compile_gpu.py``'s ``ttm-nopch`` row).
 PRECOMPILED_HEADERS_ON_LOAD = True
 _KIND = "inductor-artifact"
+
 
 def available() -> bool:
     """Whether this torch has ``standalone_compile`` and ``CompiledArtifact`` (torch >= 2.8)."""
@@ -163,19 +164,13 @@ def _called_sources(graph: torch.fx.GraphModule) -> list[tuple[str, str]]:
     """``(name, source)`` of the Python functions the graph calls (the passes' helpers): the code
     names them, but an edited body must not load the old program. No source: the bytecode."""
     found: dict[str, str] = {}
-    for gm in graph.modules():
-        if not isinstance(gm, torch.fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            fn = node.target
-            if node.op != "call_function" or not inspect.isfunction(fn):
-                continue
-            name = f"{fn.__module__}.{fn.__qualname__}"
-            if name not in found:
-                try:
-                    found[name] = inspect.getsource(fn)
-                except (OSError, TypeError):
-                    found[name] = fn.__code__.co_code.hex() + repr(fn.__code__.co_consts)
+    for fn in python_calls(graph):
+        name = f"{fn.__module__}.{fn.__qualname__}"
+        if name not in found:
+            try:
+                found[name] = inspect.getsource(fn)
+            except (OSError, TypeError):
+                found[name] = fn.__code__.co_code.hex() + repr(fn.__code__.co_consts)
     return sorted(found.items())
 
 
