@@ -282,9 +282,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra TorchInductor options for the PyTorch runtime's GPU compile (an experiment: merged "
                         "into backends._torch_opt._TIERS in this process, and keyed with the artifacts), e.g. "
                         "'{\"conv_1x1_as_mm\": true}'")
-    p.add_argument("--depthwise-taps", action="store_true",
-                   help="the PyTorch runtime writes depthwise convolutions as shifted slices for Inductor "
-                        "(backends._depthwise.DEPTHWISE_TAPS, an experiment off by default)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -297,10 +294,6 @@ def main(argv: list[str] | None = None) -> int:
 
         extra = json.loads(args.inductor_options)
         _torch_opt._TIERS[True] = tuple({**tier, **extra} for tier in _torch_opt._TIERS[True])
-    if args.depthwise_taps:
-        from torch_trt_module.backends import _depthwise
-
-        _depthwise.DEPTHWISE_TAPS = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render:

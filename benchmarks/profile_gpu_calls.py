@@ -58,14 +58,8 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="32,8")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--top", type=int, default=8)
-    p.add_argument("--depthwise-taps", action="store_true", help="the experiment of backends._depthwise, on")
     args = p.parse_args()
     import torch_trt_module as ttm
-
-    if args.depthwise_taps:
-        from torch_trt_module.backends import _depthwise
-
-        _depthwise.DEPTHWISE_TAPS = True
 
     factory, inputs = MODELS[args.model]
     torch.manual_seed(0)

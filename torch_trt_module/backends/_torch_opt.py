@@ -35,7 +35,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import _depthwise
 from ._inductor_store import Artifacts
 from ._torch_passes import WeightPlan, optimize_graph
 from ._warn import warn_once, why
@@ -143,8 +142,7 @@ class Optimized:
                       "runs without it", missing)
             inductor = False
         try:
-            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)),
-                                      depthwise=inductor and _depthwise.DEPTHWISE_TAPS)
+            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)))
         except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
             warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
                       "(%s: %s); it runs as captured", type(e).__name__, e)
@@ -157,8 +155,6 @@ class Optimized:
         parts = [f"{self.plan.folds} BatchNorms folded"] if self.plan.folds else []
         if self.plan.merges:
             parts.append(f"{self.plan.merges} Linear groups merged")
-        if self.plan.taps:
-            parts.append(f"{self.plan.taps} grouped convolutions as taps")
         if self.channels_last:
             parts.append("channels_last weights")
         if not self.inductor:

@@ -42,7 +42,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ._depthwise import rewrite_depthwise
 
 __all__ = ["PASSES_VERSION", "WeightPlan", "optimize_graph"]
 
@@ -107,8 +106,6 @@ class WeightPlan:
     recipes: list[_Recipe] = field(default_factory=list)
     #: Indices of the 4-d weights that convolutions read (what ``channels_last`` lays out).
     conv_weights: frozenset[int] = frozenset()
-    #: Grouped convolutions pointed at :func:`._depthwise.conv_taps` (``depthwise=True``).
-    taps: int = 0
 
     @property
     def sources(self) -> set[str]:
@@ -146,14 +143,12 @@ class WeightPlan:
 
 
 def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[str], *, fold: bool = True,
-                   weights: Mapping[str, torch.Tensor] | None = None,
-                   depthwise: bool = False) -> tuple[torch.fx.GraphModule, WeightPlan]:
+                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.fx.GraphModule, WeightPlan]:
     """A copy of ``graph_module`` (whose first ``len(weight_names)`` placeholders are the weights,
     by those names, and the rest the user inputs) with the inference passes applied, and the
     plan that computes its weight arguments. The original graph is left as it is. ``weights``
     (by name; only their shapes and dtypes are read): without them, Linears are not merged,
-    since the graph itself carries no shapes. ``depthwise``: depthwise convolutions as shifted
-    slices (:mod:`._depthwise`, for Inductor only)."""
+    since the graph itself carries no shapes."""
     gm = copy.deepcopy(graph_module)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -174,7 +169,6 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     if weights is not None:
         for node in list(graph.nodes):
             _merge_siblings(graph, node, name_of, recipe_of, first_input, weights)
-    taps = rewrite_depthwise(graph) if depthwise else 0
     graph.eliminate_dead_code()
     weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
     # The weights come first, in a fixed order, then the user inputs, as TorchRunner calls it.
@@ -188,7 +182,7 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     index = {n: i for i, n in enumerate(weights_nodes)}
     conv_weights = frozenset(index[n.args[1]] for n in graph.nodes if n.op == "call_function"
                              and n.target in _CONVS and len(n.args) > 1 and n.args[1] in index)
-    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, taps)
+    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights)
 
 
 def _fold_one(graph: torch.fx.Graph, bn: torch.fx.Node, name_of: dict[torch.fx.Node, str],
