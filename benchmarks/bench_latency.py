@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra TorchInductor options for the PyTorch runtime's GPU compile (an experiment: merged "
                         "into backends._torch_opt._TIERS in this process, and keyed with the artifacts), e.g. "
                         "'{\"conv_1x1_as_mm\": true}'")
+    p.add_argument("--dwconv-triton", metavar="DTYPES", default="",
+                   help="dtypes whose depthwise convolutions run our Triton kernel where Inductor compiles for a GPU "
+                        "(backends._dwconv.DWCONV_TRITON, an experiment, empty by default), e.g. float16,float32")
+    p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="",
+                   help="the Triton depthwise kernel's tile, e.g. 2048x4 (backends._dwconv.TILE and WARPS)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -289,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     # What cuda_graphs="auto" decided for each shape (INFO), for the log beside the table.
     logging.getLogger("torch_trt_module.backends._autographs").setLevel(logging.INFO)
     warnings.simplefilter("ignore")
+    if args.dwconv_triton:
+        from torch_trt_module.backends import _dwconv
+
+        _dwconv.DWCONV_TRITON = frozenset(args.dwconv_triton.split(","))
+        if args.dwconv_tile:
+            _dwconv.TILE, _dwconv.WARPS = (int(v) for v in args.dwconv_tile.split("x"))
     if args.inductor_options:
         from torch_trt_module.backends import _torch_opt
 

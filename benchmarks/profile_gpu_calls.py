@@ -58,8 +58,18 @@ def main() -> int:
     p.add_argument("--batch-sizes", default="32,8")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--dwconv-triton", metavar="DTYPES", default="",
+                   help="backends._dwconv.DWCONV_TRITON for this process (an experiment), e.g. float16,float32")
+    p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="", help="its tile, e.g. 2048x4")
     args = p.parse_args()
     import torch_trt_module as ttm
+
+    if args.dwconv_triton:
+        from torch_trt_module.backends import _dwconv
+
+        _dwconv.DWCONV_TRITON = frozenset(args.dwconv_triton.split(","))
+        if args.dwconv_tile:
+            _dwconv.TILE, _dwconv.WARPS = (int(v) for v in args.dwconv_tile.split("x"))
 
     factory, inputs = MODELS[args.model]
     torch.manual_seed(0)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from . import _dwconv
 from ._inductor_store import Artifacts
 from ._torch_passes import WeightPlan, optimize_graph
 from ._warn import warn_once, why
@@ -142,7 +143,8 @@ class Optimized:
                       "runs without it", missing)
             inductor = False
         try:
-            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)))
+            gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)),
+                                      dwconv=_dwconv.DWCONV_TRITON if inductor else frozenset())
         except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
             warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
                       "(%s: %s); it runs as captured", type(e).__name__, e)
@@ -155,6 +157,9 @@ class Optimized:
         parts = [f"{self.plan.folds} BatchNorms folded"] if self.plan.folds else []
         if self.plan.merges:
             parts.append(f"{self.plan.merges} Linear groups merged")
+        if self.plan.dwconv:
+            parts.append(f"{self.plan.dwconv} grouped convolutions to the Triton depthwise kernel where depthwise "
+                         f"({', '.join(sorted(_dwconv.DWCONV_TRITON))})")
         if self.channels_last:
             parts.append("channels_last weights")
         if not self.inductor:

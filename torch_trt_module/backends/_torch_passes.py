@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ._dwconv import conv_or_depthwise, rewrite_grouped
 
 __all__ = ["PASSES_VERSION", "WeightPlan", "optimize_graph"]
 
@@ -106,6 +107,8 @@ class WeightPlan:
     recipes: list[_Recipe] = field(default_factory=list)
     #: Indices of the 4-d weights that convolutions read (what ``channels_last`` lays out).
     conv_weights: frozenset[int] = frozenset()
+    #: Grouped convolutions pointed at :func:`._dwconv.conv_or_depthwise` (``dwconv``).
+    dwconv: int = 0
 
     @property
     def sources(self) -> set[str]:
@@ -143,12 +146,14 @@ class WeightPlan:
 
 
 def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[str], *, fold: bool = True,
-                   weights: Mapping[str, torch.Tensor] | None = None) -> tuple[torch.fx.GraphModule, WeightPlan]:
+                   weights: Mapping[str, torch.Tensor] | None = None,
+                   dwconv: frozenset[str] = frozenset()) -> tuple[torch.fx.GraphModule, WeightPlan]:
     """A copy of ``graph_module`` (whose first ``len(weight_names)`` placeholders are the weights,
     by those names, and the rest the user inputs) with the inference passes applied, and the
     plan that computes its weight arguments. The original graph is left as it is. ``weights``
     (by name; only their shapes and dtypes are read): without them, Linears are not merged,
-    since the graph itself carries no shapes."""
+    since the graph itself carries no shapes. ``dwconv``: the dtypes whose depthwise convolutions
+    run the Triton kernel of :mod:`._dwconv` (for Inductor on a GPU only)."""
     gm = copy.deepcopy(graph_module)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -169,6 +174,7 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     if weights is not None:
         for node in list(graph.nodes):
             _merge_siblings(graph, node, name_of, recipe_of, first_input, weights)
+    dwconv_count = rewrite_grouped(graph, dwconv) if dwconv else 0
     graph.eliminate_dead_code()
     weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
     # The weights come first, in a fixed order, then the user inputs, as TorchRunner calls it.
@@ -181,8 +187,9 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     gm.recompile()
     index = {n: i for i, n in enumerate(weights_nodes)}
     conv_weights = frozenset(index[n.args[1]] for n in graph.nodes if n.op == "call_function"
-                             and n.target in _CONVS and len(n.args) > 1 and n.args[1] in index)
-    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights)
+                             and (n.target in _CONVS or n.target is conv_or_depthwise) and len(n.args) > 1
+                             and n.args[1] in index)
+    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count)
 
 
 def _fold_one(graph: torch.fx.Graph, bn: torch.fx.Node, name_of: dict[torch.fx.Node, str],
