@@ -159,7 +159,7 @@ class Optimized:
             parts.append(f"{self.plan.merges} Linear groups merged")
         if self.plan.dwconv:
             parts.append(f"{self.plan.dwconv} grouped convolutions to the Triton depthwise kernel where depthwise "
-                         f"({', '.join(sorted(_dwconv.DWCONV_TRITON))})")
+                         f"({', '.join(self.plan.dwconv_dtypes)})")
         if self.channels_last:
             parts.append("channels_last weights")
         if not self.inductor:

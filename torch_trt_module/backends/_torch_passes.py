@@ -107,8 +107,9 @@ class WeightPlan:
     recipes: list[_Recipe] = field(default_factory=list)
     #: Indices of the 4-d weights that convolutions read (what ``channels_last`` lays out).
     conv_weights: frozenset[int] = frozenset()
-    #: Grouped convolutions pointed at :func:`._dwconv.conv_or_depthwise` (``dwconv``).
+    #: Grouped convolutions pointed at :func:`._dwconv.conv_or_depthwise`, and the dtypes it serves.
     dwconv: int = 0
+    dwconv_dtypes: tuple[str, ...] = ()
 
     @property
     def sources(self) -> set[str]:
@@ -189,7 +190,7 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     conv_weights = frozenset(index[n.args[1]] for n in graph.nodes if n.op == "call_function"
                              and (n.target in _CONVS or n.target is conv_or_depthwise) and len(n.args) > 1
                              and n.args[1] in index)
-    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count)
+    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count, tuple(sorted(dwconv)))
 
 
 def _fold_one(graph: torch.fx.Graph, bn: torch.fx.Node, name_of: dict[torch.fx.Node, str],
