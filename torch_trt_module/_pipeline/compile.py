@@ -32,7 +32,7 @@ from .._partition.partitioned import PartitionedModule
 from .._partition.split import SegmentedModule, compile_split
 from .._runtime.module import TRTModule
 from .._verify.checks import check_compiled, check_export
-from ..backends import BackendChoice, Runner, select_backend
+from ..backends import BackendChoice, Runner, reusable_runner, select_backend
 
 __all__ = ["STATS", "Compiled", "compile", "compile_engine", "export_onnx"]
 
@@ -238,7 +238,7 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
     """Find the engine in the cache (local, then a remote store if set), or export, build and store it.
     Across a torch.distributed group: one rank per target builds, the others receive it (_fleet)."""
     if settings.cache is False:
-        return Compiled(_export_and_build(model, args, kwargs, settings, choice, device))
+        return _export_and_build(model, args, kwargs, settings, choice, device)
 
     if (group := _fleet.fleet_group(settings)) is not None:
         return _fleet.compile_in_fleet(group, model, args, kwargs, settings, choice, device,  # type: ignore[no-any-return]
@@ -282,8 +282,8 @@ def compile_engine(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
                 aux_name = timing_cache_name(choice, device)
                 engine, facts = _build(exported, settings, choice, device,
                                        cache.read_aux(aux_name) if aux_name else None)
-                _check_built(engine, model, args, kwargs, settings, device)
-                got = Compiled(engine, store_entry(cache, key, engine, device, choice))
+                checked = _check_built(engine, model, args, kwargs, settings, device)
+                got = Compiled(engine, store_entry(cache, key, engine, device, choice) or checked)
                 if aux_name and facts.get("timing_cache"):
                     cache.write_aux(aux_name, facts["timing_cache"])
         if fp is not None:
@@ -332,17 +332,20 @@ def _build(exported: ExportedModel, settings: Settings, choice: BackendChoice, d
 
 
 def _export_and_build(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], settings: Settings,
-                      choice: BackendChoice, device: torch.device) -> Engine:
+                      choice: BackendChoice, device: torch.device) -> Compiled:
     engine, _ = _build(_export(model, args, kwargs, settings), settings, choice, device)
-    _check_built(engine, model, args, kwargs, settings, device)
-    return engine
+    return Compiled(engine, _check_built(engine, model, args, kwargs, settings, device))
 
 
 def _check_built(engine: Engine, model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 settings: Settings, device: torch.device) -> None:
-    if settings.verify:
-        module = TRTModule(engine, device=device, runtime=settings.runtime)
-        check_compiled(module, model, args, kwargs, settings, device)
+                 settings: Settings, device: torch.device) -> Runner | None:
+    """Check the built engine against eager (``verify=True``), and give back the runner the check ran
+    where the returned module can take it (backends.reusable_runner)."""
+    if not settings.verify:
+        return None
+    module = TRTModule(engine, device=device, runtime=settings.runtime)
+    check_compiled(module, model, args, kwargs, settings, device)
+    return reusable_runner(module.runner)
 
 
 def _widened(mod: TRTModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, dict[int, tuple[int, int, int]]]:

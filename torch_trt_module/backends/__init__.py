@@ -36,8 +36,8 @@ from ._torch import TorchRunner
 from ._trt_loader import RTX_SUPPORTED, import_tensorrt
 
 __all__ = ["RUNTIMES", "BackendChoice", "Runner", "RuntimeChoice", "backend_version", "can_run_plan",
-           "choose_runtime", "default_device", "gpu_identity", "make_runner", "normalize_device", "rtx_runs_on",
-           "select_backend", "usable_device"]
+           "choose_runtime", "default_device", "gpu_identity", "make_runner", "normalize_device", "reusable_runner",
+           "rtx_runs_on", "select_backend", "usable_device"]
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -232,7 +232,8 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
                 weights: Mapping[str, torch.Tensor] | None = None) -> tuple[Runner, str]:
     """A runner for ``engine`` on ``device``, and the reason it was chosen. A plan a runtime refuses
     at load time (another TensorRT version) moves the auto chain on, with a WARNING.
-    ``prepared``: a runner compile() already made for this engine and device (the cache's ORT session).
+    ``prepared``: a runner compile() already made for this engine and device (the cache's ORT session,
+    or the PyTorch runner its check ran, with the programs Inductor compiled for it).
     ``weights``: values for the engine's weights by name, applied before the runner is returned."""
     dev = normalize_device(device)
     if weights is None and engine.meta.get("plan_weights_stale") and engine.backend != "onnxruntime":
@@ -261,7 +262,7 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
             return _graphs(runner, dev, cuda_graphs), choice.reason
     _announce(choice, dev)
     if choice.runtime == "torch":
-        runner = TorchRunner(engine, dev)
+        runner = prepared if isinstance(prepared, TorchRunner) and prepared.device == dev else TorchRunner(engine, dev)
         if weights:
             runner = runner.refit(weights)
         return _graphs(runner, dev, cuda_graphs), choice.reason
@@ -274,6 +275,21 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
     ex = engine.exported
     return OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, dev, half=ex.precision != "fp32",
                              initializers=weights), choice.reason
+
+
+def reusable_runner(runner: Runner) -> Runner | None:
+    """The runner under ``runner``'s CUDA-graph wrappers where :func:`make_runner` can take it again as
+    ``prepared`` for the same engine, else None: a PyTorch runner (the module compile() returns then
+    calls the programs Inductor compiled for its check, instead of loading them again) or an ONNX
+    Runtime session (not made twice).
+
+    Example:
+        >>> module = TRTModule(engine, device="cuda")               # doctest: +SKIP
+        >>> make_runner(engine, "cuda", prepared=reusable_runner(module.runner))  # doctest: +SKIP
+    """
+    while isinstance(runner, (AutoGraphRunner, CudaGraphRunner)):
+        runner = runner.inner
+    return runner if isinstance(runner, (TorchRunner, OnnxRuntimeRunner)) else None
 
 
 def _capturable(engine: Any) -> bool:
