@@ -30,7 +30,7 @@ RUNTIMES = ("auto", "tensorrt", "tensorrt_rtx", "onnxruntime", "torch")
 #: TorchInductor on a GPU), "inductor", "passes" (the passes only) or "none" (the program as captured).
 OPTIMIZE = ("auto", "inductor", "passes", "none")
 #: The version of those passes and of how Inductor is called: in the cache key (bump on any change).
-OPTIMIZE_VERSION = "bnfold-1+linear-perm-1+linear-merge-1+inductor-4+sdpa-2"
+OPTIMIZE_VERSION = "bnfold-1+linear-perm-1+linear-merge-1+casts-1+inductor-4+sdpa-2"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 #: "follow" (refit when the source's weights change, seen by a cheap per-call signature), "exact"
 #: (follow, plus a bitwise comparison with a copy at every call: also sees writes through p.data)

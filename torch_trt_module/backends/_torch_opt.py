@@ -157,6 +157,8 @@ class Optimized:
         parts = [f"{self.plan.folds} BatchNorms folded"] if self.plan.folds else []
         if self.plan.merges:
             parts.append(f"{self.plan.merges} Linear groups merged")
+        if self.plan.casts:
+            parts.append(f"{self.plan.casts} casts dropped")
         if self.plan.dwconv:
             parts.append(f"{self.plan.dwconv} grouped convolutions to the Triton depthwise kernel where depthwise "
                          f"({', '.join(self.plan.dwconv_dtypes)})")

@@ -42,12 +42,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ._casts import drop_casts
 from ._dwconv import conv_or_depthwise, rewrite_grouped
 
 __all__ = ["PASSES_VERSION", "WeightPlan", "optimize_graph"]
 
 #: Bump when a pass changes what it computes: the cache key includes it.
-PASSES_VERSION = "bnfold-1+linear-perm-1+linear-merge-1"
+PASSES_VERSION = "bnfold-1+linear-perm-1+linear-merge-1+casts-1"
 
 _aten = torch.ops.aten
 _CONVS = {_aten.conv2d.default, _aten.conv1d.default, _aten.conv3d.default}
@@ -110,6 +111,8 @@ class WeightPlan:
     #: Grouped convolutions pointed at :func:`._dwconv.conv_or_depthwise`, and the dtypes it serves.
     dwconv: int = 0
     dwconv_dtypes: tuple[str, ...] = ()
+    #: Casts dropped by :func:`._casts.drop_casts` (an fp16 or bf16 program's, after the folds).
+    casts: int = 0
 
     @property
     def sources(self) -> set[str]:
@@ -175,6 +178,10 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     if weights is not None:
         for node in list(graph.nodes):
             _merge_siblings(graph, node, name_of, recipe_of, first_input, weights)
+    casts = 0
+    if weights is not None:
+        known = {n: _recipe_dtype(r, weights) for n, r in recipe_of.items() if n.graph is graph}
+        casts = drop_casts(graph, {n: d for n, d in known.items() if d is not None})
     dwconv_count = rewrite_grouped(graph, dwconv) if dwconv else 0
     graph.eliminate_dead_code()
     weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
@@ -190,7 +197,15 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     conv_weights = frozenset(index[n.args[1]] for n in graph.nodes if n.op == "call_function"
                              and (n.target in _CONVS or n.target is conv_or_depthwise) and len(n.args) > 1
                              and n.args[1] in index)
-    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count, tuple(sorted(dwconv)))
+    return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count, tuple(sorted(dwconv)),
+                          casts)
+
+
+def _recipe_dtype(recipe: _Recipe, weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype of the weight argument ``recipe`` derives (a fold keeps its convolution's)."""
+    name = recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else recipe.names[0]
+    t = weights.get(name)
+    return t.dtype if t is not None else None
 
 
 def _fold_one(graph: torch.fx.Graph, bn: torch.fx.Node, name_of: dict[torch.fx.Node, str],
