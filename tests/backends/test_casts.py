@@ -110,6 +110,24 @@ def test_regions_that_cannot_run_low_keep_their_casts() -> None:
         assert drop_casts(gm.graph, {x: torch.float16, w: torch.float32}) == 0, what
 
 
+def test_an_in_place_op_never_comes_to_write_into_an_input_or_a_view() -> None:
+    def on_input(g: Graph, x: Node, w: Node) -> Node:
+        return _down(g, g.call_function(_aten.relu_.default, (_up(g, x),)))
+
+    def on_view(g: Graph, x: Node, w: Node) -> Node:
+        v = g.call_function(_aten.view.default, (_up(g, g.call_function(_aten.relu.default, (x,))), [-1]))
+        return _down(g, g.call_function(_aten.relu_.default, (v,)))
+
+    gm, x, w = _graph(on_input)
+    assert drop_casts(gm.graph, {x: torch.float16, w: torch.float32}) == 0
+    xs = torch.randn(64).half()
+    kept = xs.clone()
+    torch.testing.assert_close(gm(xs, torch.zeros(1)), torch.relu(kept))
+    assert torch.equal(xs, kept)  # the caller's tensor is left as it was
+    gm, x, w = _graph(on_view)  # relu(x) is the program's own, but relu_ would write through a view
+    assert drop_casts(gm.graph, {x: torch.float16, w: torch.float32}) == 0
+
+
 def test_an_in_place_op_on_a_tensor_read_elsewhere_keeps_its_cast() -> None:
     # relu_ writes into the cast's output; without the cast it would write into x, which add reads.
     def body(g: Graph, x: Node, w: Node) -> Node:

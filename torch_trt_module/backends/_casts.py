@@ -48,6 +48,9 @@ _BINARY = {_aten.add.Tensor, _aten.add_.Tensor, _aten.mul.Tensor, _aten.mul_.Ten
 #: Those that write into argument 0.
 _IN_PLACE = {_aten.relu_.default, _aten.hardswish_.default, _aten.hardsigmoid_.default, _aten.silu_.default,
              _aten.dropout_.default, _aten.hardtanh_.default, _aten.add_.Tensor, _aten.mul_.Tensor}
+#: Those whose output may be their input, or a view of it (dropout outside training returns it).
+_ALIASING = {_aten.view.default, _aten.reshape.default, _aten.flatten.using_ints, _aten.dropout.default,
+             _aten.dropout_.default}
 #: The largest region rewritten (a bound on the walk, far above a block's few ops).
 _MAX_REGION = 256
 
@@ -121,10 +124,15 @@ def _region(entry: Node, dt: Mapping[Node, torch.dtype]) -> tuple[set[Node], set
     for u in inner:
         if u.target in _IN_PLACE:
             target = u.args[0]
-            # What it writes into must have no other reader, before and after the rewrite.
+            # What it writes into must have no other reader, before and after the rewrite, and be a
+            # tensor of the program's own: never an input, a weight, or a view of another tensor.
             if not isinstance(target, Node) or len(target.users) != 1:
                 return None
-            if target in entries and len(target.args[0].users) != 1:  # type: ignore[union-attr]
+            if target in entries:
+                target = target.args[0]  # type: ignore[assignment]
+                if not isinstance(target, Node) or len(target.users) != 1:
+                    return None
+            if target.op != "call_function" or target.target in _ALIASING:
                 return None
     return entries, inner, exits
 
