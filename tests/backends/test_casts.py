@@ -138,3 +138,20 @@ def test_an_in_place_op_on_a_tensor_read_elsewhere_keeps_its_cast() -> None:
     assert drop_casts(gm.graph, {x: torch.float16, w: torch.float32}) == 0
     xs = torch.randn(64).half()
     torch.testing.assert_close(gm(xs, torch.zeros(1)), torch.relu(xs) + xs)
+
+
+def test_an_in_place_chain_is_followed_back_to_the_tensor_it_writes_into() -> None:
+    # relu_(add_(cast up of f)): both write into the cast's output; without the cast, into f.
+    def chain(g: Graph, x: Node, f_read_again: bool) -> Node:
+        f = g.call_function(_aten.relu.default, (x,))
+        a = g.call_function(_aten.add_.Tensor, (_up(g, f), 1.0))
+        out = _down(g, g.call_function(_aten.relu_.default, (a,)))
+        return g.call_function(_aten.add.Tensor, (out, f)) if f_read_again else out
+
+    for f_read_again, dropped in ((False, 2), (True, 0)):
+        gm, x, w = _graph(lambda g, x, w: chain(g, x, f_read_again))  # noqa: B023
+        assert drop_casts(gm.graph, {x: torch.float16, w: torch.float32}) == dropped, f_read_again
+        gm.recompile()
+        xs = torch.randn(64).half()
+        want = torch.relu(torch.relu(xs) + 1) + (torch.relu(xs) if f_read_again else 0)
+        torch.testing.assert_close(gm(xs, torch.zeros(1)), want)

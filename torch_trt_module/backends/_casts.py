@@ -121,20 +121,22 @@ def _region(entry: Node, dt: Mapping[Node, torch.dtype]) -> tuple[set[Node], set
             todo.append(u)
             if len(inner) > _MAX_REGION:
                 return None
-    for u in inner:
-        if u.target in _IN_PLACE:
-            target = u.args[0]
-            # What it writes into must have no other reader, before and after the rewrite, and be a
-            # tensor of the program's own: never an input, a weight, or a view of another tensor.
-            if not isinstance(target, Node) or len(target.users) != 1:
-                return None
-            if target in entries:
-                target = target.args[0]  # type: ignore[assignment]
-                if not isinstance(target, Node) or len(target.users) != 1:
-                    return None
-            if target.op != "call_function" or target.target in _ALIASING:
-                return None
+    if any(u.target in _IN_PLACE and not _fresh(u.args[0], entries) for u in inner):
+        return None
     return entries, inner, exits
+
+
+def _fresh(target: object, entries: set[Node]) -> bool:
+    """Whether an in-place op may write into ``target`` once the casts are gone: back through the
+    in-place ops before it (each returns its input) and the casts that go, every tensor has this
+    one reader, and the first is an op's own new output: never an input, a weight or a view."""
+    while True:
+        if not isinstance(target, Node) or target.op != "call_function" or len(target.users) != 1:
+            return False
+        if target in entries or target.target in _IN_PLACE:
+            target = target.args[0]
+            continue
+        return target.target is not _TO and target.target not in _ALIASING
 
 
 def drop_casts(graph: Graph, known: Mapping[Node, torch.dtype]) -> int:
