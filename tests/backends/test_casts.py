@@ -29,7 +29,8 @@ class Block(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.nn.functional.hardswish(self.b1(self.c1(x)))
-        s = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(h, 1)))))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(h, 1)
+        s = torch.nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(pooled))))
         return self.b2(self.c2(h * s)) + x
 
 

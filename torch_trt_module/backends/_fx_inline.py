@@ -2,11 +2,12 @@
 
 The inference passes write some rewrites as calls to Python functions that decide from the shapes
 when the graph is traced (``_torch_passes._permuted_linear``): a stored program's compact graph
-carries no shapes. Inductor compiles such a graph, but its AOTAutograd cache refuses to serialize a graph that calls a function it does not know, so the artifact could
-not be stored and every new process compiled it again (vit_b_16's attention, found on the CPU on
-2026-12-07). :func:`inline_python_calls` traces the graph for one input signature with fake
-tensors: the helpers run and leave only ATen ops behind. The artifacts are static per input
-signature (backends/_inductor_store.py), so the static trace loses nothing.
+carries no shapes. Inductor compiles such a graph, but its AOTAutograd cache refuses to serialize
+a graph that calls a function it does not know, so the artifact could not be stored and every new
+process compiled it again (vit_b_16's attention, found on the CPU on 2026-12-07).
+:func:`inline_python_calls` traces the graph for one input signature with fake tensors: the
+helpers run and leave only ATen ops behind. The artifacts are static per input signature
+(backends/_inductor_store.py), so the static trace loses nothing.
 
 Example:
     >>> gm = inline_python_calls(graph_module, [weight, x])   # doctest: +SKIP

@@ -180,8 +180,7 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
             _merge_siblings(graph, node, name_of, recipe_of, first_input, weights)
     casts = 0
     if weights is not None:
-        known = {n: _recipe_dtype(r, weights) for n, r in recipe_of.items() if n.graph is graph}
-        casts = drop_casts(graph, {n: d for n, d in known.items() if d is not None})
+        casts = drop_casts(graph, {n: d for n, r in recipe_of.items() if (d := _recipe_dtype(r, weights)) is not None})
     dwconv_count = rewrite_grouped(graph, dwconv) if dwconv else 0
     graph.eliminate_dead_code()
     weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
