@@ -174,6 +174,14 @@ def _gpt2_inputs(d: Dims, gen: torch.Generator) -> Call:
     return (), {"input_ids": ids, "attention_mask": _padded_mask(b, s, gen)}
 
 
+#: torch before 2.15 exports nn.LSTM as a Python loop over its time steps (torch._decomp's lstm_impl
+#: unbinds that axis), which fixes the declared-dynamic time dim to the example's: measured with torch
+#: 2.14.1 on the CPU. torch 2.15.0 kept it symbolic (benchmarks/zoo_results.json, 2026-11-24).
+_LSTM_XFAIL = ("torch < 2.15 exports nn.LSTM as a loop over its time steps, which specialises the dynamic "
+               "time dim (ExportError naming the LSTM)"
+               if torch.torch_version.TorchVersion(torch.__version__) < (2, 15) else None)
+
+
 def _lstm() -> nn.Module:
     return nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
 
@@ -344,7 +352,7 @@ CASES: list[Case] = [
     Case(8, "lstm", _lstm, _seq_inputs, {"input": {0: (1, 2, 8), 1: (1, 10, 64)}},
          example={"b": 2, "t": 10}, points={"min": {"b": 1, "t": 1}, "max": {"b": 8, "t": 64},
                                             "off": {"b": 5, "t": 33}},
-         tol="S", input_names=("input",), slow=True),
+         tol="S", input_names=("input",), slow=True, xfail=_LSTM_XFAIL),
     Case(9, "conv_tuple", ConvTuple, _hw, {"x": _HW},
          example={"b": 2, "h": 64, "w": 64}, points={"min": {"b": 1, "h": 8, "w": 8},
                                                      "max": {"b": 8, "h": 128, "w": 128},

@@ -277,3 +277,27 @@ def test_a_channel_dim_declared_dynamic_names_the_weights_whole(caplog: pytest.L
                            dynamic={"input": {1: (3, 3, 4)}})
     assert isinstance(fast, ttm.PartitionedModule)
     assert "or compute the size from x.shape.). partition='auto'" in caplog.text
+
+
+def test_an_lstm_whose_time_dim_torch_fixes_is_named_with_its_fix() -> None:
+    # torch before 2.15 exports nn.LSTM as a loop over its time steps (the slow zoo's case 08 under
+    # torch 2.14.1): the error names the LSTM, not only a Conv's channels; torch 2.15 keeps the dim.
+    import torch_trt_module as ttm
+
+    model = torch.nn.LSTM(4, 8, batch_first=True).eval()
+    old = torch.torch_version.TorchVersion(torch.__version__) < (2, 15)
+    if not old:
+        ttm.export_onnx(model, torch.randn(2, 5, 4), dynamic={"input": {1: (1, 5, 16)}})
+        return
+    with pytest.raises(ExportError) as info:
+        ttm.export_onnx(model, torch.randn(2, 5, 4), dynamic={"input": {1: (1, 5, 16)}})
+    assert str(info.value).startswith("a dynamic dimension was specialised by the model (input_1 = 5): ")
+    assert str(info.value).endswith(
+        f" Here it is likely the model's LSTM: torch {torch.__version__} exports it as a loop over its time "
+        "steps, which fixes the sequence length to the example's. Keep that dimension static (pad to one "
+        "length), or use torch >= 2.15.")
+    fast = ttm.compile(model, torch.randn(2, 5, 4), backend="onnxruntime", dynamic={"input": {1: (1, 5, 16)}})
+    assert isinstance(fast, ttm.PartitionedModule)  # partition="auto": runs at every length, as limits.md says
+    for length in (1, 16):
+        x = torch.randn(3, length, 4)
+        torch.testing.assert_close(fast(x), model(x))

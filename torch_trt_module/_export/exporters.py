@@ -210,10 +210,22 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
                     f"a dynamic dimension was specialised by the model{what}: {summary(e).rstrip('.')}. The "
                     "model's weights or code fix that size (a Conv's or Linear's input channels, a view/reshape "
                     "with a hard-coded size). Fix: make that dimension static (dynamic=None, or leave it out of "
-                    "dynamic=), or compute the size from x.shape."
+                    f"dynamic=), or compute the size from x.shape.{_recurrent_hint(wrapper)}"
                 ) from e
             raise
     raise AssertionError("unreachable")
+
+
+def _recurrent_hint(model: torch.nn.Module) -> str:
+    """Why an RNN's time axis is fixed, where that is the cause: torch before 2.15 exports nn.LSTM,
+    GRU and RNN through a Python loop over the time steps (torch._decomp's ``lstm_impl`` unbinds
+    that axis), which fixes it to the example's length; torch 2.15.0 keeps it symbolic."""
+    rnn = next((m for m in model.modules() if isinstance(m, torch.nn.RNNBase)), None)
+    if rnn is None or torch.torch_version.TorchVersion(torch.__version__) >= (2, 15):
+        return ""
+    return (f" Here it is likely the model's {type(rnn).__name__}: torch {torch.__version__} exports it as a "
+            "loop over its time steps, which fixes the sequence length to the example's. Keep that dimension "
+            "static (pad to one length), or use torch >= 2.15.")
 
 
 def fused_attention_program(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[torch.Tensor],
