@@ -219,7 +219,8 @@ def capture(wrapper: torch.nn.Module, names: Sequence[str], leaves: Sequence[tor
 def _recurrent_hint(model: torch.nn.Module) -> str:
     """Why an RNN's time axis is fixed, where that is the cause: torch before 2.15 exports nn.LSTM,
     GRU and RNN through a Python loop over the time steps (torch._decomp's ``lstm_impl`` unbinds
-    that axis), which fixes it to the example's length; torch 2.15.0 keeps it symbolic."""
+    that axis), which fixes it to the example's length (all three, measured with torch 2.14.1);
+    torch 2.15.0 kept an LSTM's symbolic (the conformance zoo's case 08)."""
     rnn = next((m for m in model.modules() if isinstance(m, torch.nn.RNNBase)), None)
     if rnn is None or torch.torch_version.TorchVersion(torch.__version__) >= (2, 15):
         return ""
