@@ -2,7 +2,9 @@
 per call, for eager, torch.compile and compile(), fp32 and fp16, side by side in one process.
 
 Wall: ``--calls`` calls after 10 warm-up calls, then one sync (CUDA events would hide the host).
-Host: the same calls before the sync. Where host ≈ wall and GPU busy is well below it, the call
+Host: the same calls before the sync. Synced: the median of ``--calls`` calls each timed alone
+between CUDA events, as bench_latency.py times them; synced minus GPU busy is what a call costs
+beyond its kernels (the host's work before the first kernel, the gaps between kernels). Where host ≈ wall and GPU busy is well below it, the call
 is launch-bound: faster kernels cannot shorten it. ``torch.profiler`` gives the kernels and their
 GPU time (5 calls); ``--top N`` lists the N costliest kernels at the largest batch.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import statistics
 import time
 from typing import Any, Callable
 
@@ -37,6 +40,21 @@ def _timed(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
     return (t1 - t0) / calls * 1e3, (time.perf_counter() - t0) / calls * 1e3
 
 
+def _synced(fn: Callable[[], Any], calls: int) -> float:
+    """The median of calls each timed alone between CUDA events, as bench_latency.py times them:
+    what the host does before the GPU starts counts here, where ``_timed`` overlaps it."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def _kernels(fn: Callable[[], Any], top: int) -> tuple[float, float, list[str]]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -52,12 +70,34 @@ def _kernels(fn: Callable[[], Any], top: int) -> tuple[float, float, list[str]]:
     return sum(e.count for e in events) / 5, sum(e.self_device_time_total for e in events) / 5e3, lines
 
 
+def _host_ops(fn: Callable[[], Any], top: int) -> list[str]:
+    """The ``top`` host-side ops of a call by their own CPU time (``torch.profiler``, 20 calls, each
+    synced: a call as bench_latency.py times it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            fn()
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [f"{e.self_cpu_time_total / 20:.1f} µs x{e.count // 20} {e.key[:80]}" for e in events[:top]
+            if e.key != "cudaDeviceSynchronize"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mobilenet_v3_small", choices=sorted(MODELS))
     p.add_argument("--batch-sizes", default="32,8")
     p.add_argument("--calls", type=int, default=100)
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--rows", default="", help="only the rows whose label holds one of these, comma-separated, "
+                                              "e.g. trtmodule")
+    p.add_argument("--host-top", type=int, default=0,
+                   help="also list each row's N costliest host-side ops per call (torch.profiler, CPU), at the "
+                        "largest batch: where the host time of a call goes")
     p.add_argument("--dwconv-triton", metavar="DTYPES", default="",
                    help="backends._dwconv.DWCONV_TRITON for this process (an experiment), e.g. float16,float32")
     p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="", help="its tile, e.g. 2048x4")
@@ -104,18 +144,23 @@ def main() -> int:
         "trtmodule fp32": ours(),
         "trtmodule fp16": ours(precision="fp16", cast_inputs=True),
     }
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if any(r in k for r in args.rows.split(","))}
     batches = [int(b) for b in args.batch_sizes.split(",")]
     with torch.inference_mode():
         for batch in batches:
             kw = {k: v.cuda() for k, v in inputs(batch).items()}
             print(f"\n**{args.model}, batch {batch}** (per call)\n")
-            print("| | wall ms | host ms | kernels | GPU busy ms |\n| --- | --- | --- | --- | --- |")
+            print("| | wall ms | host ms | synced ms | kernels | GPU busy ms |\n| --- | --- | --- | --- | --- | --- |")
             tops = []
             for label, fn in rows.items():
                 host, wall = _timed(lambda: fn(kw), args.calls)
+                synced = _synced(lambda: fn(kw), args.calls)
                 n, busy, top = _kernels(lambda: fn(kw), args.top if batch == max(batches) else 0)
-                print(f"| {label} | {wall:.3f} | {host:.3f} | {n:.0f} | {busy:.3f} |")
+                print(f"| {label} | {wall:.3f} | {host:.3f} | {synced:.3f} | {n:.0f} | {busy:.3f} |")
                 tops += [f"{label}: {line}" for line in top]
+                if args.host_top and batch == max(batches):
+                    tops += [f"{label}, host: {line}" for line in _host_ops(lambda: fn(kw), args.host_top)]
             for line in tops:
                 print(f"- {line}")
     return 0

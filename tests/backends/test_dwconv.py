@@ -43,8 +43,9 @@ def test_the_kernel_matches_the_convolution_under_triton_s_interpreter() -> None
                  ((3, 5), (1, 2), (2, 1), (2, 1))]  # (kernel, stride, padding, dilation), each square or (h, w)
         pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]
         runs = list(enumerate(itertools.product(cases, [torch.float32, torch.float16])))
-        for i, ((k, s, p, d), dtype) in runs:  # layouts, bias and channel counts (1 and 2 blocks) alternate
-            channels_last, bias, c = i % 2 == 0, i % 3 != 0, (24, 72)[i // 2 % 2]
+        for i, ((k, s, p, d), dtype) in runs:  # layouts, bias and channel counts alternate: blocks that
+            # cover the channels exactly (24, 72, 128: one, nine and two blocks) or not (20, masked)
+            channels_last, bias, c = i % 2 == 0, i % 3 != 0, (24, 72, 20, 128)[i // 2 % 4]
             x = torch.randn(2, c, 11, 13, dtype=dtype)
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             w = torch.randn(c, 1, *pair(k), dtype=dtype)
@@ -61,6 +62,29 @@ def test_the_kernel_matches_the_convolution_under_triton_s_interpreter() -> None
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["checked", "16"]
+
+
+def test_the_kernel_s_tiles_and_alignment_hints_follow_the_channels() -> None:
+    from torch_trt_module.backends._dwconv import _blocks, _vec
+
+    # Blocks of 64 channels down to 8 where they divide the channels: no channel mask, so loads of
+    # whole rows (mobilenet_v3_small's 72, 88 and 120 channels: blocks of 8).
+    assert _blocks(576, 2048) == (32, 64, True)
+    assert _blocks(72, 1024) == (128, 8, True)
+    assert _blocks(88, 1024) == (128, 8, True)
+    assert _blocks(20, 1024) == (32, 32, False)  # 20 has no divisor of 8 or more: masked
+    assert _blocks(3, 64) == (16, 16, False)  # at least 16 pixels a program
+    # The hint is the power of two that divides every pixel offset's stride and the channels.
+    c, h, w = 72, 56, 56
+    assert _vec(c, h * w * c, w * c, c) == 8
+    assert _vec(576, 576 * 49, 576 * 7, 576) == 16  # capped at 16
+    assert _vec(72, 72 * 56 * 56, 56, 1) == 1  # NCHW: the pixels are one element apart
+
+
+def test_inductor_may_hand_the_op_its_input_in_any_layout() -> None:
+    # Without flexible_layout Inductor gives a custom op the strides it was traced with (NCHW), so
+    # each call would copy the channels_last activation back to NCHW first.
+    assert torch.Tag.flexible_layout in _OP.tags
 
 
 def test_the_op_s_fake_agrees_with_its_reference_path() -> None:

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import torch
@@ -74,7 +75,7 @@ def _kernel() -> Any:
     def depthwise(x_ptr, w_ptr, b_ptr, y_ptr, P, C, H, W, OH, OW,
                   sxn, sxc, sxh, sxw, swc, swh, sww, sh, sw, ph, pw, dh, dw,
                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, VEC: tl.constexpr):
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # flat (n, oh, ow)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pm, cm = p < P, c < C
@@ -88,15 +89,20 @@ def _kernel() -> Any:
             for j in tl.static_range(KW):
                 iw = ow * sw - pw + j * dw
                 ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                             mask=ok[:, None] & cm[None, :], other=0.0)
+                # Each pixel's offset is a multiple of VEC (the host checked the strides): Triton
+                # cannot see it where C is not a multiple of 16, and without it loads one element
+                # at a time (3x slower at mobilenet's 72, 88 and 120 channels on the H100).
+                pix = tl.multiple_of(n * sxn + ih * sxh + iw * sxw, VEC)
+                mask = ok[:, None] if EVEN_C else ok[:, None] & cm[None, :]
+                xv = tl.load(x_ptr + pix[:, None] + c[None, :] * sxc, mask=mask, other=0.0)
                 wv = tl.load(w_ptr + c * swc + i * swh + j * sww, mask=cm, other=0.0)
                 acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
         # The output is channels_last: element (n, c, oh, ow) sits at p * C + c.
-        tl.store(y_ptr + p[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=pm[:, None] & cm[None, :])
+        row = tl.multiple_of(p * C, VEC)
+        out_mask = pm[:, None] if EVEN_C else pm[:, None] & cm[None, :]
+        tl.store(y_ptr + row[:, None] + c[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
     return depthwise
 
@@ -105,10 +111,21 @@ def _kernel() -> Any:
 TILE, WARPS = 2048, 4
 
 
-def _blocks(channels: int, tile: int) -> tuple[int, int]:
-    """Tile of output pixels by channels: up to 64 channels (a 128-byte row in fp16)."""
-    block_c = min(64, max(16, 1 << (channels - 1).bit_length()))
-    return max(16, tile // block_c), block_c
+def _blocks(channels: int, tile: int) -> tuple[int, int, bool]:
+    """Tile of output pixels by channels, and whether the channel blocks cover the channels exactly
+    (no channel mask): up to 64 channels (a 128-byte row in fp16), the largest power of two from 8
+    up that divides ``channels``, else the power of two that covers them."""
+    block_c = next((b for b in (64, 32, 16, 8) if channels % b == 0), 0)
+    even = block_c > 0
+    if not even:
+        block_c = min(64, max(16, 1 << (channels - 1).bit_length()))
+    return max(16, tile // block_c), block_c, even
+
+
+def _vec(*values: int) -> int:
+    """The largest power of two up to 16 that divides every one of ``values``."""
+    g = math.gcd(*values)
+    return min(16, g & -g) if g else 16
 
 
 def triton_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -122,18 +139,24 @@ def triton_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     n, c, oh, ow = shape
     if y.numel() == 0:
         return y
-    block_p, block_c = _blocks(c, tile or TILE)
+    block_p, block_c, even = _blocks(c, tile or TILE)
     count = n * oh * ow
+    sxn, _, sxh, sxw = x.stride()
     grid = ((count + block_p - 1) // block_p, (c + block_c - 1) // block_c)
     _kernel()[grid](x, weight, bias if bias is not None else weight, y, count, c, x.shape[2], x.shape[3], oh, ow,
                     *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
                     stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                     KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
-                    BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps or WARPS)
+                    BLOCK_P=block_p, BLOCK_C=block_c, EVEN_C=even, VEC=_vec(c, sxn, sxh, sxw),
+                    num_warps=warps or WARPS)
     return y
 
 
-@torch.library.custom_op("torch_trt_module::depthwise_conv2d", mutates_args=())
+# flexible_layout: Inductor passes the input in the layout it chose (channels_last, where convolutions
+# dominate). Without the tag a custom op gets the strides it was traced with (NCHW): a copy before
+# each call, and the kernel's channel loads no longer contiguous.
+@torch.library.custom_op("torch_trt_module::depthwise_conv2d", mutates_args=(),
+                         tags=(torch.Tag.flexible_layout,))
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                      padding: list[int], dilation: list[int]) -> torch.Tensor:
     """The depthwise convolution, channels_last out: the Triton kernel on CUDA, cuDNN's or the CPU's
