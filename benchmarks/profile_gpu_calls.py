@@ -2,11 +2,12 @@
 per call, for eager, torch.compile and compile(), fp32 and fp16, side by side in one process.
 
 Wall: ``--calls`` calls after 10 warm-up calls, then one sync (CUDA events would hide the host).
-Host: the same calls before the sync. Synced: the median of ``--calls`` calls each timed alone
-between CUDA events, as bench_latency.py times them; synced minus GPU busy is what a call costs
-beyond its kernels (the host's work before the first kernel, the gaps between kernels). Where host ≈ wall and GPU busy is well below it, the call
-is launch-bound: faster kernels cannot shorten it. ``torch.profiler`` gives the kernels and their
-GPU time (5 calls); ``--top N`` lists the N costliest kernels at the largest batch.
+Host: the same calls before the sync. Where host ≈ wall and GPU busy is well below it, the call
+is launch-bound: faster kernels cannot shorten it. Synced: the median of ``--calls`` calls each
+timed alone between CUDA events, as bench_latency.py times them; synced minus GPU busy is what a
+call costs beyond its kernels (the host's work before the first kernel, the gaps between kernels).
+``torch.profiler`` gives the kernels and their GPU time (5 calls); ``--top N`` lists the N
+costliest kernels at the largest batch, and ``--host-top N`` the N costliest host-side ops.
 
     python benchmarks/profile_gpu_calls.py --model mobilenet_v3_small --batch-sizes 32,8
 
@@ -82,9 +83,9 @@ def _host_ops(fn: Callable[[], Any], top: int) -> list[str]:
         for _ in range(20):
             fn()
             torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return [f"{e.self_cpu_time_total / 20:.1f} µs x{e.count // 20} {e.key[:80]}" for e in events[:top]
-            if e.key != "cudaDeviceSynchronize"]
+    events = sorted((e for e in prof.key_averages() if e.key != "cudaDeviceSynchronize"),
+                    key=lambda e: -e.self_cpu_time_total)
+    return [f"{e.self_cpu_time_total / 20:.1f} µs x{e.count // 20} {e.key[:80]}" for e in events[:top]]
 
 
 def main() -> int:
