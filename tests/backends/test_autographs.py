@@ -365,3 +365,21 @@ def test_auto_never_captures_a_tensorrt_rtx_engine_built_to_allocate_while_it_ru
     assert not _capturable(engine("tensorrt_rtx", None))  # an engine saved before the flag was recorded
     assert _capturable(engine("tensorrt_rtx", ["REQUIRE_USER_ALLOCATION", "REFIT"]))
     assert _capturable(engine("tensorrt", [])) and _capturable(engine("torch", None))
+
+
+def test_every_path_takes_the_callers_dtypes_and_returns_the_out_dtypes() -> None:
+    # An fp16 engine under "auto": the first call (plain), the judgement, the replays and a plain
+    # shape all cast the same way, so a module sees fp32 whichever path ran.
+    from .test_cudagraphs import HalfRunner, _half_expected
+
+    for timings, verdict in ((LAUNCH_BOUND_CALL, "graph"), (GPU_BOUND_CALL, "plain")):
+        inner = HalfRunner(torch.device("cpu"))
+        auto = AutoGraphRunner(inner, device="cpu", driver=TimedGraphs(timings), out_dtypes=[torch.float32])
+        assert auto.takes_caller_dtypes and auto.out_dtypes == [torch.float32]
+        for _ in range(4):
+            x = torch.randn(4, 6)
+            (y,) = auto.run([x])
+            assert y.dtype == torch.float32
+            torch.testing.assert_close(y, _half_expected(x), rtol=0, atol=0)
+        assert auto.verdicts == {(((4, 6), torch.float32),): verdict}
+        assert set(inner.seen) == {torch.float16}

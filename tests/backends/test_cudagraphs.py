@@ -562,3 +562,89 @@ def test_a_module_over_graphs_replays_them_at_every_call_and_never_takes_the_inn
         x = torch.randn(4, 6)
         _check(list(module(x)), reference, x)
     assert graphs.stats == {"captures": 1, "replays": 4, "evictions": 0}
+
+
+# --------------------------------------------------------------------------- the caller's dtypes at both ends
+
+class HalfRunner:
+    """TEST DOUBLE of an fp16 engine's runner (torch ops): it records the dtypes it is given."""
+
+    backend = "test"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.inputs = [TensorSpec("x", "float16", ("b", 6), (1, 6), (4, 6), (8, 6))]
+        self.outputs = [TensorSpec("y", "float16", ("b", 6))]
+        self.seen: list[torch.dtype] = []
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        (x,) = inputs
+        self.seen.append(x.dtype)
+        return [x * 2 + 1]
+
+
+def _half_expected(x: torch.Tensor) -> torch.Tensor:
+    return (x.half() * 2 + 1).float()
+
+
+def test_an_fp32_callers_input_is_cast_by_the_copy_in_and_the_output_comes_back_in_its_dtype() -> None:
+    inner = HalfRunner(torch.device("cpu"))
+    graphs = CudaGraphRunner(inner, device="cpu", driver=HostGraphs(), out_dtypes=[torch.float32])
+    assert graphs.takes_caller_dtypes and graphs.out_dtypes == [torch.float32]
+    for _ in range(3):  # a capture, then replays: each copy-in casts the new values
+        x = torch.randn(4, 6)
+        (y,) = graphs.run([x])
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, _half_expected(x), rtol=0, atol=0)
+    assert set(inner.seen) == {torch.float16}  # the engine only ever saw its own dtype
+    assert graphs.stats["captures"] == 1 and graphs.stats["replays"] == 3
+    x = torch.randn(2, 6)
+    (plain,) = graphs.plain([x])  # the same casts without a graph
+    assert plain.dtype == torch.float32 and graphs.stats["captures"] == 1
+    torch.testing.assert_close(plain, _half_expected(x), rtol=0, atol=0)
+    # an input already in the engine's dtype (a module's full path may pass one) is a graph of its own
+    (y16,) = graphs.run([x.half()])
+    torch.testing.assert_close(y16, _half_expected(x), rtol=0, atol=0)
+
+
+def test_without_out_dtypes_the_outputs_keep_the_engines_dtype_and_a_wrong_count_is_refused() -> None:
+    graphs = CudaGraphRunner(HalfRunner(torch.device("cpu")), device="cpu", driver=HostGraphs())
+    (y,) = graphs.run([torch.randn(4, 6)])
+    assert y.dtype == torch.float16 and graphs.out_dtypes == [torch.float16]
+    with pytest.raises(ValueError, match=r"out_dtypes has 2 dtypes for the runner's 1 outputs; pass one per output"):
+        CudaGraphRunner(HalfRunner(torch.device("cpu")), device="cpu", driver=HostGraphs(),
+                        out_dtypes=[torch.float32, torch.float32])
+
+
+def test_an_fp16_module_over_graphs_leaves_the_casts_to_them_on_both_paths() -> None:
+    # An fp16 engine called with fp32 tensors: the module passes them on uncast (its full path and
+    # its fast path), the graph's copy-in casts, and the outputs come back fp32 from the graph.
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()).eval()
+    ref = ttm.compile(model, torch.randn(4, 6), precision="fp16", backend="onnxruntime", cache=False)
+    assert ref.input_specs[0].dtype == "float16"
+    graphs = CudaGraphRunner(ref.runner, device="cpu", driver=HostGraphs(), out_dtypes=[torch.float32])
+    given: list[torch.dtype] = []
+    run = graphs.run
+    graphs.run = lambda inputs: given.append(inputs[0].dtype) or run(inputs)  # type: ignore[method-assign]
+    module = ttm.TRTModule(ref.engine, runner=graphs)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        y = module(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    assert given == [torch.float32] * 3
+    assert graphs.stats == {"captures": 1, "replays": 3, "evictions": 0}
+
+
+@pytest.mark.gpu
+def test_real_cuda_graph_casts_the_callers_dtypes_at_both_ends() -> None:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    inner = HalfRunner(dev)
+    graphs = CudaGraphRunner(inner, device=dev, out_dtypes=[torch.float32])
+    for _ in range(3):
+        x = torch.randn(4, 6, device=dev)
+        (y,) = graphs.run([x])
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, _half_expected(x), rtol=0, atol=0)
+    assert set(inner.seen) == {torch.float16} and graphs.stats["replays"] == 3

@@ -141,7 +141,10 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         self._reference = None
         self._user_in = [dtype_from_name(d) for d in exported.user_input_dtypes]
         self._user_out = [dtype_from_name(d) for d in exported.user_output_dtypes]
-        self._out_cast = [u != s.torch_dtype for u, s in zip(self._user_out, exported.outputs)]
+        # A graph runner takes the user dtypes at both ends and casts inside (backends/_cudagraphs.py:
+        # the input cast in its copy-in, the output cast in the graph): the module casts nothing then.
+        self._runner_casts = bool(getattr(runner, "takes_caller_dtypes", False))
+        self._out_cast = [u != s.torch_dtype and not self._runner_casts for u, s in zip(self._user_out, exported.outputs)]
         self._any_cast = any(self._out_cast)
         self._ok_shapes: dict[str, set[torch.Size]] = {s.name: set() for s in exported.inputs}
         tree, params = exported.call_tree, exported.params
@@ -156,7 +159,8 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         # The fast call (see __call__): plain tensors of the compiled dtypes, at input shapes
         # already checked against the profile; an fp16/bf16 engine's inputs cast at the boundary.
         # None turns it off for this engine.
-        self._in_cast = [None if u == s.torch_dtype else s.torch_dtype for u, s in zip(self._user_in, exported.inputs)]
+        self._in_cast = [None if u == s.torch_dtype or self._runner_casts else s.torch_dtype
+                         for u, s in zip(self._user_in, exported.inputs)]
         self._any_in_cast = any(c is not None for c in self._in_cast)
         self._fast = None if not simple else {}
         self._single_out = exported.output_tree.kind == "tensor"
@@ -333,7 +337,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
             if why is not None:
                 raise _OutOfProfile(spec, tuple(t.shape), f"input {spec.name!r} {why}. "
                                     + widen_hint(spec, t.shape, lazy=self._lazy is not None))
-            if spec.torch_dtype != t.dtype:  # fp16/bf16 engines: cast at the boundary
+            if spec.torch_dtype != t.dtype and not self._runner_casts:  # fp16/bf16 engines: cast at the boundary
                 t = t.to(spec.torch_dtype)
             out.append(t.contiguous())
         return out

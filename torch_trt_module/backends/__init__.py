@@ -24,6 +24,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from .._core.dtypes import dtype_from_name
 from .._core.spec import TensorSpec
 from .._errors import BackendUnavailable, EngineLoadError, EngineNotRefittable
 from .._formats.onnx import initializer_values
@@ -259,13 +260,13 @@ def make_runner(engine: Any, device: torch.device | str, *, runtime: str = "auto
         else:
             if cuda_graphs == "auto" and not _capturable(engine):
                 return runner, choice.reason
-            return _graphs(runner, dev, cuda_graphs), choice.reason
+            return _graphs(runner, dev, cuda_graphs, engine), choice.reason
     _announce(choice, dev)
     if choice.runtime == "torch":
         runner = prepared if isinstance(prepared, TorchRunner) and prepared.device == dev else TorchRunner(engine, dev)
         if weights:
             runner = runner.refit(weights)
-        return _graphs(runner, dev, cuda_graphs), choice.reason
+        return _graphs(runner, dev, cuda_graphs, engine), choice.reason
 
     if cuda_graphs is True and "cuda-graphs-ort" not in _announced:
         _announced.add("cuda-graphs-ort")
@@ -316,13 +317,16 @@ def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -
                                      backend=engine.backend)
 
 
-def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool | str) -> Runner:
+def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool | str, engine: Any) -> Runner:
     if not cuda_graphs:
         return runner
+    # The graph runners take the module's user dtypes at both ends: the casts an fp16 engine needs
+    # go into the graph's input copy and into the graph (see _cudagraphs).
+    out_dtypes = [dtype_from_name(d) for d in engine.exported.user_output_dtypes]
     if cuda_graphs == "auto":
         # Graphs where they were measured to pay, on a GPU; elsewhere "auto" asks for nothing.
-        return AutoGraphRunner(runner, device=device) if device.type == "cuda" else runner
-    return CudaGraphRunner(runner, device=device)
+        return AutoGraphRunner(runner, device=device, out_dtypes=out_dtypes) if device.type == "cuda" else runner
+    return CudaGraphRunner(runner, device=device, out_dtypes=out_dtypes)
 
 
 def select_backend(requested: str, device: torch.device | str | None, *, to_run: bool = True,

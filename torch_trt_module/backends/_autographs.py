@@ -70,6 +70,7 @@ class AutoGraphRunner(SaysWhatRuns):
         device: the CUDA device it runs on.
         max_graphs: how many shape signatures keep a graph at once.
         driver: how graphs are captured and timed; None is :class:`TorchCudaGraphs`, the real one.
+        out_dtypes: the dtypes to return the outputs in (see :class:`CudaGraphRunner`); None: the engine's.
 
     Example:
         >>> auto = AutoGraphRunner(runner, device="cuda:0")   # doctest: +SKIP
@@ -81,8 +82,12 @@ class AutoGraphRunner(SaysWhatRuns):
 
     GRAPHS = "CUDA graphs where faster"
 
+    #: run() takes inputs in any dtype the copy casts from and returns outputs in ``out_dtypes``
+    #: (CudaGraphRunner's; its plain runs cast the same).
+    takes_caller_dtypes = True
+
     def __init__(self, inner: Runner, *, device: str | torch.device, max_graphs: int = 4,
-                 driver: GraphDriver | None = None) -> None:
+                 driver: GraphDriver | None = None, out_dtypes: Sequence[torch.dtype] | None = None) -> None:
         self.device = torch.device(device)
         if driver is None:
             if self.device.type != "cuda" or not torch.cuda.is_available():
@@ -90,7 +95,9 @@ class AutoGraphRunner(SaysWhatRuns):
                     f"cuda_graphs='auto' captures graphs on a CUDA device; this runner is on {self.device}. "
                     "Fix: pass cuda_graphs=False for a module that does not run on a GPU.")
             driver = TorchCudaGraphs(self.device)
-        self.graphs = CudaGraphRunner(inner, device=self.device, max_graphs=max_graphs, driver=driver)
+        self.graphs = CudaGraphRunner(inner, device=self.device, max_graphs=max_graphs, driver=driver,
+                                      out_dtypes=out_dtypes)
+        self.out_dtypes = self.graphs.out_dtypes
         self.inner = inner
         self.backend: str = inner.backend
         self.inputs = list(inner.inputs)
@@ -113,11 +120,11 @@ class AutoGraphRunner(SaysWhatRuns):
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
         if self.off is not None or self._driver.capturing():
-            return self.inner.run(inputs)
+            return self.graphs.plain(inputs)
         key = shape_key(inputs)
         verdict = self._verdicts.get(key)
         if verdict == "plain":
-            return self.inner.run(inputs)
+            return self.graphs.plain(inputs)
         if verdict == "graph" and self.graphs.has(key):
             return self._replay(key, inputs)
         with self._lock:
@@ -133,7 +140,7 @@ class AutoGraphRunner(SaysWhatRuns):
                     return self._replay(key, inputs)  # dropped by a refit or the LRU: captured again
             elif verdict is None:
                 return self._judge(key, inputs)
-        return self.inner.run(inputs)
+        return self.graphs.plain(inputs)
 
     def refit(self, values: Any) -> "AutoGraphRunner":
         """New weights for the wrapped runner; graphs captured over the old ones are dropped."""
@@ -154,13 +161,13 @@ class AutoGraphRunner(SaysWhatRuns):
             return self.graphs.run(inputs)
         except Exception as e:  # noqa: BLE001 - CUDA reports capture and replay failures many ways
             self._turn_off(key, e)
-            return self.inner.run(inputs)
+            return self.graphs.plain(inputs)
 
     def _judge(self, key: ShapeKey, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Time plain runs, and replays where the host was the limit; keep the faster (under the lock)."""
         self.stats["judged"] += 1
         shapes = _describe(key)
-        outputs, host, wall = self._driver.time(lambda: self.inner.run(inputs), repeats=REPEATS, label="plain")
+        outputs, host, wall = self._driver.time(lambda: self.graphs.plain(inputs), repeats=REPEATS, label="plain")
         if host < LAUNCH_BOUND * wall:
             self._decide(key, "plain", f"{shapes}: plain ({_ms(wall)} a call, the host ahead of the GPU: "
                                        f"{_ms(host)} to enqueue)")
