@@ -5,8 +5,8 @@ tensor-core kernels with aligned channels apply).
 mobilenet_v3_small's input layout change and first convolution took 61 µs of its fp16 call's 465 µs
 of GPU time at batch 32 on an H100 (benchmarks/RESULTS.md); this measures whether padding shortens
 them, before any pass does it. Each variant takes the caller's fp32 NCHW batch, casts it, runs the
-convolution (weights channels_last, as the runtime keeps them) and hardswish, timed back to back
-between CUDA events (GPU-bound: kernels of tens of µs).
+convolution (weights channels_last, as the runtime keeps them) and hardswish, timed as GPU time
+alone (calls replayed from a CUDA graph, as the runtime replays its call).
 
     python benchmarks/bench_first_conv.py --batch 32
 """
@@ -17,6 +17,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+
+#: Calls captured in each timed CUDA graph.
+LAUNCHES = 20
 
 
 def _variant(weight: torch.Tensor, bias: torch.Tensor, pad: int, dtype: torch.dtype):
@@ -35,22 +38,33 @@ def _variant(weight: torch.Tensor, bias: torch.Tensor, pad: int, dtype: torch.dt
 
 
 def _time(fn, x: torch.Tensor, iters: int) -> float:
-    for _ in range(10):
-        fn(x)
+    """µs a call, GPU time alone: ``LAUNCHES`` calls captured in one CUDA graph, replayed ``iters``
+    times (a first run on this session's slow host, timed back to back, measured the host instead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(LAUNCHES):
+            fn(x)
+    graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        fn(x)
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
+    return start.elapsed_time(end) * 1e3 / (iters * LAUNCHES)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224, device="cuda")
