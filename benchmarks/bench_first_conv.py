@@ -17,6 +17,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from bench_dwconv import _gpu_ms  # GPU time alone: calls replayed from one CUDA graph
 
 #: Calls captured in each timed CUDA graph.
 LAUNCHES = 20
@@ -37,30 +38,6 @@ def _variant(weight: torch.Tensor, bias: torch.Tensor, pad: int, dtype: torch.dt
     return torch.compile(fn, dynamic=False)
 
 
-def _time(fn, x: torch.Tensor, iters: int) -> float:
-    """µs a call, GPU time alone: ``LAUNCHES`` calls captured in one CUDA graph, replayed ``iters``
-    times (a first run on this session's slow host, timed back to back, measured the host instead)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAUNCHES):
-            fn(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (iters * LAUNCHES)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -78,7 +55,8 @@ def main() -> None:
             out = fn(x)
             base = out if base is None else base
             diff = (out.float() - base.float()).abs().max().item()
-            print(f"| {str(dtype).replace('torch.', '')} | {3 + pad} | {_time(fn, x, args.iters):.1f} | {diff:.3g} |",
+            us = _gpu_ms(lambda: fn(x), LAUNCHES, args.iters) * 1e3
+            print(f"| {str(dtype).replace('torch.', '')} | {3 + pad} | {us:.1f} | {diff:.3g} |",
                   flush=True)
 
 
