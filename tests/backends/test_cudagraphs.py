@@ -648,3 +648,18 @@ def test_real_cuda_graph_casts_the_callers_dtypes_at_both_ends() -> None:
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, _half_expected(x), rtol=0, atol=0)
     assert set(inner.seen) == {torch.float16} and graphs.stats["replays"] == 3
+
+
+def test_a_graph_runner_made_without_the_modules_out_dtypes_still_gives_the_caller_its_dtype() -> None:
+    # A runner built by hand (no out_dtypes) returns the engine's fp16: the module casts around it, as
+    # it casts around any runner, so the caller still gets fp32.
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()).eval()
+    ref = ttm.compile(model, torch.randn(4, 6), precision="fp16", backend="onnxruntime", cache=False)
+    graphs = CudaGraphRunner(ref.runner, device="cpu", driver=HostGraphs())
+    module = ttm.TRTModule(ref.engine, runner=graphs)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        y = module(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)

@@ -143,7 +143,9 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         self._user_out = [dtype_from_name(d) for d in exported.user_output_dtypes]
         # A graph runner takes the user dtypes at both ends and casts inside (backends/_cudagraphs.py:
         # the input cast in its copy-in, the output cast in the graph): the module casts nothing then.
-        self._runner_casts = bool(getattr(runner, "takes_caller_dtypes", False))
+        # One made for other output dtypes (by hand, without out_dtypes) gets the module's casts.
+        self._runner_casts = bool(getattr(runner, "takes_caller_dtypes", False)) and \
+            list(getattr(runner, "out_dtypes", ())) == self._user_out
         self._out_cast = [u != s.torch_dtype and not self._runner_casts for u, s in zip(self._user_out, exported.outputs)]
         self._any_cast = any(self._out_cast)
         self._ok_shapes: dict[str, set[torch.Size]] = {s.name: set() for s in exported.inputs}
