@@ -616,23 +616,33 @@ def test_without_out_dtypes_the_outputs_keep_the_engines_dtype_and_a_wrong_count
                         out_dtypes=[torch.float32, torch.float32])
 
 
+def _fp16_module() -> ttm.TRTModule:
+    """A small fp16 module on ONNX Runtime (fp32 in and out, fp16 inside), whose runner tests wrap."""
+    pytest.importorskip("onnxruntime")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()).eval()
+    return ttm.compile(model, torch.randn(4, 6), precision="fp16", backend="onnxruntime", cache=False)
+
+
+def _calls_in_fp32(module: ttm.TRTModule, ref: ttm.TRTModule, calls: int = 3) -> None:
+    """fp32 in, fp32 out, and the same values as the module's own runner, call after call."""
+    for _ in range(calls):
+        x = torch.randn(4, 6)
+        y = module(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+
+
 def test_an_fp16_module_over_graphs_leaves_the_casts_to_them_on_both_paths() -> None:
     # An fp16 engine called with fp32 tensors: the module passes them on uncast (its full path and
     # its fast path), the graph's copy-in casts, and the outputs come back fp32 from the graph.
-    pytest.importorskip("onnxruntime")
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()).eval()
-    ref = ttm.compile(model, torch.randn(4, 6), precision="fp16", backend="onnxruntime", cache=False)
+    ref = _fp16_module()
     assert ref.input_specs[0].dtype == "float16"
     graphs = CudaGraphRunner(ref.runner, device="cpu", driver=HostGraphs(), out_dtypes=[torch.float32])
     given: list[torch.dtype] = []
     run = graphs.run
     graphs.run = lambda inputs: given.append(inputs[0].dtype) or run(inputs)  # type: ignore[method-assign]
     module = ttm.TRTModule(ref.engine, runner=graphs)
-    for _ in range(3):
-        x = torch.randn(4, 6)
-        y = module(x)
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    _calls_in_fp32(module, ref)
     assert given == [torch.float32] * 3
     assert graphs.stats == {"captures": 1, "replays": 3, "evictions": 0}
 
@@ -653,13 +663,7 @@ def test_real_cuda_graph_casts_the_callers_dtypes_at_both_ends() -> None:
 def test_a_graph_runner_made_without_the_modules_out_dtypes_still_gives_the_caller_its_dtype() -> None:
     # A runner built by hand (no out_dtypes) returns the engine's fp16: the module casts around it, as
     # it casts around any runner, so the caller still gets fp32.
-    pytest.importorskip("onnxruntime")
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU()).eval()
-    ref = ttm.compile(model, torch.randn(4, 6), precision="fp16", backend="onnxruntime", cache=False)
+    ref = _fp16_module()
     graphs = CudaGraphRunner(ref.runner, device="cpu", driver=HostGraphs())
     module = ttm.TRTModule(ref.engine, runner=graphs)
-    for _ in range(3):
-        x = torch.randn(4, 6)
-        y = module(x)
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, ref(x), rtol=0, atol=0)
+    _calls_in_fp32(module, ref)
