@@ -27,7 +27,9 @@ import torch
 from bench_latency import MODELS
 
 
-def _gpu_ms(fn: Callable[[], Any], reps: int, replays: int) -> float:
+def gpu_ms(fn: Callable[[], Any], reps: int, replays: int) -> float:
+    """ms a call of ``fn``, GPU time alone: ``reps`` calls captured in one CUDA graph (after a warm-up
+    on a side stream), the graph replayed ``replays`` times. bench_first_conv.py times with it too."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         for _ in range(3):
@@ -107,12 +109,12 @@ def main() -> int:
             s, pad, d = list(conv.stride), list(conv.padding), list(conv.dilation)
             want = torch.nn.functional.conv2d(x, w, b, s, pad, d, conv.groups)
             groups = conv.groups
-            row = [_gpu_ms(lambda: torch.nn.functional.conv2d(x, w, b, s, pad, d, groups), args.reps, args.replays)]
+            row = [gpu_ms(lambda: torch.nn.functional.conv2d(x, w, b, s, pad, d, groups), args.reps, args.replays)]
             for tile, warps in tiles:
                 got = triton_depthwise(x, w, b, s, pad, d, tile=tile, warps=warps)
                 tol = 1e-2 if dtype == torch.float16 else 1e-3  # cuDNN runs fp32 convolutions in TF32
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-                row.append(_gpu_ms(lambda: triton_depthwise(x, w, b, s, pad, d, tile=tile, warps=warps),
+                row.append(gpu_ms(lambda: triton_depthwise(x, w, b, s, pad, d, tile=tile, warps=warps),
                                    args.reps, args.replays))
             totals = [a + r for a, r in zip(totals, row)]
             print(f"| {i} | {'x'.join(map(str, shape))} | {w.shape[2]}, {s[0]} | "

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_dwconv import _gpu_ms  # GPU time alone: calls replayed from one CUDA graph
+from bench_dwconv import gpu_ms  # GPU time alone: calls replayed from one CUDA graph
 
 #: Calls captured in each timed CUDA graph.
 LAUNCHES = 20
@@ -55,7 +55,7 @@ def main() -> None:
             out = fn(x)
             base = out if base is None else base
             diff = (out.float() - base.float()).abs().max().item()
-            us = _gpu_ms(lambda: fn(x), LAUNCHES, args.iters) * 1e3
+            us = gpu_ms(lambda: fn(x), LAUNCHES, args.iters) * 1e3
             print(f"| {str(dtype).replace('torch.', '')} | {3 + pad} | {us:.1f} | {diff:.3g} |",
                   flush=True)
 

@@ -318,14 +318,13 @@ def _tensorrt_runner(engine: Any, device: torch.device, allow_host_code: bool) -
 
 
 def _graphs(runner: Runner, device: torch.device, cuda_graphs: bool | str, engine: Any) -> Runner:
-    if not cuda_graphs:
-        return runner
+    if not cuda_graphs or (cuda_graphs == "auto" and device.type != "cuda"):
+        return runner  # "auto" asks for graphs on a GPU only
     # The graph runners take the module's user dtypes at both ends: the casts an fp16 engine needs
     # go into the graph's input copy and into the graph (see _cudagraphs).
     out_dtypes = [dtype_from_name(d) for d in engine.exported.user_output_dtypes]
-    if cuda_graphs == "auto":
-        # Graphs where they were measured to pay, on a GPU; elsewhere "auto" asks for nothing.
-        return AutoGraphRunner(runner, device=device, out_dtypes=out_dtypes) if device.type == "cuda" else runner
+    if cuda_graphs == "auto":  # graphs where they were measured to pay
+        return AutoGraphRunner(runner, device=device, out_dtypes=out_dtypes)
     return CudaGraphRunner(runner, device=device, out_dtypes=out_dtypes)
 
 
