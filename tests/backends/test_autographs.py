@@ -197,7 +197,7 @@ def test_a_replay_that_fails_turns_graphs_off_and_the_call_runs_plain() -> None:
     auto.run([x])
     auto.run([x])
 
-    def broken(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def broken(inputs: Sequence[torch.Tensor], key: Any = None) -> list[torch.Tensor]:
         raise RuntimeError("CUDA error: an illegal instruction")
 
     auto.graphs.run = broken  # type: ignore[method-assign]

@@ -43,19 +43,25 @@ class FakeTensor:
 
 
 class FakeCuda:
-    """TEST DOUBLE of the ``torch.cuda`` stream API (installed with monkeypatch): ``current_stream``,
-    ``Stream``, ``stream``, ``synchronize``, ``CUDAGraph`` and ``graph``, logging each call."""
+    """TEST DOUBLE of the ``torch.cuda`` stream API (installed with monkeypatch): ``current_stream``
+    (and ``torch._C._cuda_getCurrentStream``, the raw id it reads), ``Stream``, ``stream``, ``synchronize``, ``CUDAGraph`` and ``graph``, logging each call."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, caller: int) -> None:
         self.log: list[tuple[Any, ...]] = []
         self.current = FakeStream(self, caller)
         self.created: list[FakeStream] = []
         self.captured_into: list[Any] = []  # the graphs torch.cuda.graph captured into
+        self.stream_objects = 0  # current_stream() calls (each makes a Stream object)
         cuda = self
 
         def current_stream(device: Any = None) -> FakeStream:
             assert torch.device(device) == DEVICE, f"the stream of {device}, not of the runner's {DEVICE}"
+            cuda.stream_objects += 1
             return cuda.current
+
+        def raw_current_stream(index: int) -> tuple[int, int, int]:  # torch._C's: (id, device index, type)
+            assert index == DEVICE.index, f"the stream of device {index}, not of the runner's {DEVICE}"
+            return cuda.current.cuda_stream, index, 1
 
         def new_stream(device: Any = None, *args: Any, **kwargs: Any) -> FakeStream:
             assert torch.device(device) == DEVICE, f"a stream on {device}, not on the runner's {DEVICE}"
@@ -87,6 +93,7 @@ class FakeCuda:
                 yield
 
         monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+        monkeypatch.setattr(torch._C, "_cuda_getCurrentStream", raw_current_stream)
         monkeypatch.setattr(torch.cuda, "Stream", new_stream)
         monkeypatch.setattr(torch.cuda, "stream", use)
         monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
@@ -157,8 +164,8 @@ def test_the_graph_driver_orders_a_call_from_another_stream_after_the_last_one()
         cuda = FakeCuda(mp, caller=7)
         driver = TorchCudaGraphs(DEVICE)
         driver.order()
-        driver.order()  # the same stream again: already ordered
-        assert cuda.log == []
+        driver.order()  # the same stream again: already ordered, seen from its raw id alone
+        assert cuda.log == [] and cuda.stream_objects == 1
         seven, cuda.current = cuda.current, FakeStream(cuda, 8)  # another thread's stream
         driver.order()
         assert cuda.log == [("wait", 8, 7)]

@@ -3,6 +3,7 @@ inference passes, compiled by TorchInductor, against eager with PyTorch's defaul
 
 - each optimized path (fp32, fp16) at the profile's corners;
 - follow mode through a training loop, with BatchNorm folded and refolded at every refit;
+- follow mode's look after a quiet call's run: each kind of change seen, refit and run again;
 - a saved module loaded where Inductor's caches are empty (another machine, simulated by a
   fresh process with an empty ``TORCHINDUCTOR_CACHE_DIR``);
 - a corrupt program in the engine cache is detected and rebuilt, and the rebuilt module is
@@ -111,6 +112,48 @@ def test_follow_mode_refolds_batchnorm_through_a_training_loop(optimize: str) ->
                 stale.append(step)
     assert not stale, f"follow mode served stale weights at steps {stale}"
     assert not mismatched, "\n".join(mismatched)
+
+
+@pytest.mark.parametrize("cuda_graphs", ["auto", True])
+def test_follow_mode_looks_after_the_run_and_is_never_stale(cuda_graphs: bool | str) -> None:
+    """Quiet calls enqueue their run and look at the source's weights after it
+    (``_runtime/following.py``): a change found then is refit, and the call runs again. Each kind
+    of change, made after quiet calls (so the call that meets it looks late), against eager."""
+    model = _resnet()
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    fast = ttm.compile(model, x, cache=False, cuda_graphs=cuda_graphs)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    fused = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # writes without bumping versions
+    other = _resnet()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        model.train()  # the forward also moves every BatchNorm's running statistics
+        model(torch.randn(8, 3, 64, 64, device="cuda")).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        model.eval()
+
+    def reassign() -> None:
+        with torch.no_grad():
+            model.fc.weight.data = model.fc.weight.data * 2  # new memory, no version bump
+
+    changes = {"an SGD step": lambda: step(sgd), "a fused Adam step": lambda: step(fused),
+               "a reassigned .data": reassign, "load_state_dict": lambda: model.load_state_dict(other.state_dict())}
+    failed = []
+    with torch.no_grad(), strict_fp32():
+        for name, change in changes.items():
+            for _ in range(4):  # quiet calls: the first looks first, the rest look late
+                fast(x)
+            before = fast.weights_version
+            change()
+            got, want = fast(x), model(x)
+            report = compare_outputs(got, want, tolerance=policy_for("fp32"))
+            if not report.passed or fast.weights_version != before + 1:
+                failed.append(f"{name}: version {before} -> {fast.weights_version}, {report}")
+    assert not failed, "\n".join(failed)
 
 
 _LOAD = """

@@ -34,6 +34,8 @@ class FollowsWeights:
     _watch: WeightWatch | None
     _current: dict[str, torch.Tensor] | None
     _warned_weights: bool
+    _look_late: bool  # the fast call looks after its run (_look_first says when)
+    _on_cpu: bool
     weights: str
     weights_version: int
     _lock: Any
@@ -69,6 +71,31 @@ class FollowsWeights:
             self._watch.mark()  # the engine has the source's weights as they are now
             if self.weights != "snapshot":
                 _say_plain_tensors(source)
+
+    def _look_first(self, watch: WeightWatch) -> None:
+        """A call's look at the source's weights before its run: refit if they changed. A look that
+        finds them unchanged lets the next fast calls on a GPU look after enqueuing their run
+        (:meth:`_ran_stale`): the look reads every followed tensor's version and address, about
+        0.1 µs a tensor (some 25 µs for mobilenet_v3_small's 244 on a fast host), which would
+        otherwise hold back the GPU's start of every call. Not in "exact" mode, whose look compares
+        bytes on the device and waits for them, nor on the CPU, whose runs are not enqueued but
+        done before the look could run."""
+        if watch.changed():
+            self._weights_changed()
+        elif self.weights == "follow" and not self._on_cpu:
+            self._look_late = True
+
+    def _ran_stale(self, watch: WeightWatch) -> bool:
+        """A fast call's look after enqueuing its run on the engine's weights: whether the source's
+        changed (then they are read and refit now, and the caller runs again). The run only read
+        the engine's own memory (a refit copies, :func:`read_weights`), so a stale run is wasted
+        work, never a wrong answer. Calls look first again until a look finds nothing changed, so a
+        loop that changes the weights before every call wastes no run."""
+        if not watch.changed():
+            return False
+        self._look_late = False
+        self._weights_changed()
+        return True
 
     def _weights_changed(self) -> None:
         """Called by a call that found the source's weights changed (follow, exact or snapshot mode)."""

@@ -93,6 +93,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         self._max_rebuilds = 0
         self._lazy_device: torch.device | None = None
         self._fast: _FastCalls | None = None
+        self._look_late = False
         self._single_out = self._on_cpu = False
         self._lock = threading.Lock()
         self.eval()
@@ -165,6 +166,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
                          for u, s in zip(self._user_in, exported.inputs)]
         self._any_in_cast = any(c is not None for c in self._in_cast)
         self._fast = None if not simple else {}
+        self._look_late = False  # a new runner: the first call looks first
         self._single_out = exported.output_tree.kind == "tensor"
         self._on_cpu = runner.device.type == "cpu"  # t.is_cpu is cheaper than a device comparison
 
@@ -238,8 +240,9 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         # module's device, no grad needed, input shapes that passed the profile check) goes
         # straight to the runner's call planned for those shapes. Anything else takes the full path.
         watch = self._watch
-        if watch is not None and watch.changed():
-            self._weights_changed()
+        late = watch is not None and self._look_late  # look at the source's weights after the run (following.py)
+        if watch is not None and not late:
+            self._look_first(watch)
         fast = self._fast
         if kwargs and not args and fast is not None and self._kw_keys is not None \
                 and len(kwargs) == self._n_positional:
@@ -250,18 +253,26 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         if (fast is None or kwargs or self.training or len(args) != self._n_positional
                 or self._forward_pre_hooks or self._forward_hooks or self._backward_pre_hooks or self._backward_hooks
                 or _G_FWD_PRE or _G_FWD or _G_BWD_PRE or _G_BWD or self._compiled_call_impl is not None):
-            return super().__call__(*args, **kwargs)
+            return super().__call__(*args, **kwargs)  # forward() looks first
         grad, on_cpu = _grad_enabled(), self._on_cpu
         for t, dtype in zip(args, self._user_in):
             if (type(t) is not _Tensor or t.dtype is not dtype or (grad and t.requires_grad)
                     or not t.is_contiguous() or not (t.is_cpu if on_cpu else t.device == self._runner.device)):
-                return self._forward(args, {})
+                return self.forward(*args) if late else self._forward(args, {})
         call = fast.get((args[0].shape,) if len(args) == 1 else tuple([t.shape for t in args]))
         if call is None:
-            return self._forward(args, {})
+            return self.forward(*args) if late else self._forward(args, {})
+        given = args
         if self._any_in_cast:
             args = tuple([t if c is None else t.to(c) for t, c in zip(args, self._in_cast)])
-        outs = call(args)
+        try:
+            outs = call(args)
+        except Exception:
+            if late and self._ran_stale(watch):
+                return self._forward(given, {})
+            raise
+        if late and self._ran_stale(watch):
+            return self._forward(given, {})  # refit: run again on the new weights
         if self._any_cast:
             outs = self._cast_outputs(outs)
         return outs[0] if self._single_out else unflatten(self._exported.output_tree, outs)

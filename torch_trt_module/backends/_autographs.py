@@ -126,7 +126,7 @@ class AutoGraphRunner(SaysWhatRuns):
         if verdict == "plain":
             return self.graphs.plain(inputs)
         if verdict == "graph" and self.graphs.has(key):
-            return self._replay(key, inputs)
+            return self._replay(key, inputs)  # the common call: a graph kept for this shape
         with self._lock:
             n = self._seen.get(key, 0) + 1
             if n == 1 and len(self._seen) >= _MAX_COUNTED:
@@ -158,7 +158,7 @@ class AutoGraphRunner(SaysWhatRuns):
 
     def _replay(self, key: ShapeKey, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         try:
-            return self.graphs.run(inputs)
+            return self.graphs.run(inputs, key)
         except Exception as e:  # noqa: BLE001 - CUDA reports capture and replay failures many ways
             self._turn_off(key, e)
             return self.graphs.plain(inputs)

@@ -115,14 +115,25 @@ class TorchCudaGraphs:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._last: torch.cuda.Stream | None = None
+        self._last_id: Any = None
+        # The current stream's raw (id, device index, device type), which torch.cuda.current_stream
+        # reads first; where this torch has no such call, or the device has no index, order() makes
+        # the Stream object every time.
+        self._raw = device.index is not None and hasattr(torch._C, "_cuda_getCurrentStream")
 
     def order(self) -> None:
+        # Every replay asks this before its copy-in, on the host's path to the GPU's start: the
+        # current stream's raw (id, device, type) is compared first, and a Stream object (about
+        # 2 µs with torch.cuda.current_stream) is made only when the stream is another one.
+        now = torch._C._cuda_getCurrentStream(self.device.index) if self._raw else None
+        if now is not None and now == self._last_id:
+            return
         current = torch.cuda.current_stream(self.device)
         if self._last is not None and self._last != current:
             # The static buffers are shared: another stream's replay (another thread's) must
             # be done with them before this stream copies new inputs in.
             current.wait_stream(self._last)
-        self._last = current
+        self._last, self._last_id = current, now
 
     @contextlib.contextmanager
     def capture_stream(self) -> Iterator[None]:
@@ -269,10 +280,12 @@ class CudaGraphRunner(SaysWhatRuns):
         with self._lock:
             return list(self._graphs)
 
-    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: Sequence[torch.Tensor], key: ShapeKey | None = None) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``, in the engine's dtypes or ones the
-        copy-in casts from; returns new output tensors, in ``out_dtypes``."""
-        key = shape_key(inputs)
+        copy-in casts from; returns new output tensors, in ``out_dtypes``. ``key``: the inputs'
+        :func:`shape_key`, where the caller has it."""
+        if key is None:
+            key = shape_key(inputs)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -280,9 +293,13 @@ class CudaGraphRunner(SaysWhatRuns):
             else:
                 self._graphs.move_to_end(key)
             self._driver.order()
-            with torch.inference_mode():  # the one mode that writes to inference tensors too (see _capture)
+            if torch.is_inference_mode_enabled():  # a caller's torch.inference_mode(): no second one
                 for static, t in zip(entry.inputs, inputs):
                     static.copy_(t, non_blocking=True)
+            else:
+                with torch.inference_mode():  # the one mode that writes to inference tensors too (see _capture)
+                    for static, t in zip(entry.inputs, inputs):
+                        static.copy_(t, non_blocking=True)
             entry.graph.replay()
             # Fresh tensors: the static outputs are overwritten by the next replay.
             outs = [o.clone() for o in entry.outputs]
