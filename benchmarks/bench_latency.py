@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(backends._dwconv.DWCONV_TRITON, an experiment, empty by default), e.g. float16,float32")
     p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="",
                    help="the Triton depthwise kernel's tile, e.g. 2048x4 (backends._dwconv.TILE and WARPS)")
+    p.add_argument("--graph-inputs", choices=("caller", "runner"), default="caller",
+                   help="the layout of a CUDA graph's static inputs (backends._cudagraphs.STATIC_INPUT_LAYOUT, an "
+                        "experiment): the caller's (default), or the runner's (channels_last images)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -300,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         _dwconv.DWCONV_TRITON = frozenset(args.dwconv_triton.split(","))
         if args.dwconv_tile:
             _dwconv.TILE, _dwconv.WARPS = (int(v) for v in args.dwconv_tile.split("x"))
+    if args.graph_inputs != "caller":
+        from torch_trt_module.backends import _cudagraphs
+
+        _cudagraphs.STATIC_INPUT_LAYOUT = args.graph_inputs
     if args.inductor_options:
         from torch_trt_module.backends import _torch_opt
 

@@ -10,7 +10,8 @@
 # holds the wheels the device's Python lacks for the tests (pytest and its two dependencies).
 # Each call returns what the job has written so far as $OUT/job.tgz. The steps
 # (mobilenet_v3_small fp16 over fp32 at batch 32, goal 1.3x):
-#   A. before and after the change, at batch 32, fp32 and fp16, alternating in four processes;
+#   A. before and after the change, at batch 32, fp32 and fp16, alternating in six processes, the
+#      third arm with the graphs' static inputs in the runner's layout (--graph-inputs runner);
 #   R. mobilenet_v3_small's full row (every backend of the H100 table, batches 1, 8 and 32);
 #   T. the GPU tests of the change and of the graph runners;
 #   B. the graph's static input in NCHW or in channels_last (bench_input_layout.py).
@@ -37,12 +38,14 @@ if [ "$1" = steps ]; then
   medians() {  # backend median_ms, from a bench_latency output folder
     python3 -c "import json,glob,sys; [print(r['backend'], r['batch'], round(r['median_ms'], 4)) for f in glob.glob(sys.argv[1] + '/*.json') for r in json.load(open(f))['rows'] if r.get('median_ms')]" "$1"
   }
-  echo "=== $(date +%T) A: before (161c9ad) and after, alternating"
+  echo "=== $(date +%T) A: before (161c9ad), after, after with channels_last static inputs, alternating"
   for i in 1 2; do
     PYTHONPATH=$JOB/src/.carry/base TORCH_TRT_MODULE_CACHE=$JOB/cache_before timeout 200 $B --out $O/a_before$i > $O/a_before$i.log 2>&1
     echo "before $i:"; medians $O/a_before$i
     timeout 200 $B --out $O/a_after$i > $O/a_after$i.log 2>&1
     echo "after $i:"; medians $O/a_after$i
+    timeout 200 $B --graph-inputs runner --out $O/a_layout$i > $O/a_layout$i.log 2>&1
+    echo "after, static inputs channels_last $i:"; medians $O/a_layout$i
   done
   echo "=== $(date +%T) R: the full row"
   timeout 600 python3 benchmarks/bench_latency.py --models mobilenet_v3_small --batch-sizes 1,8,32 \

@@ -21,6 +21,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module._errors import BackendUnavailable, RuntimeFailure
 from torch_trt_module._core.spec import TensorSpec
+from torch_trt_module.backends import _cudagraphs
 from torch_trt_module.backends._cudagraphs import CudaGraphRunner
 from torch_trt_module.backends._tensorrt import TensorRTRunner
 
@@ -667,3 +668,38 @@ def test_a_graph_runner_made_without_the_modules_out_dtypes_still_gives_the_call
     graphs = CudaGraphRunner(ref.runner, device="cpu", driver=HostGraphs())
     module = ttm.TRTModule(ref.engine, runner=graphs)
     _calls_in_fp32(module, ref)
+
+
+# --------------------------------------------------------------------------- the static inputs' layout (an experiment)
+
+class ImageRunner:
+    """TEST DOUBLE of a runner that prefers a channels_last image (the PyTorch runtime's
+    ``input_memory_formats``): it records the strides it is given."""
+
+    backend = "test"
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.inputs = [TensorSpec("x", "float32", ("b", 3, 4, 4), (1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4))]
+        self.outputs = [TensorSpec("y", "float32", ("b", 3))]
+        self.input_memory_formats = [torch.channels_last]
+        self.seen: list[tuple[int, ...]] = []
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        (x,) = inputs
+        self.seen.append(x.stride())
+        return [x.mean((2, 3)) * 2]
+
+
+@pytest.mark.parametrize("layout", ["caller", "runner"])
+def test_static_inputs_take_the_runner_s_layout_only_when_asked(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cudagraphs, "STATIC_INPUT_LAYOUT", layout)
+    inner = ImageRunner()
+    graphs = CudaGraphRunner(inner, device="cpu", driver=HostGraphs())
+    for _ in range(2):
+        x = torch.randn(2, 3, 4, 4)  # the caller's NCHW
+        (y,) = graphs.run([x])
+        torch.testing.assert_close(y, x.mean((2, 3)) * 2)  # the copy-in transposed, values kept
+    nhwc = torch.empty(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).stride()
+    want = nhwc if layout == "runner" else (48, 16, 4, 1)
+    assert set(inner.seen) == {want}

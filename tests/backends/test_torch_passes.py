@@ -259,6 +259,29 @@ def test_channels_last_lays_out_conv_weights_only() -> None:
     torch.testing.assert_close(opt(*derived, xb)[0], gm(*weights, xb)[0], rtol=1e-5, atol=1e-5)
 
 
+class ConvAndSkip(torch.nn.Module):
+    """An image that a convolution reads, and one that a convolution and an add read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(y) + y
+
+
+def test_an_image_only_convolutions_read_is_the_one_given_channels_last() -> None:
+    """``Optimized.conv_inputs``: what a graph runner's static inputs may take the runner's layout
+    for (``_cudagraphs.STATIC_INPUT_LAYOUT``). Made for a GPU's device (no CUDA call is made):
+    channels_last weights are a GPU's only."""
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    _, gm, names, weights = _program(ConvAndSkip().eval(), (x, y))
+    on_gpu = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cuda"))
+    assert on_gpu is not None and on_gpu.channels_last and on_gpu.conv_inputs == [0]
+    on_cpu = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cpu"))
+    assert on_cpu is not None and on_cpu.conv_inputs == []  # no channels_last weights on a CPU
+
+
 @pytest.mark.parametrize("optimize", ["passes", "inductor"])
 def test_runner_refolds_at_every_refit(optimize: str) -> None:
     """Follow mode: BatchNorm statistics and conv weights change; the folded weights follow."""

@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 #: The wrapped runner's attributes a graph runner answers for it (TorchRunner's description of its program).
 FORWARDED = frozenset({"program_format", "weight_names"})
+#: An experiment, off by default ("caller"): "runner" makes each static input in the layout the
+#: wrapped runner prefers (its ``input_memory_formats``: channels_last for an image that only the
+#: PyTorch runtime's channels_last convolutions read), so the copy-in also transposes and the
+#: program's own layout copy goes (benchmarks/bench_latency.py --graph-inputs runner).
+STATIC_INPUT_LAYOUT = "caller"
 
 
 def shape_key(inputs: Sequence[torch.Tensor]) -> ShapeKey:
@@ -359,9 +364,11 @@ class CudaGraphRunner(SaysWhatRuns):
             # The copy-ins are made under inference mode, the one mode that writes to both kinds, so a
             # graph captured under torch.inference_mode() serves calls made outside it.
             static = []
-            for t, dtype in zip(inputs, self._in_dtypes):
+            formats = getattr(self.inner, "input_memory_formats", None) if STATIC_INPUT_LAYOUT == "runner" else None
+            for i, (t, dtype) in enumerate(zip(inputs, self._in_dtypes)):
                 with torch.inference_mode(t.is_inference()):
-                    static.append(torch.empty_like(t, dtype=dtype))
+                    static.append(torch.empty_like(t, dtype=dtype, memory_format=formats[i] if formats
+                                                   else torch.preserve_format))
             with torch.inference_mode():
                 for s, t in zip(static, inputs):
                     s.copy_(t)

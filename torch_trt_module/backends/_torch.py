@@ -76,6 +76,15 @@ class TorchRunner:
         """What the optimizing runtime does with the program here ("none": it runs as captured)."""
         return self._opt.describe() if self._opt is not None else "none"
 
+    @property
+    def input_memory_formats(self) -> list[torch.memory_format]:
+        """The layout each input is best given in: channels_last for a 4-d input that only the
+        optimized program's channels_last convolutions read, else contiguous (what a CUDA graph
+        runner may allocate its static inputs in, ``_cudagraphs.STATIC_INPUT_LAYOUT``)."""
+        conv = set(self._opt.conv_inputs) if self._opt is not None and self._opt.inductor else set()
+        return [torch.channels_last if i in conv and s.rank == 4 else torch.contiguous_format
+                for i, s in enumerate(self.inputs)]
+
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on validated, contiguous inputs on ``self.device``; returns new output tensors."""
         try:

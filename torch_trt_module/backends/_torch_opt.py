@@ -151,6 +151,18 @@ class Optimized:
             return None
         return cls(gm, plan, dict(zip(names, weights)), device, inductor, captured=graph)
 
+    @property
+    def conv_inputs(self) -> list[int]:
+        """Positions (among the user inputs) of the 4-d inputs that only convolutions read: where
+        Inductor lays out channels_last activations, its program's first kernel copies such an
+        input to channels_last (a graph runner's static input can be made so instead)."""
+        if not self.channels_last:
+            return []
+        places = [n for n in self.graph.graph.nodes if n.op == "placeholder"][len(self.weights):]
+        conv = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+        return [i for i, n in enumerate(places)
+                if n.users and all(u.op == "call_function" and u.target in conv and u.args[0] is n for u in n.users)]
+
     def describe(self) -> str:
         if self.passes_failed:
             return "none (the inference passes' program failed; it runs as captured)"
