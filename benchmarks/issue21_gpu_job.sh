@@ -10,7 +10,7 @@
 # holds the wheels the device's Python lacks for the tests (pytest and its two dependencies).
 # Each call returns what the job has written so far as $OUT/job.tgz. The steps
 # (mobilenet_v3_small fp16 over fp32 at batch 32, goal 1.3x):
-#   A. before and after the change, at batch 32, fp32 and fp16, alternating in six processes, the
+#   A. before and after the change, at batch 32, fp32 and fp16, in one process each (ROUNDS="1 2": two rounds, alternating), the
 #      third arm with the graphs' static inputs in the runner's layout (--graph-inputs runner);
 #   T. the GPU tests of the change: follow mode's look after the run, streams, real graphs;
 #   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32).
@@ -38,7 +38,7 @@ if [ "$1" = steps ]; then
     python3 -c "import json,glob,sys; [print(r['backend'], r['batch'], round(r['median_ms'], 4)) for f in glob.glob(sys.argv[1] + '/*.json') for r in json.load(open(f))['rows'] if r.get('median_ms')]" "$1"
   }
   echo "=== $(date +%T) A: before (161c9ad), after, after with channels_last static inputs, alternating"
-  for i in 1 2; do
+  for i in ${ROUNDS:-1}; do
     PYTHONPATH=$JOB/src/.carry/base TORCH_TRT_MODULE_CACHE=$JOB/cache_before timeout 200 $B --out $O/a_before$i > $O/a_before$i.log 2>&1
     echo "before $i:"; medians $O/a_before$i
     timeout 200 $B --out $O/a_after$i > $O/a_after$i.log 2>&1
