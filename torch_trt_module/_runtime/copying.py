@@ -86,13 +86,23 @@ class Copies:
         cast_inputs: bool
         cuda_graphs: bool | str
 
-        def _load(self, engine: Any, device: Any, *, refit_now: bool = False) -> None: ...
+        def _load(self, engine: Any, device: Any, *, refit_now: bool = False, moving: Any = None,
+                  move: bool = False) -> None: ...
 
         def _apply_weights(self, values: dict[str, torch.Tensor]) -> None: ...
 
-        def to(self, *args: Any, **kwargs: Any) -> Any: ...
+        def _weights_for_move(self) -> dict[str, torch.Tensor] | None: ...
 
-    # ------------------------------------------------------------------ devices (TRTModule.to does the move)
+    # ------------------------------------------------------------------ devices
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None and self.engine is not None and torch.device(device) != self.device:
+            # the weights it was refit to, not the engine's, and a change of the source no call applied yet
+            self._load(self.engine, device, moving=self._weights_for_move(), move=True)
+        if device is not None and self._lazy is not None:
+            self._lazy_device = torch.device(device)
+        return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # A parent's .to()/.cuda()/.cpu() reaches children through _apply, not through their .to():

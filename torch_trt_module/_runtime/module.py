@@ -233,12 +233,10 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
     # ------------------------------------------------------------------ forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        # The fast call. nn.Module.__call__ spends ~1.3 µs walking hook tables, and the full
-        # checks in forward() ~3 µs more: on a ~3 µs runtime call that would be most of the time.
-        # With no hook registered (globals included, checked every call), a call like an earlier
-        # successful one (plain positional tensors of the compiled dtypes, contiguous, on this
-        # module's device, no grad needed, input shapes that passed the profile check) goes
-        # straight to the runner's call planned for those shapes. Anything else takes the full path.
+        # The fast call: with no hook registered (globals included), a call like an earlier successful
+        # one (plain positional tensors of the compiled dtypes, contiguous, on this device, no grad,
+        # shapes that passed the profile check) goes straight to the runner's call for those shapes,
+        # without nn.Module.__call__'s hook walk (~1.3 µs) and forward()'s checks (~3 µs).
         watch = self._watch
         late = watch is not None and self._look_late  # look at the source's weights after the run (following.py)
         if watch is not None and not late:
@@ -268,11 +266,11 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         try:
             outs = call(args)
         except Exception:
-            if late and self._ran_stale(watch):
-                return self._forward(given, {})
-            raise
-        if late and self._ran_stale(watch):
-            return self._forward(given, {})  # refit: run again on the new weights
+            if not (late and self._ran_stale(watch)):
+                raise
+            return self._forward(given, {})
+        if late and self._ran_stale(watch):  # refit: run again on the new weights
+            return self._forward(given, {})
         if self._any_cast:
             outs = self._cast_outputs(outs)
         return outs[0] if self._single_out else unflatten(self._exported.output_tree, outs)
@@ -389,15 +387,6 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         outs = self._reference.run(inputs)
         outs = [o.to(u) for o, u in zip(outs, self._user_out)]
         return unflatten(ex.output_tree, outs)
-
-    def to(self, *args: Any, **kwargs: Any) -> "TRTModule":  # type: ignore[override]
-        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        if device is not None and self.engine is not None and torch.device(device) != self.device:
-            # the weights it was refit to, not the engine's, and a change of the source no call applied yet
-            self._load(self.engine, device, moving=self._weights_for_move(), move=True)
-        if device is not None and self._lazy is not None:
-            self._lazy_device = torch.device(device)
-        return self
 
     def train(self, mode: bool = True) -> "TRTModule":
         # Allowed so a parent's train() works; forward computes inference in either mode (one WARNING).

@@ -56,10 +56,7 @@ log = logging.getLogger(__name__)
 ShapeKey = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 #: The wrapped runner's attributes a graph runner answers for it (TorchRunner's description of its program).
 FORWARDED = frozenset({"program_format", "weight_names"})
-#: An experiment, off by default ("caller"): "runner" makes each static input in the layout the
-#: wrapped runner prefers (its ``input_memory_formats``: channels_last for an image that only the
-#: PyTorch runtime's channels_last convolutions read), so the copy-in also transposes and the
-#: program's own layout copy goes (benchmarks/bench_latency.py --graph-inputs runner).
+#: Off by default: "runner" makes static inputs in the runner's input_memory_formats (bench_latency.py --graph-inputs).
 STATIC_INPUT_LAYOUT = "caller"
 
 
@@ -120,16 +117,12 @@ class TorchCudaGraphs:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self._last: torch.cuda.Stream | None = None
-        self._last_id: Any = None
-        # The current stream's raw (id, device index, device type), which torch.cuda.current_stream
-        # reads first; where this torch has no such call, or the device has no index, order() makes
-        # the Stream object every time.
+        self._last_id: Any = None  # the last stream's raw (id, device index, type): see order()
         self._raw = device.index is not None and hasattr(torch._C, "_cuda_getCurrentStream")
 
     def order(self) -> None:
-        # Every replay asks this before its copy-in, on the host's path to the GPU's start: the
-        # current stream's raw (id, device, type) is compared first, and a Stream object (about
-        # 2 µs with torch.cuda.current_stream) is made only when the stream is another one.
+        # Before every copy-in, on the host's path to the GPU's start: the raw stream id is compared
+        # first, and a Stream object (about 2 µs) is made only when the stream is another one.
         now = torch._C._cuda_getCurrentStream(self.device.index) if self._raw else None
         if now is not None and now == self._last_id:
             return
@@ -298,13 +291,11 @@ class CudaGraphRunner(SaysWhatRuns):
             else:
                 self._graphs.move_to_end(key)
             self._driver.order()
-            if torch.is_inference_mode_enabled():  # a caller's torch.inference_mode(): no second one
+            # inference mode: the one mode that writes to inference tensors too (see _capture); a
+            # caller's own torch.inference_mode() needs no second one around the copies
+            with contextlib.nullcontext() if torch.is_inference_mode_enabled() else torch.inference_mode():
                 for static, t in zip(entry.inputs, inputs):
                     static.copy_(t, non_blocking=True)
-            else:
-                with torch.inference_mode():  # the one mode that writes to inference tensors too (see _capture)
-                    for static, t in zip(entry.inputs, inputs):
-                        static.copy_(t, non_blocking=True)
             entry.graph.replay()
             # Fresh tensors: the static outputs are overwritten by the next replay.
             outs = [o.clone() for o in entry.outputs]
