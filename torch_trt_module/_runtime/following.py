@@ -76,8 +76,8 @@ class FollowsWeights:
         """A call's look at the source's weights before its run: refit if they changed. A look that
         finds them unchanged lets the next fast calls on a GPU look after enqueuing their run
         (:meth:`_ran_stale`): the look reads every followed tensor's version and address, about
-        0.1 µs a tensor (some 25 µs for mobilenet_v3_small's 244 on a fast host), which would
-        otherwise hold back the GPU's start of every call. Not in "exact" mode, whose look compares
+        0.18 µs a tensor (37.5 µs for mobilenet_v3_small's 210 on this project's CPU,
+        benchmarks/bench_look.py), which would otherwise hold back the GPU's start of every call. Not in "exact" mode, whose look compares
         bytes on the device and waits for them, nor on the CPU, whose runs are not enqueued but
         done before the look could run."""
         if watch.changed():
