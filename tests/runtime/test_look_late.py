@@ -10,7 +10,8 @@ look), computing with ONNX Runtime on the CPU. The real run of this path is
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import threading
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -38,6 +39,11 @@ class EnqueuingRunner:
         self.inner = OnnxRuntimeRunner(engine.onnx, ex.inputs, ex.outputs, "cpu")
         self.runs = 0
         self.fail_next = False
+        #: Called once, after the next run computed its output and before it returns: what another
+        #: thread does while this run is on the GPU.
+        self.meanwhile: Callable[[], None] | None = None
+        #: (begun, go): the next refit sets ``begun`` and waits for ``go`` before it takes effect.
+        self.hold_refit: tuple[threading.Event, threading.Event] | None = None
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         assert [t.device for t in inputs] == [self.device]
@@ -45,10 +51,19 @@ class EnqueuingRunner:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("a kernel failed")
-        return self.inner.run([self.x])
+        out = self.inner.run([self.x])
+        meanwhile, self.meanwhile = self.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
+        return out
 
     def refit(self, values: Any) -> "EnqueuingRunner":
-        self.inner = self.inner.refit(values)
+        inner = self.inner.refit(values)
+        hold, self.hold_refit = self.hold_refit, None
+        if hold is not None:  # a slow refit: says it has begun, and waits to be let go
+            hold[0].set()
+            assert hold[1].wait(10)
+        self.inner = inner
         return self
 
 
@@ -141,6 +156,60 @@ def test_a_failed_run_with_changed_weights_is_run_again_after_the_refit(engine: 
     runner.fail_next = True  # unchanged weights: the run's own error is the caller's
     with pytest.raises(RuntimeError, match="a kernel failed"):
         _call(module, runner)
+
+
+def test_a_call_whose_run_another_thread_refit_under_runs_again(engine: Any) -> None:
+    """The weights change before two calls begin. While the first call's run is on the GPU, a
+    second thread's call runs, sees the change and refits: when the first looks, the source's
+    signature is the one just read, yet its run computed with the weights replaced, so it runs again."""
+    model, runner, module = _setup(engine)
+    for _ in range(2):
+        _call(module, runner)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    other: list[torch.Tensor] = []
+
+    def second_thread() -> None:
+        t = threading.Thread(target=lambda: other.append(_call(module, runner)[0]))
+        t.start()
+        t.join()
+
+    runner.meanwhile = second_thread
+    out, _ = _call(module, runner)
+    assert module.weights_version == 1  # one refit, the second thread's
+    assert _close(other[0], _eager(model))
+    assert _close(out, _eager(model))
+
+
+@pytest.mark.parametrize("look", ["late", "first"])
+def test_a_call_waits_for_a_refit_under_way_in_another_thread(engine: Any, look: str) -> None:
+    """The weights change; another thread's call reads them and is refitting (slowly) when this
+    call looks: the source's signature is already the new one and no version was bumped yet, so
+    only the refit under way says this call's weights are being replaced. It waits, and computes
+    with the new weights (looking late: after its run; looking first: before it)."""
+    model, runner, module = _setup(engine)
+    for _ in range(0 if look == "first" else 2):  # none: the call looks first; two: late
+        _call(module, runner)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    begun, go = threading.Event(), threading.Event()
+    runner.hold_refit = (begun, go)
+    other: list[torch.Tensor] = []
+    refitting = threading.Thread(target=lambda: other.append(_call(module, runner)[0]))
+
+    def start_the_other_thread() -> None:
+        refitting.start()
+        assert begun.wait(10)  # its refit has begun: the signature is read, the runner not yet refit
+        threading.Timer(0.3, go.set).start()
+
+    if look == "late":
+        runner.meanwhile = start_the_other_thread  # while this call's run is on the GPU
+    else:
+        start_the_other_thread()  # before this call
+    out, _ = _call(module, runner)
+    refitting.join()
+    assert go.is_set() and module.weights_version == 1
+    assert _close(other[0], _eager(model)) and _close(out, _eager(model))
 
 
 @pytest.mark.parametrize("weights", ["exact", "snapshot"])

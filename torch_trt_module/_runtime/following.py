@@ -35,6 +35,7 @@ class FollowsWeights:
     _current: dict[str, torch.Tensor] | None
     _warned_weights: bool
     _look_late: bool  # the fast call looks after its run (_look_first says when)
+    _refitting = False  # a call's refit for a change of the source is under way (its signature already read)
     _on_cpu: bool
     weights: str
     weights_version: int
@@ -77,21 +78,25 @@ class FollowsWeights:
         finds them unchanged lets the next fast calls on a GPU look after enqueuing their run
         (:meth:`_ran_stale`): the look reads every followed tensor's version and address, about
         0.18 µs a tensor (37.5 µs for mobilenet_v3_small's 210 on this project's CPU,
-        benchmarks/bench_look.py), which would otherwise hold back the GPU's start of every call. Not in "exact" mode, whose look compares
-        bytes on the device and waits for them, nor on the CPU, whose runs are not enqueued but
-        done before the look could run."""
-        if watch.changed():
+        benchmarks/bench_look.py), which would otherwise hold back the GPU's start of every call.
+        Not in "exact" mode, whose look compares bytes on the device and waits for them, nor on
+        the CPU, whose runs are not enqueued but done before the look could run. A refit for a
+        change, under way in another thread, is waited for: no call runs on weights it replaces."""
+        if watch.changed() or self._refitting:
             self._weights_changed()
         elif self.weights == "follow" and not self._on_cpu:
             self._look_late = True
 
-    def _ran_stale(self, watch: WeightWatch) -> bool:
-        """A fast call's look after enqueuing its run on the engine's weights: whether the source's
-        changed (then they are read and refit now, and the caller runs again). The run only read
-        the engine's own memory (a refit copies, :func:`read_weights`), so a stale run is wasted
-        work, never a wrong answer. Calls look first again until a look finds nothing changed, so a
-        loop that changes the weights before every call wastes no run."""
-        if not watch.changed():
+    def _ran_stale(self, watch: WeightWatch, version: int) -> bool:
+        """A fast call's look after enqueuing its run on the engine's weights (``weights_version``
+        ``version`` when it took its planned call): whether the source's changed (then they are
+        read and refit now, and the caller runs again), or another thread refit meanwhile or is
+        refitting (the caller waits for it and runs again: its run may have read the weights that
+        refit replaced, for a change made before this call began). The run only read the engine's
+        own memory (a refit copies, :func:`read_weights`), so a stale run is wasted work, never a
+        wrong answer. Calls look first again until a look finds nothing changed, so a loop that
+        changes the weights before every call wastes no run."""
+        if not (watch.changed() or self.weights_version != version or self._refitting):
             return False
         self._look_late = False
         self._weights_changed()
@@ -118,12 +123,16 @@ class FollowsWeights:
                 self._watch = None  # warned once: stop paying for the check
                 return
             ex = self._exported
-            if not ex.weights:
-                self._rebuild_for_weights(watch)
-                return
-            values = watch.read(ex.weights)  # None: a step began in another thread; the next call reads
-            if values is not None:
-                self._apply_weights(values)
+            self._refitting = True  # from the read of the new signature until the runner has the weights
+            try:
+                if not ex.weights:
+                    self._rebuild_for_weights(watch)
+                    return
+                values = watch.read(ex.weights)  # None: a step began in another thread; the next call reads
+                if values is not None:
+                    self._apply_weights(values)
+            finally:
+                self._refitting = False
 
     def _weights_for_move(self) -> dict[str, torch.Tensor] | None:
         """The weights a runner made on another device must have (``.to()``): those this module was refit

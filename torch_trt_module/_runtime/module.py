@@ -241,6 +241,7 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         late = watch is not None and self._look_late  # look at the source's weights after the run (following.py)
         if watch is not None and not late:
             self._look_first(watch)
+        version = self.weights_version  # before the planned call is taken: a refit since shows (_ran_stale)
         fast = self._fast
         if kwargs and not args and fast is not None and self._kw_keys is not None \
                 and len(kwargs) == self._n_positional:
@@ -266,10 +267,10 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
         try:
             outs = call(args)
         except Exception:
-            if not (late and self._ran_stale(watch)):
+            if not (late and self._ran_stale(watch, version)):
                 raise
             return self._forward(given, {})
-        if late and self._ran_stale(watch):  # refit: run again on the new weights
+        if late and self._ran_stale(watch, version):  # refit: run again on the new weights
             return self._forward(given, {})
         if self._any_cast:
             outs = self._cast_outputs(outs)
@@ -277,8 +278,8 @@ class TRTModule(FollowsWeights, Copies, torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         watch = self._watch
-        if watch is not None and watch.changed():
-            self._weights_changed()
+        if watch is not None:
+            self._look_first(watch)
         return self._forward(args, kwargs)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
