@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph-inputs", choices=("caller", "runner"), default="caller",
                    help="the layout of a CUDA graph's static inputs (backends._cudagraphs.STATIC_INPUT_LAYOUT, an "
                         "experiment): the caller's (default), or the runner's (channels_last images)")
+    p.add_argument("--pad-channels", action="store_true",
+                   help="pad convolutions' few input channels to an aligned count where Inductor compiles for a GPU "
+                        "(backends._pad_channels.PAD_INPUT_CHANNELS, an experiment, off by default)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -307,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         from torch_trt_module.backends import _cudagraphs
 
         _cudagraphs.STATIC_INPUT_LAYOUT = args.graph_inputs
+    if args.pad_channels:
+        from torch_trt_module.backends import _pad_channels
+
+        _pad_channels.PAD_INPUT_CHANNELS = True
     if args.inductor_options:
         from torch_trt_module.backends import _torch_opt
 

@@ -10,10 +10,15 @@
 # holds the wheels the device's Python lacks for the tests (pytest and its two dependencies).
 # Each call returns what the job has written so far as $OUT/job.tgz. The steps
 # (mobilenet_v3_small fp16 over fp32 at batch 32, goal 1.3x):
-#   A. before and after the change, at batch 32, fp32 and fp16, in one process each (ROUNDS="1 2": two rounds, alternating), the
+#   A. before and after the change, at batch 32, fp32 and fp16, in one process each (ROUNDS="1 2": two rounds, alternating; ARMS picks the arms from "before after layout pad",
+#      default "before after layout"; "pad": --pad-channels, the first convolution's 3 channels padded), the
 #      third arm with the graphs' static inputs in the runner's layout (--graph-inputs runner);
 #   T. the GPU tests of the change: follow mode's look after the run, streams, real graphs;
-#   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32).
+#   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32);
+#   F (only when STEPS names it): bench_first_conv.py, the first convolution's input channels padded;
+#   G (only when STEPS names it): bench_graph_launch.py, a graph's launch cost by the kind of its nodes;
+#   P (only when STEPS names it, e.g. STEPS="P T"): profile_gpu_calls.py's timeline of the synced call
+#      (lead, span, busy, gaps) and each call's device work in order, with both static input layouts.
 # Earlier jobs (the eighth session's: commits 716019a and 7d84a3e) are in RESULTS.md.
 WAIT=${1:-540}
 JOB=/tmp/issue21
@@ -37,23 +42,48 @@ if [ "$1" = steps ]; then
   medians() {  # backend median_ms, from a bench_latency output folder
     python3 -c "import json,glob,sys; [print(r['backend'], r['batch'], round(r['median_ms'], 4)) for f in glob.glob(sys.argv[1] + '/*.json') for r in json.load(open(f))['rows'] if r.get('median_ms')]" "$1"
   }
-  echo "=== $(date +%T) A: before (161c9ad), after, after with channels_last static inputs, alternating"
-  for i in ${ROUNDS:-1}; do
-    PYTHONPATH=$JOB/src/.carry/base TORCH_TRT_MODULE_CACHE=$JOB/cache_before timeout 200 $B --out $O/a_before$i > $O/a_before$i.log 2>&1
-    echo "before $i:"; medians $O/a_before$i
-    timeout 200 $B --out $O/a_after$i > $O/a_after$i.log 2>&1
-    echo "after $i:"; medians $O/a_after$i
-    timeout 200 $B --graph-inputs runner --out $O/a_layout$i > $O/a_layout$i.log 2>&1
-    echo "after, static inputs channels_last $i:"; medians $O/a_layout$i
+  has() { case " ${STEPS:-A T R} " in *" $1 "*) return 0;; esac; return 1; }
+  if has G; then
+    echo "=== $(date +%T) G: a CUDA graph's launch, by the kind of its nodes"
+    timeout 180 python3 benchmarks/bench_graph_launch.py > $O/g.log 2>&1; cat $O/g.log | cut -c1-400
+  fi
+  if has F; then
+    echo "=== $(date +%T) F: the first convolution with its 3 input channels padded to 4 or 8"
+    timeout 180 python3 benchmarks/bench_first_conv.py --batch 32 > $O/f.log 2>&1; grep "^|" $O/f.log || tail -5 $O/f.log
+  fi
+  if has P; then
+    echo "=== $(date +%T) P: where the synced call's time goes, fp32 and fp16, caller's and runner's input layout"
+    for g in ${LAYOUTS:-caller runner}; do
+      timeout 300 python3 benchmarks/profile_gpu_calls.py --batch-sizes 32 --rows trtmodule --top 0 --host-top 10 \
+        --graph-inputs $g --timeline $O/timeline_$g > $O/p_$g.log 2>&1; grep -E "^\||timeline|host:" $O/p_$g.log
+    done
+  fi
+  has A && echo "=== $(date +%T) A: before (161c9ad), after, after with channels_last static inputs, alternating"
+  has A && for i in ${ROUNDS:-1}; do
+    if [[ " ${ARMS:-before after layout} " == *" before "* ]]; then
+      PYTHONPATH=$JOB/src/.carry/base TORCH_TRT_MODULE_CACHE=$JOB/cache_before timeout 200 $B --out $O/a_before$i > $O/a_before$i.log 2>&1
+      echo "before $i:"; medians $O/a_before$i
+    fi
+    if [[ " ${ARMS:-before after layout} " == *" after "* ]]; then
+      timeout 200 $B --out $O/a_after$i > $O/a_after$i.log 2>&1
+      echo "after $i:"; medians $O/a_after$i
+    fi
+    if [[ " ${ARMS:-before after layout} " == *" layout "* ]]; then
+      timeout 200 $B --graph-inputs runner --out $O/a_layout$i > $O/a_layout$i.log 2>&1
+      echo "after, static inputs channels_last $i:"; medians $O/a_layout$i
+    fi
+    if [[ " ${ARMS:-before after layout} " == *" pad "* ]]; then
+      timeout 200 $B --pad-channels --out $O/a_pad$i > $O/a_pad$i.log 2>&1
+      echo "after, first convolution's channels padded $i:"; medians $O/a_pad$i
+      grep -h "compile()" $O/a_pad$i.log | cut -c1-300
+    fi
   done
-  echo "=== $(date +%T) T: GPU tests of the change"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_optimized_runtime.py \
-    tests/gpu/test_cuda.py tests/backends/test_cudagraphs.py -k "looks_after or streams or real_cuda" > $O/t.log 2>&1
-  tail -5 $O/t.log
-  echo "=== $(date +%T) R: the full row"
-  timeout 600 python3 benchmarks/bench_latency.py --models mobilenet_v3_small --batch-sizes 1,8,32 \
+  has T && echo "=== $(date +%T) T: GPU tests of the change" && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_optimized_runtime.py \
+    tests/gpu/test_cuda.py tests/backends/test_cudagraphs.py -k "looks_after or streams or real_cuda or padded_input_channels" > $O/t.log 2>&1
+  has T && tail -5 $O/t.log
+  has R && echo "=== $(date +%T) R: the full row" && timeout 600 python3 benchmarks/bench_latency.py --models mobilenet_v3_small --batch-sizes 1,8,32 \
     --backends eager,eager-fp16,torch.compile,torch.compile-fp16,torch.compile-reduce-overhead,trtmodule,trtmodule-fp16,trtmodule+cudagraphs \
-    --max-seconds 1.5 --out $O/r > $O/r.log 2>&1; medians $O/r
+    --max-seconds 1.5 --out $O/r > $O/r.log 2>&1 && medians $O/r
   echo "=== $(date +%T) end"
   touch $O/DONE
   exit 0

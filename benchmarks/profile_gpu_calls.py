@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import pathlib
 import statistics
 import time
 from typing import Any, Callable
@@ -88,6 +89,64 @@ def _host_ops(fn: Callable[[], Any], top: int) -> list[str]:
     return [f"{e.self_cpu_time_total / 20:.1f} µs x{e.count // 20} {e.key[:80]}" for e in events[:top]]
 
 
+def _timeline(fn: Callable[[], Any], calls: int = 20) -> tuple[dict[str, float], list[str]]:
+    """Where one synced call's time goes on the GPU's timeline (``torch.profiler`` with CPU and CUDA
+    activities, ``calls`` calls each synced): *lead*, from the call's entry on the host to its first
+    kernel's start; *span*, first kernel's start to last kernel's end; *busy*, the kernels' own time
+    in it; *gaps*, span minus busy; and, timed first with no profiler, the host time of the call's
+``CUDAGraph.replay`` (the launch the GPU waits for). Medians over the calls; with the listing of the last call's
+    device work in order (start offset, duration, gap before, name)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    replays: list[float] = []  # first, with no profiler: the host time of each CUDA graph launch
+    replay = torch.cuda.CUDAGraph.replay
+
+    def timed_replay(graph: torch.cuda.CUDAGraph) -> None:
+        t0 = time.perf_counter()
+        replay(graph)
+        replays.append((time.perf_counter() - t0) * 1e6)
+
+    torch.cuda.CUDAGraph.replay = timed_replay  # type: ignore[method-assign]
+    try:
+        for _ in range(calls * 5):
+            fn()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.CUDAGraph.replay = replay  # type: ignore[method-assign]
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            with record_function("timed_call"):
+                fn()
+            torch.cuda.synchronize()
+    events = prof.events()
+    marks = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.name == "timed_call" and e.device_type.name == "CPU")
+    device = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events  # not the GPU's annotation
+                     if e.device_type.name == "CUDA" and e.name != "timed_call"), key=lambda t: t[0])
+    figures: dict[str, list[float]] = {"graph launch, no profiler": replays, "lead": [], "span": [], "busy": [],
+                                       "gaps": [], "device ops": []}
+    listing: list[str] = []
+    for i, (begin, _) in enumerate(marks):
+        stop = marks[i + 1][0] if i + 1 < len(marks) else float("inf")
+        mine = [d for d in device if begin <= d[0] < stop]
+        if not mine:
+            continue
+        busy = sum(d[1] - d[0] for d in mine)
+        span = max(d[1] for d in mine) - mine[0][0]
+        for key, value in (("lead", mine[0][0] - begin), ("span", span), ("busy", busy),
+                           ("gaps", span - busy), ("device ops", len(mine))):
+            figures[key].append(value)
+        listing = []
+        last = mine[0][0]
+        for start, end, name in mine:
+            listing.append(f"{start - mine[0][0]:8.1f} {end - start:7.1f} {start - last:6.1f} {name[:110]}")
+            last = end
+    return {k: statistics.median(v) for k, v in figures.items() if v}, listing
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mobilenet_v3_small", choices=sorted(MODELS))
@@ -102,6 +161,13 @@ def main() -> int:
     p.add_argument("--dwconv-triton", metavar="DTYPES", default="",
                    help="backends._dwconv.DWCONV_TRITON for this process (an experiment), e.g. float16,float32")
     p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="", help="its tile, e.g. 2048x4")
+    p.add_argument("--graph-inputs", choices=("caller", "runner"), default="caller",
+                   help="backends._cudagraphs.STATIC_INPUT_LAYOUT for this process (an experiment)")
+    p.add_argument("--pad-channels", action="store_true",
+                   help="backends._pad_channels.PAD_INPUT_CHANNELS for this process (an experiment)")
+    p.add_argument("--timeline", metavar="DIR", default="",
+                   help="also time each row's synced call on the GPU's timeline (lead, span, busy, gaps, µs) "
+                        "at the largest batch, and write each row's device work in order to DIR")
     args = p.parse_args()
     import torch_trt_module as ttm
 
@@ -112,6 +178,14 @@ def main() -> int:
         if args.dwconv_tile:
             _dwconv.TILE, _dwconv.WARPS = (int(v) for v in args.dwconv_tile.split("x"))
 
+    if args.pad_channels:
+        from torch_trt_module.backends import _pad_channels
+
+        _pad_channels.PAD_INPUT_CHANNELS = True
+    if args.graph_inputs != "caller":
+        from torch_trt_module.backends import _cudagraphs
+
+        _cudagraphs.STATIC_INPUT_LAYOUT = args.graph_inputs
     factory, inputs = MODELS[args.model]
     torch.manual_seed(0)
     model = factory().eval().cuda()
@@ -162,6 +236,13 @@ def main() -> int:
                 tops += [f"{label}: {line}" for line in top]
                 if args.host_top and batch == max(batches):
                     tops += [f"{label}, host: {line}" for line in _host_ops(lambda: fn(kw), args.host_top)]
+                if args.timeline and batch == max(batches):
+                    figures, listing = _timeline(lambda: fn(kw))
+                    tops.append(f"{label}, timeline µs: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+                    folder = pathlib.Path(args.timeline)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / f"{label.replace(' ', '_').replace('.', '')}-b{batch}.txt").write_text(
+                        "   start     dur    gap name\n" + "\n".join(listing) + "\n")
             for line in tops:
                 print(f"- {line}")
     return 0

@@ -2,6 +2,7 @@
 inference passes, compiled by TorchInductor, against eager with PyTorch's default numerics.
 
 - each optimized path (fp32, fp16) at the profile's corners;
+- the first convolution's input channels padded (an experiment, off by default), with a refit;
 - follow mode through a training loop, with BatchNorm folded and refolded at every refit;
 - follow mode's look after a quiet call's run: each kind of change seen, refit and run again;
 - a saved module loaded where Inductor's caches are empty (another machine, simulated by a
@@ -77,6 +78,30 @@ def test_the_optimized_program_matches_eager_at_the_profile_corners(precision: s
             assert report.passed, f"batch {batch}, call {call + 1}: {report}"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_padded_input_channels_match_eager_and_follow_a_refit(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experiment of ``backends/_pad_channels.py`` (off by default): resnet18's 3-channel first
+    convolution padded (to 4 in fp32, 8 in fp16), against eager at the profile's corners, then
+    after its weights change (the padded weight is derived: refit, never stale)."""
+    from torch_trt_module.backends import _pad_channels
+
+    monkeypatch.setattr(_pad_channels, "PAD_INPUT_CHANNELS", True)
+    model = _resnet()
+    fast = ttm.compile(model, torch.randn(4, 3, 64, 64, device="cuda"), precision=precision, max_batch=16,
+                       cast_inputs=True, cache=False)
+    assert "1 convolutions' input channels padded" in fast.runner.optimized
+    for step in range(2):
+        for batch in (1, 16):
+            x = torch.randn(batch, 3, 64, 64, device="cuda")
+            with torch.no_grad(), strict_fp32():
+                want = model(x)
+            report = compare_outputs(fast(x).float(), want, tolerance=_policy(precision))
+            assert report.passed, f"step {step}, batch {batch}: {report}"
+        with torch.no_grad():
+            model.conv1.weight.mul_(1.5)
+            model.bn1.running_var.mul_(0.5)
+
+
 @pytest.mark.parametrize("optimize", ["passes", "inductor"])
 def test_follow_mode_refolds_batchnorm_through_a_training_loop(optimize: str) -> None:
     """After every step (BatchNorm statistics and every weight moved), the followed module equals
@@ -131,7 +156,8 @@ def test_follow_mode_looks_after_the_run_and_is_never_stale(cuda_graphs: bool | 
 
     def step(opt: torch.optim.Optimizer) -> None:
         model.train()  # the forward also moves every BatchNorm's running statistics
-        model(torch.randn(8, 3, 64, 64, device="cuda")).square().mean().backward()
+        with torch.enable_grad():  # the calls around it run under no_grad
+            model(torch.randn(8, 3, 64, 64, device="cuda")).square().mean().backward()
         opt.step()
         opt.zero_grad()
         model.eval()

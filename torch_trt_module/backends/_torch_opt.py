@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import _dwconv
+from . import _dwconv, _pad_channels
 from ._inductor_store import Artifacts
 from ._torch_passes import WeightPlan, optimize_graph
 from ._warn import warn_once, why
@@ -142,9 +142,10 @@ class Optimized:
             warn_once(log, f"inductor:{missing}", "TorchInductor cannot compile here (%s); the optimized program "
                       "runs without it", missing)
             inductor = False
+        pad = inductor and device.type == "cuda" and _pad_channels.PAD_INPUT_CHANNELS
         try:
             gm, plan = optimize_graph(graph, names, weights=dict(zip(names, weights)),
-                                      dwconv=_dwconv.DWCONV_TRITON if inductor else frozenset())
+                                      dwconv=_dwconv.DWCONV_TRITON if inductor else frozenset(), pad_channels=pad)
         except Exception as e:  # noqa: BLE001 - a graph the passes do not understand runs as captured
             warn_once(log, f"passes:{type(e).__name__}", "the inference passes could not rewrite this program "
                       "(%s: %s); it runs as captured", type(e).__name__, e)
@@ -171,6 +172,8 @@ class Optimized:
             parts.append(f"{self.plan.merges} Linear groups merged")
         if self.plan.casts:
             parts.append(f"{self.plan.casts} casts dropped")
+        if self.plan.padded:
+            parts.append(f"{self.plan.padded} convolutions' input channels padded")
         if self.plan.dwconv:
             parts.append(f"{self.plan.dwconv} grouped convolutions to the Triton depthwise kernel where depthwise "
                          f"({', '.join(self.plan.dwconv_dtypes)})")

@@ -22,6 +22,9 @@ compiler would before TorchInductor sees it:
   and it is one launch instead of three. A ``view`` of a slice becomes ``reshape`` (a slice is
   not contiguous); a group whose output the program returns, or that an ``as_strided`` reads, is
   left alone.
+- **Few input channels padded** (an experiment, off by default: :mod:`._pad_channels`). A
+  convolution reading 3 channels gets zero channels up to its dtype's alignment, and a derived
+  weight to match.
 - ``_assert_tensor_metadata`` checks are dropped: they guard the export, not the computation, and
   they pin the dtypes a pass may change.
 
@@ -44,6 +47,7 @@ import torch
 
 from ._casts import drop_casts
 from ._dwconv import conv_or_depthwise, rewrite_grouped
+from ._pad_channels import Padded, pad_input_channels
 
 __all__ = ["PASSES_VERSION", "WeightPlan", "optimize_graph"]
 
@@ -96,7 +100,13 @@ class _Concat:
         return torch.cat([w[n] for n in self.names], 0)
 
 
-_Recipe = str | _Fold | _Concat
+_Recipe = str | _Fold | _Concat | Padded
+
+
+def _unpadded(recipe: _Recipe) -> _Recipe:
+    while isinstance(recipe, Padded):
+        recipe = recipe.inner
+    return recipe
 
 
 @dataclass
@@ -113,12 +123,14 @@ class WeightPlan:
     dwconv_dtypes: tuple[str, ...] = ()
     #: Casts dropped by :func:`._casts.drop_casts` (an fp16 or bf16 program's, after the folds).
     casts: int = 0
+    #: Convolutions whose input channels :func:`._pad_channels.pad_input_channels` padded.
+    padded: int = 0
 
     @property
     def sources(self) -> set[str]:
         """The program weights the derived ones read (what a refit must supply or keep)."""
         names: set[str] = set()
-        for r in self.recipes:
+        for r in map(_unpadded, self.recipes):
             if isinstance(r, str):
                 names.add(r)
             elif isinstance(r, _Concat):
@@ -130,7 +142,7 @@ class WeightPlan:
 
     @property
     def folds(self) -> int:
-        return sum(isinstance(r, _Fold) and r.kind == "weight" for r in self.recipes)
+        return sum(isinstance(r, _Fold) and r.kind == "weight" for r in map(_unpadded, self.recipes))
 
     @property
     def merges(self) -> int:
@@ -151,13 +163,15 @@ class WeightPlan:
 
 def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[str], *, fold: bool = True,
                    weights: Mapping[str, torch.Tensor] | None = None,
-                   dwconv: frozenset[str] = frozenset()) -> tuple[torch.fx.GraphModule, WeightPlan]:
+                   dwconv: frozenset[str] = frozenset(),
+                   pad_channels: bool = False) -> tuple[torch.fx.GraphModule, WeightPlan]:
     """A copy of ``graph_module`` (whose first ``len(weight_names)`` placeholders are the weights,
     by those names, and the rest the user inputs) with the inference passes applied, and the
     plan that computes its weight arguments. The original graph is left as it is. ``weights``
     (by name; only their shapes and dtypes are read): without them, Linears are not merged,
     since the graph itself carries no shapes. ``dwconv``: the dtypes whose depthwise convolutions
-    run the Triton kernel of :mod:`._dwconv` (for Inductor on a GPU only)."""
+    run the Triton kernel of :mod:`._dwconv` (for Inductor on a GPU only); ``pad_channels``: pad
+    the input channels of convolutions that read few (:mod:`._pad_channels`; needs ``weights``)."""
     gm = copy.deepcopy(graph_module)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -181,6 +195,12 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     casts = 0
     if weights is not None:
         casts = drop_casts(graph, {n: d for n, r in recipe_of.items() if (d := _recipe_dtype(r, weights)) is not None})
+    padded = 0
+    if pad_channels and weights is not None:
+        def weight_of(recipe: _Recipe) -> torch.Tensor | None:
+            name = recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else None
+            return weights.get(name) if name is not None else None
+        padded = pad_input_channels(graph, recipe_of, weight_of, first_input)
     dwconv_count = rewrite_grouped(graph, dwconv) if dwconv else 0
     graph.eliminate_dead_code()
     weights_nodes = [n for n in graph.nodes if n.op == "placeholder" and n in recipe_of]
@@ -197,11 +217,12 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
                              and (n.target in _CONVS or n.target is conv_or_depthwise) and len(n.args) > 1
                              and n.args[1] in index)
     return gm, WeightPlan([recipe_of[n] for n in weights_nodes], conv_weights, dwconv_count, tuple(sorted(dwconv)),
-                          casts)
+                          casts, padded)
 
 
 def _recipe_dtype(recipe: _Recipe, weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
     """The dtype of the weight argument ``recipe`` derives (a fold keeps its convolution's)."""
+    recipe = _unpadded(recipe)
     name = recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else recipe.names[0]
     t = weights.get(name)
     return t.dtype if t is not None else None
