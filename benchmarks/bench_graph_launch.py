@@ -59,9 +59,11 @@ def _kinds() -> dict[str, tuple[Step, torch.Tensor]]:
     }
 
 
-def _pieces(step: Step, start: torch.Tensor, nodes: int, pieces: int) -> list[torch.cuda.CUDAGraph]:
+def _pieces(step: Step, start: torch.Tensor, nodes: int,
+            pieces: int) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
     """The chain of ``nodes`` steps captured as ``pieces`` graphs in one memory pool, each
-    continuing from the last one's output: replayed in order, they run the chain."""
+    continuing from the last one's output (replayed in order, they run the chain), and the last
+    graph's output (to keep alive beside them)."""
     per = [nodes // pieces + (i < nodes % pieces) for i in range(pieces)]
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -78,8 +80,7 @@ def _pieces(step: Step, start: torch.Tensor, nodes: int, pieces: int) -> list[to
             for _ in range(count):
                 y = step(y)
         graphs.append(g)
-    graphs.append(y)  # type: ignore[arg-type]  # kept alive with the graphs: the last output
-    return graphs
+    return graphs, y
 
 
 def _kernels(g: torch.cuda.CUDAGraph) -> str:
@@ -114,7 +115,7 @@ def main() -> int:
                 if "cudnn.benchmark" in name:
                     torch.backends.cudnn.benchmark = True
                 try:
-                    *graphs, _last = _pieces(step, x, args.nodes, pieces)
+                    graphs, last = _pieces(step, x, args.nodes, pieces)
                 finally:
                     torch.backends.cuda.preferred_blas_library(blas)
                     torch.backends.cudnn.benchmark = bench
@@ -148,7 +149,7 @@ def main() -> int:
                 kernels = _kernels(graphs[0]) if pieces == 1 else ""
                 print(f"| {name} | {pieces} | {lm:.1f} | {sm:.1f} | {queued:.1f} | {sm - queued:.1f} | {kernels} |",
                       flush=True)
-                del graphs, _last
+                del graphs, last
     return 0
 
 
