@@ -198,7 +198,7 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
     padded = 0
     if pad_channels and weights is not None:
         def weight_of(recipe: _Recipe) -> torch.Tensor | None:
-            name = recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else None
+            name = _shaped_like(recipe)
             return weights.get(name) if name is not None else None
         padded = pad_input_channels(graph, recipe_of, weight_of, first_input)
     dwconv_count = rewrite_grouped(graph, dwconv) if dwconv else 0
@@ -220,11 +220,17 @@ def optimize_graph(graph_module: torch.fx.GraphModule, weight_names: Sequence[st
                           casts, padded)
 
 
+def _shaped_like(recipe: _Recipe) -> str | None:
+    """The program weight whose shape and dtype ``recipe``'s weight has (a fold's: its
+    convolution's), or None (a concatenation, a padded weight)."""
+    return recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else None
+
+
 def _recipe_dtype(recipe: _Recipe, weights: Mapping[str, torch.Tensor]) -> torch.dtype | None:
     """The dtype of the weight argument ``recipe`` derives (a fold keeps its convolution's)."""
     recipe = _unpadded(recipe)
-    name = recipe if isinstance(recipe, str) else recipe.conv_weight if isinstance(recipe, _Fold) else recipe.names[0]
-    t = weights.get(name)
+    name = _shaped_like(recipe) or (recipe.names[0] if isinstance(recipe, _Concat) else None)
+    t = weights.get(name) if name is not None else None
     return t.dtype if t is not None else None
 
 
