@@ -290,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph-inputs", choices=("caller", "runner"), default="caller",
                    help="the layout of a CUDA graph's static inputs (backends._cudagraphs.STATIC_INPUT_LAYOUT, an "
                         "experiment): the caller's (default), or the runner's (channels_last images)")
-    p.add_argument("--pad-channels", action="store_true",
-                   help="pad convolutions' few input channels to an aligned count where Inductor compiles for a GPU "
-                        "(backends._pad_channels.PAD_INPUT_CHANNELS, an experiment, off by default)")
+    p.add_argument("--pad-channels", choices=("on", "off"),
+                   help="pad convolutions' few input channels where Inductor compiles for a GPU, or not "
+                        "(backends._pad_channels.PAD_INPUT_CHANNELS; default: the library's, on)")
+    p.add_argument("--max-static", type=int, metavar="N",
+                   help="input signatures compiled statically per module before torch.compile's dynamic program takes "
+                        "the rest (backends._inductor_store.MAX_STATIC, for comparison)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -313,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pad_channels:
         from torch_trt_module.backends import _pad_channels
 
-        _pad_channels.PAD_INPUT_CHANNELS = True
+        _pad_channels.PAD_INPUT_CHANNELS = args.pad_channels == "on"
+    if args.max_static is not None:
+        from torch_trt_module.backends import _inductor_store
+
+        _inductor_store.MAX_STATIC = args.max_static
     if args.inductor_options:
         from torch_trt_module.backends import _torch_opt
 

@@ -10,15 +10,27 @@
 # holds the wheels the device's Python lacks for the tests (pytest and its two dependencies).
 # Each call returns what the job has written so far as $OUT/job.tgz. The steps
 # (mobilenet_v3_small fp16 over fp32 at batch 32, goal 1.3x):
-#   A. before and after the change, at batch 32, fp32 and fp16, in one process each (ROUNDS="1 2": two rounds, alternating; ARMS picks the arms from "before after layout pad",
-#      default "before after layout"; "pad": --pad-channels, the first convolution's 3 channels padded), the
-#      third arm with the graphs' static inputs in the runner's layout (--graph-inputs runner);
+#   A. before and after the change, at batch 32, fp32 and fp16, in one process each (ROUNDS="1 2": two rounds, alternating; ARMS picks the arms from "before after layout nopad",
+#      default "before after layout"; "nopad": --pad-channels off, the first convolution's 3 channels
+#      not padded), the arm "layout" with the graphs' static inputs in the runner's layout (--graph-inputs runner);
+#   S (only when STEPS names it): batch 32 timed as the only shape, and after batches 1 and 8 (the
+#      full row's order: the third signature is torch.compile's dynamic program unless --max-static
+#      raises the number compiled statically); SFLAGS adds bench_latency options;
 #   T. the GPU tests of the change: follow mode's look after the run, streams, real graphs;
-#   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32);
+#   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32; RFLAGS adds
+#      bench_latency options, e.g. RFLAGS="--pad-channels off");
+#   U (only when STEPS names it): every GPU test (tests/gpu and the real graphs of test_cudagraphs.py);
+#   W (only when STEPS names it): the whole table, each model's row in its own process, in the order
+#      of MODELS (default: mobilenet_v3_small resnet18 resnet50 vit_b_16 bert-base), with
+#      --max-seconds 1.5 and the issue's eight backends, as RESULTS.md's H100 table;
+#   C (only when STEPS names it): the channel padding on and off, resnet18, resnet50 and vit_b_16 at
+#      batch 32 (trtmodule, trtmodule-fp16), one process each;
 #   F (only when STEPS names it): bench_first_conv.py, the first convolution's input channels padded;
 #   G (only when STEPS names it): bench_graph_launch.py, a graph's launch cost by the kind of its nodes;
 #   P (only when STEPS names it, e.g. STEPS="P T"): profile_gpu_calls.py's timeline of the synced call
 #      (lead, span, busy, gaps) and each call's device work in order, with both static input layouts.
+# The eleventh session's defaults (the channels padded, four static signatures) are timed by
+#   STEPS="U W C" bash benchmarks/issue21_gpu_job.sh 570   (then again, within 30 s, until JOB DONE)
 # Earlier jobs (the eighth session's: commits 716019a and 7d84a3e) are in RESULTS.md.
 WAIT=${1:-540}
 JOB=/tmp/issue21
@@ -72,18 +84,50 @@ if [ "$1" = steps ]; then
       timeout 200 $B --graph-inputs runner --out $O/a_layout$i > $O/a_layout$i.log 2>&1
       echo "after, static inputs channels_last $i:"; medians $O/a_layout$i
     fi
-    if [[ " ${ARMS:-before after layout} " == *" pad "* ]]; then
-      timeout 200 $B --pad-channels --out $O/a_pad$i > $O/a_pad$i.log 2>&1
-      echo "after, first convolution's channels padded $i:"; medians $O/a_pad$i
-      grep -h "compile()" $O/a_pad$i.log | cut -c1-300
+    if [[ " ${ARMS:-before after layout} " == *" nopad "* ]]; then
+      timeout 200 $B --pad-channels off --out $O/a_nopad$i > $O/a_nopad$i.log 2>&1
+      echo "after, first convolution's channels not padded $i:"; medians $O/a_nopad$i
     fi
+  done
+  has S && echo "=== $(date +%T) S: batch 32 as the first shape, and as the third (after 1 and 8), static or dynamic"
+  has S && for i in ${ROUNDS:-1}; do
+    for arm in "32" "1,8,32" "1,8,32 --max-static 4"; do
+      tag=$(echo "$arm" | tr -dc '0-9a-z')
+      timeout 200 python3 benchmarks/bench_latency.py --models mobilenet_v3_small --batch-sizes $arm \
+        --backends trtmodule,trtmodule-fp16 --max-seconds 1.5 ${SFLAGS} --out $O/s_$tag$i > $O/s_$tag$i.log 2>&1
+      echo "batches $arm ${SFLAGS} $i:"; medians $O/s_$tag$i | grep " 32 "
+    done
   done
   has T && echo "=== $(date +%T) T: GPU tests of the change" && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_optimized_runtime.py \
     tests/gpu/test_cuda.py tests/backends/test_cudagraphs.py -k "looks_after or streams or real_cuda or padded_input_channels" > $O/t.log 2>&1
   has T && tail -5 $O/t.log
+  if has U; then  # every GPU test (the README's suite's GPU half)
+    echo "=== $(date +%T) U: tests/gpu"
+    timeout 900 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/backends/test_cudagraphs.py > $O/u.log 2>&1; tail -8 $O/u.log
+  fi
+  if has W; then
+    echo "=== $(date +%T) W: the whole table"
+    for model in ${MODELS:-mobilenet_v3_small resnet18 resnet50 vit_b_16 bert-base}; do
+      bs=1,8,32; [ $model = resnet50 ] && bs=1,8,32,128
+      timeout 900 python3 benchmarks/bench_latency.py --models $model --batch-sizes $bs \
+        --backends eager,eager-fp16,torch.compile,torch.compile-fp16,torch.compile-reduce-overhead,trtmodule,trtmodule-fp16,trtmodule+cudagraphs \
+        --max-seconds 1.5 ${WFLAGS} --out $O/w_$model > $O/w_$model.log 2>&1
+      echo "$(date +%T) $model:"; medians $O/w_$model | tr '\n' ';'; echo
+    done
+  fi
+  if has C; then
+    echo "=== $(date +%T) C: channel padding on and off, batch 32"
+    for model in resnet18 resnet50 vit_b_16; do
+      for pad in on off; do
+        timeout 300 python3 benchmarks/bench_latency.py --models $model --batch-sizes 32 --backends trtmodule,trtmodule-fp16 \
+          --max-seconds 1.5 --pad-channels $pad --out $O/c_$model$pad > $O/c_$model$pad.log 2>&1
+        echo "$model pad $pad:"; medians $O/c_$model$pad
+      done
+    done
+  fi
   has R && echo "=== $(date +%T) R: the full row" && timeout 600 python3 benchmarks/bench_latency.py --models mobilenet_v3_small --batch-sizes 1,8,32 \
     --backends eager,eager-fp16,torch.compile,torch.compile-fp16,torch.compile-reduce-overhead,trtmodule,trtmodule-fp16,trtmodule+cudagraphs \
-    --max-seconds 1.5 --out $O/r > $O/r.log 2>&1 && medians $O/r
+    --max-seconds 1.5 ${RFLAGS} --out $O/r > $O/r.log 2>&1 && medians $O/r
   echo "=== $(date +%T) end"
   touch $O/DONE
   exit 0

@@ -163,8 +163,9 @@ def main() -> int:
     p.add_argument("--dwconv-tile", metavar="ELEMENTSxWARPS", default="", help="its tile, e.g. 2048x4")
     p.add_argument("--graph-inputs", choices=("caller", "runner"), default="caller",
                    help="backends._cudagraphs.STATIC_INPUT_LAYOUT for this process (an experiment)")
-    p.add_argument("--pad-channels", action="store_true",
-                   help="backends._pad_channels.PAD_INPUT_CHANNELS for this process (an experiment)")
+    p.add_argument("--pad-channels", choices=("on", "off"),
+                   help="pad convolutions' few input channels where Inductor compiles for a GPU, or not "
+                        "(backends._pad_channels.PAD_INPUT_CHANNELS; default: the library's, on)")
     p.add_argument("--timeline", metavar="DIR", default="",
                    help="also time each row's synced call on the GPU's timeline (lead, span, busy, gaps, µs) "
                         "at the largest batch, and write each row's device work in order to DIR")
@@ -181,7 +182,7 @@ def main() -> int:
     if args.pad_channels:
         from torch_trt_module.backends import _pad_channels
 
-        _pad_channels.PAD_INPUT_CHANNELS = True
+        _pad_channels.PAD_INPUT_CHANNELS = args.pad_channels == "on"
     if args.graph_inputs != "caller":
         from torch_trt_module.backends import _cudagraphs
 

@@ -1,6 +1,6 @@
-"""Few input channels zero-padded to an aligned count (backends/_pad_channels.py, an experiment
-off by default), against the program as captured, on the CPU. Its speed is the GPU's question
-(benchmarks/bench_first_conv.py, bench_latency.py --pad-channels)."""
+"""Few input channels zero-padded to an aligned count (backends/_pad_channels.py, on by default
+where Inductor compiles for a GPU), against the program as captured, on the CPU. Its speed is the
+GPU's question (benchmarks/bench_first_conv.py, bench_latency.py --pad-channels on|off)."""
 
 from __future__ import annotations
 
@@ -84,16 +84,12 @@ def test_a_grouped_convolution_is_left_alone() -> None:
     assert plan.padded == 0
 
 
-def test_it_is_off_by_default_and_on_a_gpu_s_inductor_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_it_is_on_by_default_on_a_gpu_s_inductor_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Made for a GPU's device (no CUDA call is made). With the padding the image is read by the
     pad, not only by a convolution, so a graph runner's static input stays in the caller's layout
     (Inductor fuses the pad into the copy that lays it out channels_last)."""
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     _, gm, names, weights = _program(ConvAndSkip().eval(), (x, y))
-    assert _pad_channels.PAD_INPUT_CHANNELS is False
-    off = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cuda"))
-    assert off is not None and off.plan.padded == 0 and off.conv_inputs == [0]
-    monkeypatch.setattr(_pad_channels, "PAD_INPUT_CHANNELS", True)
     on = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cuda"))
     assert on is not None and on.plan.padded == 2 and on.conv_inputs == []
     assert "2 convolutions' input channels padded" in on.describe()
@@ -102,3 +98,6 @@ def test_it_is_off_by_default_and_on_a_gpu_s_inductor_only(monkeypatch: pytest.M
     for device, mode in ((torch.device("cpu"), "inductor"), (torch.device("cuda"), "passes")):
         other = _torch_opt.Optimized.make(gm, names, weights, mode, device)
         assert other is not None and other.plan.padded == 0, (device, mode)
+    monkeypatch.setattr(_pad_channels, "PAD_INPUT_CHANNELS", False)  # the switch turns it off
+    off = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cuda"))
+    assert off is not None and off.plan.padded == 0 and off.conv_inputs == [0]

@@ -14,7 +14,7 @@ import torch
 import torch_trt_module as ttm
 from torch_trt_module._core import settings as _settings
 from torch_trt_module._formats.program import load_program
-from torch_trt_module.backends import _inductor_store, _torch_opt
+from torch_trt_module.backends import _inductor_store, _pad_channels, _torch_opt
 from torch_trt_module.backends._torch_passes import optimize_graph
 
 
@@ -270,10 +270,12 @@ class ConvAndSkip(torch.nn.Module):
         return self.a(x) + self.b(y) + y
 
 
-def test_an_image_only_convolutions_read_is_the_one_given_channels_last() -> None:
+def test_an_image_only_convolutions_read_is_the_one_given_channels_last(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Optimized.conv_inputs``: what a graph runner's static inputs may take the runner's layout
     for (``_cudagraphs.STATIC_INPUT_LAYOUT``). Made for a GPU's device (no CUDA call is made):
-    channels_last weights are a GPU's only."""
+    channels_last weights are a GPU's only. The channel padding is off here: with it, the pad reads
+    the 3-channel image (tests/backends/test_pad_channels.py)."""
+    monkeypatch.setattr(_pad_channels, "PAD_INPUT_CHANNELS", False)
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     _, gm, names, weights = _program(ConvAndSkip().eval(), (x, y))
     on_gpu = _torch_opt.Optimized.make(gm, names, weights, "inductor", torch.device("cuda"))

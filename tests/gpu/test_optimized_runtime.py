@@ -79,13 +79,10 @@ def test_the_optimized_program_matches_eager_at_the_profile_corners(precision: s
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_padded_input_channels_match_eager_and_follow_a_refit(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The experiment of ``backends/_pad_channels.py`` (off by default): resnet18's 3-channel first
-    convolution padded (to 4 in fp32, 8 in fp16), against eager at the profile's corners, then
-    after its weights change (the padded weight is derived: refit, never stale)."""
-    from torch_trt_module.backends import _pad_channels
-
-    monkeypatch.setattr(_pad_channels, "PAD_INPUT_CHANNELS", True)
+def test_padded_input_channels_match_eager_and_follow_a_refit(precision: str) -> None:
+    """``backends/_pad_channels.py``, on by default: resnet18's 3-channel first convolution padded
+    (to 4 in fp32, 8 in fp16), against eager at the profile's corners, then after its weights
+    change (the padded weight is derived: refit, never stale)."""
     model = _resnet()
     fast = ttm.compile(model, torch.randn(4, 3, 64, 64, device="cuda"), precision=precision, max_batch=16,
                        cast_inputs=True, cache=False)

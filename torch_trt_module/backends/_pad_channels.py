@@ -1,4 +1,4 @@
-"""A convolution's few input channels zero-padded to an aligned count (an experiment, off by default).
+"""A convolution's few input channels zero-padded to an aligned count (on by default on a GPU).
 
 An ImageNet CNN's first convolution reads 3 channels. cuDNN's tensor-core kernels want the channels
 of an NHWC input aligned (8 halves, 4 floats); at 3 it runs a generic kernel. On the lent H100 at
@@ -14,9 +14,12 @@ and the weight becomes a derived weight, :class:`Padded`, recomputed from the pr
 every refit. Zero channels add zero to every sum, so the result is the same convolution (to the
 kernel's summation order).
 
-:data:`PAD_INPUT_CHANNELS` switches it on; off until the whole call is measured faster on the GPU
-(``bench_latency.py --pad-channels``), as :mod:`._dwconv`'s kernel, faster layer by layer, was not
-in the call. The padding is written into the graph, so it is part of the compiled artifact's key.
+:data:`PAD_INPUT_CHANNELS` switches it off. In the whole call it was measured before it became the
+default (``bench_latency.py --pad-channels``), as :mod:`._dwconv`'s kernel, faster layer by layer,
+was not: mobilenet_v3_small at batch 32 on an H100, two rounds of alternating processes, fp16 0.529
+and 0.530 ms a call without it, 0.515 and 0.500 with it; fp32 0.702 and 0.703 without, 0.706 and
+0.689 with (no change). The padding is written into the graph, so it is part of the compiled
+artifact's key.
 
 Example:
     >>> import torch
@@ -35,8 +38,8 @@ import torch
 __all__ = ["ALIGN", "PAD_INPUT_CHANNELS", "Padded", "pad_input_channels"]
 
 #: Whether the optimizing runtime pads convolutions' input channels where Inductor compiles for a
-#: GPU (an experiment: off until measured faster in the call).
-PAD_INPUT_CHANNELS = False
+#: GPU (measured faster in the call: see above).
+PAD_INPUT_CHANNELS = True
 #: The input channel count each weight dtype is padded to (from the H100 figures above).
 ALIGN: dict[torch.dtype, int] = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4}
 
