@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="pad convolutions' few input channels where Inductor compiles for a GPU, or not "
                         "(backends._pad_channels.PAD_INPUT_CHANNELS; default: the library's, on)")
     p.add_argument("--max-static", type=int, metavar="N",
-                   help="input signatures compiled statically per module before torch.compile's dynamic program takes "
-                        "the rest (backends._inductor_store.MAX_STATIC, for comparison)")
+                   help="input signatures compiled statically per module on a GPU before torch.compile's dynamic program "
+                        "takes the rest (backends._inductor_store.MAX_STATIC['cuda'], for comparison)")
     p.add_argument("--render", nargs="+", metavar="JSON",
                    help="no measuring: merge these JSON files (one machine) into the markdown, plot and RESULTS.md")
     args = p.parse_args(argv)
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_static is not None:
         from torch_trt_module.backends import _inductor_store
 
-        _inductor_store.MAX_STATIC = args.max_static
+        _inductor_store.MAX_STATIC = {**_inductor_store.MAX_STATIC, "cuda": args.max_static}
     if args.inductor_options:
         from torch_trt_module.backends import _torch_opt
 

@@ -126,7 +126,7 @@ def test_weights_refit_into_the_same_programs() -> None:
 def test_after_max_static_shapes_one_dynamic_torch_compile_takes_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(_inductor_store, "MAX_STATIC", 1)
+    monkeypatch.setattr(_inductor_store, "MAX_STATIC", {"cpu": 1})
     calls: list[object] = []
     real = torch.compile
 

@@ -16,8 +16,9 @@ that a signature loads or compiles; the cuBLAS and cuDNN calls in its code read 
 call. The weights are arguments, never constants, so a refit swaps tensors of the shapes and
 strides the artifact was compiled for
 (:meth:`Artifacts.check_weights` clears everything if they ever differ). After
-:data:`MAX_STATIC` signatures, ``torch.compile`` serves the others, compiled once with the dims
-that changed marked dynamic (then every batch size), through Inductor's own caches.
+:data:`MAX_STATIC` signatures (four on a GPU, two on the CPU), ``torch.compile`` serves the
+others, compiled once with the dims that changed marked dynamic (then every batch size), through
+Inductor's own caches.
 
 Where: under Inductor's own cache directory (``$TORCHINDUCTOR_CACHE_DIR``, else
 ``/tmp/torchinductor_<user>``), in ``torch_trt_module/``; never in this library's engine cache
@@ -67,14 +68,16 @@ log = logging.getLogger(__name__)
 
 #: In every key: bump when what is stored, or how it is compiled, changes.
 ARTIFACT_FORMAT = 1
-#: Input signatures compiled statically (and stored) per module; ``torch.compile`` takes the rest,
-#: dynamic in the dims that changed. Four: a server's few batch sizes (1, 8, 32, 128) each get a
-#: program specialized to their sizes. With two, mobilenet_v3_small at batch 32 after batches 1 and
-#: 8 ran the dynamic program, on an H100 in one process beside torch.compile's rows: fp16 0.549 and
-#: 0.552 ms a call against 0.501 and 0.522 static; fp32 0.669 against 0.650 static alone
-#: (benchmarks/RESULTS.md, issue 21). A workload of ever-changing shapes pays three compiles more
-#: than ``torch.compile``'s two, once: each is stored.
-MAX_STATIC = 4
+#: Input signatures compiled statically (and stored) per module, by device type; ``torch.compile``
+#: takes the rest, dynamic in the dims that changed. On a GPU four: a server's few batch sizes (1,
+#: 8, 32, 128) each get a program specialized to their sizes. With two, mobilenet_v3_small at batch
+#: 32 after batches 1 and 8 ran the dynamic program, on an H100 in one process beside torch.compile's
+#: rows: fp16 0.549 and 0.552 ms a call against 0.501 and 0.522 static; fp32 0.669 against 0.650
+#: static alone (benchmarks/RESULTS.md, issue 21). A workload of ever-changing shapes pays three
+#: compiles more than ``torch.compile``'s two, once: each is stored. Elsewhere (the CPU, where a
+#: compile builds C++ and takes longer, and no gain was measured) two: the batch a user runs and a
+#: last, smaller batch.
+MAX_STATIC: dict[str, int] = {"cuda": 4, "cpu": 2}
 #: What happened in this process (the tests' and the benchmarks' view): artifacts compiled,
 #: loaded, stored, and refused (damaged, or failing to load).
 STATS = {"compiled": 0, "loaded": 0, "stored": 0, "refused": 0}
@@ -272,11 +275,11 @@ class Artifacts:
             fn = self._fns.get(sig)
             if fn is not None:
                 return fn(*args)
-            if self._static >= MAX_STATIC:
+            if self._static >= (most := MAX_STATIC.get(self._device.type, 2)):
                 first = self._dynamic is None
                 if first:
                     log.info("more than %d input shapes: torch.compile, dynamic in the dims that changed, takes "
-                             "the others", MAX_STATIC)
+                             "the others", most)
                     self._dynamic = torch.compile(self._graph.forward, fullgraph=True, dynamic=None,
                                                   options=self._options or None)
                 self._fns[sig] = self._dynamic
