@@ -22,9 +22,9 @@ compiler would before TorchInductor sees it:
   and it is one launch instead of three. A ``view`` of a slice becomes ``reshape`` (a slice is
   not contiguous); a group whose output the program returns, or that an ``as_strided`` reads, is
   left alone.
-- **Few input channels padded** (an experiment, off by default: :mod:`._pad_channels`). A
-  convolution reading 3 channels gets zero channels up to its dtype's alignment, and a derived
-  weight to match.
+- **Few input channels padded** (where Inductor compiles for a GPU, by default:
+  :mod:`._pad_channels`). A convolution reading 3 channels gets zero channels up to its dtype's
+  alignment, and a derived weight to match.
 - ``_assert_tensor_metadata`` checks are dropped: they guard the export, not the computation, and
   they pin the dtypes a pass may change.
 
