@@ -16,7 +16,7 @@ nox.options.sessions = ["tests"]
 def tests(session: nox.Session) -> None:
     """What .ci/run does: the versions last known green."""
     session.install("-e", ".[test,rtx]", "-c", "constraints.txt")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-n", "2", *session.posargs)
 
 
 @nox.session(python="3.11")
@@ -25,4 +25,4 @@ def latest(session: nox.Session) -> None:
     local +cpu wheel that torchvision cannot load)."""
     session.install("--upgrade", "-e", ".[test,rtx]")
     session.run("python", "-m", "pip", "list", "--format=freeze")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-n", "2", *session.posargs)

@@ -3,7 +3,9 @@ runs (on ONNX Runtime) without it."""
 
 from setuptools import find_packages, setup
 
-TEST = ["pytest>=7", "torchvision", "transformers>=4.40", "filelock>=3.12", "tritonclient[grpc]",
+TEST = ["pytest>=7",
+        "pytest-xdist>=3",  # the README's test command runs the suite in two processes (-n 2)
+        "torchvision", "transformers>=4.40", "filelock>=3.12", "tritonclient[grpc]",
         "redis",  # the remote engine cache's client; its tests start a real redis-server
         # the real TensorRT 11.4 runtime classes: the test double is derived from them
         "tensorrt-lean-cu13"]

@@ -19,20 +19,22 @@
 #   T. the GPU tests of the change: follow mode's look after the run, streams, real graphs;
 #   R. mobilenet_v3_small's full row (the issue's eight backends, batches 1, 8 and 32; RFLAGS adds
 #      bench_latency options, e.g. RFLAGS="--pad-channels off");
-#   U (only when STEPS names it): every GPU test (tests/gpu and the real graphs of test_cudagraphs.py);
 #   W (only when STEPS names it): the whole table, each model's row in its own process, in the order
 #      of MODELS (default: resnet18 resnet50 vit_b_16 bert-base; mobilenet_v3_small's row was run with
 #      these defaults in the eleventh session), with
-#      --max-seconds 1.5 and the issue's eight backends, as RESULTS.md's H100 table;
+#      --max-seconds 1.5 and the issue's eight backends, as RESULTS.md's H100 table (run in the
+#      twelfth session);
+#   U (only when STEPS names it; after W): every GPU test (tests/gpu and the real graphs of
+#      test_cudagraphs.py), alone: STEPS=U (about 10 minutes or more, not yet timed whole);
 #   C (only when STEPS names it): the channel padding on and off, resnet18, resnet50 and vit_b_16 at
 #      batch 32 (trtmodule, trtmodule-fp16), one process each;
 #   F (only when STEPS names it): bench_first_conv.py, the first convolution's input channels padded;
 #   G (only when STEPS names it): bench_graph_launch.py, a graph's launch cost by the kind of its nodes;
 #   P (only when STEPS names it, e.g. STEPS="P T"): profile_gpu_calls.py's timeline of the synced call
 #      (lead, span, busy, gaps) and each call's device work in order, with both static input layouts.
-# The eleventh session's defaults (the channels padded, four static signatures) are timed by
-#   STEPS="U W" bash benchmarks/issue21_gpu_job.sh 570   (then again, within 30 s, until JOB DONE;
-#   about 30 min of compiles and timing on a fresh machine: C, the padding on and off, in a later job)
+# The eleventh session's defaults (the channels padded, four static signatures) were timed by
+#   STEPS="W U" bash benchmarks/issue21_gpu_job.sh 570   (then again, within 30 s, until JOB DONE;
+#   W took 17 minutes on a fresh H100 in the twelfth session, and U did not finish: run STEPS=U next)
 # Earlier jobs (the eighth session's: commits 716019a and 7d84a3e) are in RESULTS.md.
 WAIT=${1:-540}
 JOB=/tmp/issue21
@@ -103,10 +105,6 @@ if [ "$1" = steps ]; then
   has T && echo "=== $(date +%T) T: GPU tests of the change" && timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_optimized_runtime.py \
     tests/gpu/test_cuda.py tests/backends/test_cudagraphs.py -k "looks_after or streams or real_cuda or padded_input_channels" > $O/t.log 2>&1
   has T && tail -5 $O/t.log
-  if has U; then  # every GPU test (the README's suite's GPU half)
-    echo "=== $(date +%T) U: tests/gpu"
-    timeout 900 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/backends/test_cudagraphs.py > $O/u.log 2>&1; tail -8 $O/u.log
-  fi
   if has W; then
     echo "=== $(date +%T) W: the whole table"
     for model in ${MODELS:-resnet18 resnet50 vit_b_16 bert-base}; do
@@ -116,6 +114,10 @@ if [ "$1" = steps ]; then
         --max-seconds 1.5 ${WFLAGS} --out $O/w_$model > $O/w_$model.log 2>&1
       echo "$(date +%T) $model:"; medians $O/w_$model | tr '\n' ';'; echo
     done
+  fi
+  if has U; then  # every GPU test (the README's suite's GPU half)
+    echo "=== $(date +%T) U: tests/gpu"
+    timeout 900 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/backends/test_cudagraphs.py > $O/u.log 2>&1; tail -8 $O/u.log
   fi
   if has C; then
     echo "=== $(date +%T) C: channel padding on and off, batch 32"

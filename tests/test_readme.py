@@ -34,7 +34,7 @@ NOT_RUN = {
 #: Pages that build a TensorRT-RTX engine ahead of time (``build_engine(..., backend="tensorrt_rtx")``).
 NEEDS_RTX = {"docs/api.md"}
 #: CI's command line (.ci/run): the README's "Set-up (two commands)" must show it character for character.
-CI_TEST_COMMAND = 'pip install -q -e ".[test,rtx]" -c constraints.txt && python -m pytest -q'
+CI_TEST_COMMAND = 'pip install -q -e ".[test,rtx]" -c constraints.txt && python -m pytest -q -n 2'
 
 
 def _name(page: Path) -> str:
